@@ -1,0 +1,36 @@
+"""evagraph: EVA-initialised LoRA adapters for any traceable PyTorch model.
+
+Public API: ``transform``, ``Report``/``LayerReport``, ``EvaSettings``, ``adapter_state_dict``,
+and the exceptions in ``evagraph.errors``.
+"""
+
+from .api import transform
+from .config import EvaSettings
+from .errors import (
+    CaptureError,
+    ConfigError,
+    ConvergenceWarning,
+    DataError,
+    EvagraphError,
+    ModelLoadError,
+)
+from .lora import LoraAdapter, LoraLayer, adapter_state_dict
+from .report import LayerReport, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "ConvergenceWarning",
+    "DataError",
+    "EvaSettings",
+    "EvagraphError",
+    "LayerReport",
+    "LoraAdapter",
+    "LoraLayer",
+    "ModelLoadError",
+    "Report",
+    "adapter_state_dict",
+    "transform",
+]

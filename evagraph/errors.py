@@ -1,0 +1,25 @@
+"""Exceptions evagraph raises on ordinary mistakes, so callers can catch them by kind."""
+
+
+class EvagraphError(Exception):
+    """Base class: every error evagraph raises on purpose derives from it."""
+
+
+class ConfigError(EvagraphError, ValueError):
+    """A setting is out of range or contradicts another (budget, rho, tau, patterns...)."""
+
+
+class CaptureError(EvagraphError):
+    """The model could not be captured as a graph."""
+
+
+class DataError(EvagraphError):
+    """The calibration data is missing, empty, or does not fit the model."""
+
+
+class ModelLoadError(EvagraphError):
+    """A model file could not be loaded (or would need an explicit opt-in to be loaded)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Calibration stopped before every layer's components converged."""

@@ -1,0 +1,110 @@
+"""LoRA modules that the rewrite pass emits.
+
+``LoraAdapter`` is the trainable update ``scale * B(A(dropout(x)))``; ``LoraLayer`` wraps a
+base layer and adds its adapter's output. Linear layers get linear A/B; convolutions get an A
+conv with the base conv's kernel, stride, padding and dilation and a 1x1 B conv, so A sees
+exactly the patch vectors the base kernel sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .passes.layer_graph import ConvSpec
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class LoraAdapter(nn.Module):
+    """``scale * B(A(dropout(x)))``, computed in the adapter's dtype, returned in x's."""
+
+    def __init__(
+        self,
+        lora_A: nn.Module,
+        lora_B: nn.Module,
+        scaling: float,
+        dropout: float = 0.0,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        self.lora_A, self.lora_B = lora_A, lora_B
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.layer_name = layer_name  # qualified name of the layer it adapts
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        return (self.lora_B(h) * self.scaling).to(x.dtype)
+
+    @classmethod
+    def build(
+        cls,
+        A: torch.Tensor,
+        out_features: int,
+        conv: ConvSpec | None,
+        scaling: float,
+        dropout: float = 0.0,
+        layer_name: str = "",
+    ) -> LoraAdapter:
+        """An adapter whose A rows are ``A`` (rank x d) and whose B is zero."""
+        rank, d = A.shape
+        if conv is None:
+            lora_A = nn.Linear(d, rank, bias=False, device=A.device, dtype=A.dtype)
+            lora_B = nn.Linear(rank, out_features, bias=False, device=A.device, dtype=A.dtype)
+            weight_A = A
+        else:
+            in_channels = d // math.prod(conv.kernel_size)
+            conv_cls = _CONV[conv.ndim]
+            lora_A = conv_cls(
+                in_channels,
+                rank,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                bias=False,
+                padding_mode=conv.padding_mode,
+                device=A.device,
+                dtype=A.dtype,
+            )
+            lora_B = conv_cls(rank, out_features, 1, bias=False, device=A.device, dtype=A.dtype)
+            weight_A = A.reshape(rank, in_channels, *conv.kernel_size)
+        with torch.no_grad():
+            lora_A.weight.copy_(weight_A)
+            lora_B.weight.zero_()
+        return cls(lora_A, lora_B, scaling, dropout, layer_name)
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus a LoRA adapter: ``base_layer(x) + lora(x)``."""
+
+    def __init__(self, base_layer: nn.Module, lora: LoraAdapter) -> None:
+        super().__init__()
+        self.base_layer, self.lora = base_layer, lora
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs) + self.lora(x)
+
+    def __getattr__(self, name: str):
+        # Code that reads e.g. `layer.weight` or `layer.in_features` keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``model`` keyed ``{layer}.lora_A.weight`` / ``{layer}.lora_B.weight``."""
+    state = {}
+    for module in model.modules():
+        if isinstance(module, LoraAdapter):
+            state[f"{module.layer_name}.lora_A.weight"] = module.lora_A.weight.detach()
+            state[f"{module.layer_name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return state

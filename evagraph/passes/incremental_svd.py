@@ -1,0 +1,267 @@
+"""Incremental-SVD pass: a probed graph and minibatches -> converged principal components.
+
+Takes the ``ProbedGraph`` from the probe pass, an iterable of batches and the settings, and
+returns a ``Calibration``: per decomposition (group of layers sharing an input), the top-k
+right-singular vectors of the mean-centred activation rows, their explained variance and
+ratio, and per layer whether and when it converged.
+
+Statistics are streamed as a shifted second moment (one GEMM per batch per probe, on the
+model's device, float32): the decomposition after any batch is the *exact* PCA of every row
+seen so far, rows of small batches included, rather than a randomised approximation merged
+batch by batch. Convergence follows the EVA spec: after each batch, component i of a group has
+converged when |cos(current_i, previous_i)| >= tau; a layer has converged when the components
+its current rank allotment (the allocation pass, re-run every batch) needs have; groups whose
+layers all converged stop being probed, and start again if an allotment grows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import EvaSettings
+from ..errors import ConvergenceWarning, DataError, EvagraphError
+from .allocate import allocate
+from .probe import ProbedGraph
+
+
+@dataclass
+class Components:
+    """PCA of one decomposition's rows. ``components`` rows are orthonormal, sign-fixed."""
+
+    components: torch.Tensor  # (k, d)
+    explained_variance: torch.Tensor  # (k,) s_i^2 / (n - 1)
+    explained_variance_ratio: torch.Tensor  # (k,) over the total variance of the rows
+    singular_values: torch.Tensor  # (k,) of the centred row matrix
+    mean: torch.Tensor  # (d,)
+    n_rows: int
+
+
+class StreamingPCA:
+    """Exact streaming PCA from a shifted second-moment accumulator.
+
+    Keeps ``count``, ``sum(x - c)`` and ``sum((x - c)(x - c)^T)`` for a shift ``c`` (the first
+    batch's mean), which avoids the cancellation of the plain ``E[xx^T] - mu mu^T`` form.
+    Per-row weights (0/1) exclude masked rows without a data-dependent index (no device sync).
+    """
+
+    def __init__(self, dim: int, k: int, device: torch.device) -> None:
+        self.dim, self.k = dim, min(k, dim)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.shift: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        x = rows.to(torch.float32)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        if weights is None:
+            self.count += x.shape[0]
+        else:
+            x = x * weights[:, None]
+            self.count += weights.sum()
+        self.sum += x.sum(0)
+        self.gram.addmm_(x.T, x)
+
+    def decompose(self, warm: torch.Tensor | None = None) -> Components | None:
+        """The PCA of all rows so far, or None while fewer than two rows have been seen.
+
+        ``warm`` (previous components) seeds the iterative eigensolver for wide layers.
+        """
+        n = float(self.count)
+        if n < 2:
+            return None
+        centre = self.sum / n
+        cov = (self.gram - n * torch.outer(centre, centre)) / (n - 1)
+        cov = (cov + cov.T) / 2
+        ev, vecs = top_eigenpairs(cov, self.k, warm)
+        ev = ev.clamp_min(0)
+        # sklearn's svd_flip for V: the largest-magnitude entry of each component is positive.
+        pivot = vecs.abs().argmax(dim=1, keepdim=True)
+        signs = torch.sign(vecs.gather(1, pivot))
+        vecs = vecs * torch.where(signs == 0, 1.0, signs)
+        total = torch.diagonal(cov).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return Components(
+            components=vecs,
+            explained_variance=ev,
+            explained_variance_ratio=ev / total,
+            singular_values=(ev * (n - 1)).sqrt(),
+            mean=self.shift + centre,
+            n_rows=int(round(n)),
+        )
+
+
+_DENSE_MAX_DIM = 512  # below this a full eigendecomposition is cheaper than iterating
+
+
+def top_eigenpairs(
+    cov: torch.Tensor,
+    k: int,
+    warm: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenvalues (descending) and eigenvectors (rows) of a symmetric PSD matrix.
+
+    Small matrices: dense ``eigh`` in float64 (robust to the many repeated zero eigenvalues of
+    rank-deficient data). Wide ones: subspace iteration with Rayleigh-Ritz, 2k vectors,
+    warm-started from the previous components, run until every wanted Ritz pair's residual
+    ``|C v - l v|`` is below ``tol * l_max``. Costs O(d^2 k) per iteration, not O(d^3).
+    """
+    d = cov.shape[0]
+    q = min(d, 2 * k + 4)
+    if d <= max(_DENSE_MAX_DIM, 2 * q):
+        evals, evecs = torch.linalg.eigh(cov.double())
+        return evals.flip(0)[:k].to(cov.dtype), evecs.flip(1)[:, :k].T.to(cov.dtype).contiguous()
+    gen = torch.Generator(device=cov.device).manual_seed(0)
+    basis = torch.randn(d, q, generator=gen, device=cov.device, dtype=cov.dtype)
+    if warm is not None:
+        basis[:, : warm.shape[0]] = warm.T
+    basis, _ = torch.linalg.qr(basis)
+    for _ in range(max_iter):
+        z = cov @ basis
+        small = basis.T @ z
+        evals, s = torch.linalg.eigh(((small + small.T) / 2).double())
+        evals, s = evals.flip(0).to(cov.dtype), s.flip(1).to(cov.dtype)
+        ritz = basis @ s
+        resid = (z @ s)[:, :k] - ritz[:, :k] * evals[:k]
+        if resid.norm(dim=0).max() <= tol * evals[0].abs().clamp_min(1e-30):
+            break
+        basis, _ = torch.linalg.qr(z @ s)
+    return evals[:k], ritz[:, :k].T.contiguous()
+
+
+@dataclass
+class Calibration:
+    """Result of the incremental-SVD pass.
+
+    stats: group id -> Components. layer_group: target layer -> group id. converged: layer ->
+    whether its needed components converged. converged_at: layer -> minibatch (1-based) at
+    which it last became converged. batches_seen: group -> minibatches it consumed. steps:
+    minibatches run in all.
+    """
+
+    stats: dict[str, Components]
+    layer_group: dict[str, str]
+    converged: dict[str, bool]
+    converged_at: dict[str, int | None]
+    batches_seen: dict[str, int]
+    steps: int
+    unconverged: list[str] = field(default_factory=list)
+
+    def ratios(self) -> dict[str, torch.Tensor]:
+        return {
+            layer: self.stats[g].explained_variance_ratio for layer, g in self.layer_group.items()
+        }
+
+
+def calibrate(
+    probed: ProbedGraph,
+    batches: Iterable[Any],
+    settings: EvaSettings,
+    forward: Callable[[torch.nn.Module, Any], Any],
+    *,
+    device: torch.device,
+    total: int | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Stream ``batches`` through ``probed.gm`` until every target layer converges.
+
+    ``forward(module, batch)`` runs one batch (already on ``device``). Stops when all layers
+    converged, the batches run out, or ``settings.max_steps`` is reached; the last two warn
+    with ``ConvergenceWarning`` naming the unconverged layers.
+    """
+    k = settings.max_components
+    pcas = {g: StreamingPCA(probed.dims[g], k, device) for g in probed.groups}
+    layer_group = {layer: g for g, members in probed.groups.items() for layer in members}
+    probe_groups: dict[str, list[str]] = {p: [] for p in probed.probes}
+    for g, names in probed.group_probes.items():
+        for p in names:
+            probe_groups[p].append(g)
+            probed.probes[p].sinks.append(pcas[g].update)
+
+    stats: dict[str, Components | None] = dict.fromkeys(pcas)
+    comp_ok = {g: torch.zeros(pca.k, dtype=torch.bool) for g, pca in pcas.items()}
+    seen = dict.fromkeys(pcas, 0)
+    ranks = {layer: pcas[g].k for layer, g in layer_group.items()}
+    ok = dict.fromkeys(layer_group, False)
+    converged_at: dict[str, int | None] = dict.fromkeys(layer_group)
+    steps = 0
+    if settings.max_steps is not None:
+        total = settings.max_steps if total is None else min(total, settings.max_steps)
+    bar = tqdm(total=total, desc="EVA calibration", unit="batch", disable=not progress)
+    try:
+        for batch in batches:
+            if settings.max_steps is not None and steps >= settings.max_steps:
+                break
+            active = {g for g, members in probed.groups.items() if not all(ok[m] for m in members)}
+            if not active:
+                break
+            for p, probe in probed.probes.items():
+                probe.active = any(g in active for g in probe_groups[p])
+            try:
+                forward(probed.gm, batch)
+            except EvagraphError:
+                raise
+            except Exception as err:
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise DataError(
+                    f"the model failed on calibration batch {steps}: {type(err).__name__}: {msg}"
+                ) from err
+            steps += 1
+            for g in active:
+                seen[g] += 1
+                old = stats[g]
+                new = pcas[g].decompose(None if old is None else old.components)
+                if new is None:
+                    continue
+                if old is not None:
+                    sim = (new.components * old.components).sum(dim=1).abs()
+                    comp_ok[g] = (sim >= settings.tau).cpu()
+                stats[g] = new
+            if all(s is not None for s in stats.values()):
+                ranks = allocate(
+                    {m: stats[g].explained_variance_ratio for m, g in layer_group.items()},
+                    settings.budget,
+                    settings.rho,
+                )
+            for m, g in layer_group.items():
+                now = seen[g] >= settings.min_batches and bool(comp_ok[g][: ranks[m]].all())
+                if now and not ok[m]:
+                    converged_at[m] = steps
+                ok[m] = now
+            bar.update(1)
+            bar.set_postfix_str(f"{sum(ok.values())}/{len(ok)} layers converged")
+    finally:
+        bar.close()
+        for probe in probed.probes.values():
+            probe.sinks.clear()
+            probe.active = False
+
+    if steps == 0:
+        raise DataError("the calibration data is empty: no batch was produced")
+    missing = [g for g, s in stats.items() if s is None]
+    if missing:
+        layers = [m for g in missing for m in probed.groups[g]]
+        raise DataError(
+            f"fewer than 2 activation rows reached layer(s) {', '.join(layers)}; "
+            "provide more calibration data"
+        )
+    unconverged = [m for m, v in ok.items() if not v]
+    if unconverged:
+        shown = ", ".join(unconverged[:8]) + (" ..." if len(unconverged) > 8 else "")
+        warnings.warn(
+            f"calibration stopped after {steps} minibatch(es) with {len(unconverged)} layer(s) "
+            f"not converged at tau={settings.tau}: {shown}. Their components are the exact PCA "
+            "of the rows seen; pass more data or raise max_steps to converge.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return Calibration(stats, layer_group, dict(ok), converged_at, seen, steps, unconverged)

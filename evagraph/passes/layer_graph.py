@@ -1,0 +1,306 @@
+"""Layer-graph pass: a captured GraphModule -> the adaptable layers and how data flows between them.
+
+Takes the GraphModule from ``capture`` (plus the model it came from, to list layers the graph
+never calls) and returns a ``LayerGraph``: every linear/conv layer with its qualified name,
+kind, row width and calls; which layers read the same input node (one decomposition serves
+them); which layers produce the model's output; and a networkx DiGraph of data dependence
+between layers. Layers are recognised at two levels, so one pipeline serves both captures:
+module calls (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) in fx graphs, and ATen / functional
+ops (``aten.linear``, ``aten.conv2d``, ``F.linear`` ...) whose weight is a graph parameter, as
+in a loaded ``torch.export`` archive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import is_hf_conv1d
+
+_aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Geometry of a convolution: enough to unfold its input rows and to build LoRA's A conv."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # per spatial dim, or "same" / "valid"
+    dilation: tuple[int, ...]
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_size)
+
+    def pad_amounts(self) -> list[int]:
+        """Padding in ``F.pad`` order (last spatial dim first, left then right)."""
+        pads: list[int] = []
+        for i in reversed(range(self.ndim)):
+            if self.padding == "same":  # as torch's _ConvNd: the odd extra goes right
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                pads += [total // 2, total - total // 2]
+            elif self.padding == "valid":
+                pads += [0, 0]
+            else:
+                pads += [self.padding[i], self.padding[i]]
+        return pads
+
+
+@dataclass
+class Layer:
+    """One adaptable layer. ``in_features`` is the width of its activation rows."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    op: str  # what the graph calls: "Linear", "Conv2d", "Conv1D", "aten.linear.default", ...
+    in_features: int
+    out_features: int
+    weight: str  # qualified name of the weight parameter
+    nodes: list[str] = field(default_factory=list)  # fx nodes calling it
+    inputs: list[str] = field(default_factory=list)  # fx nodes feeding those calls
+    module: str | None = None  # owning nn.Module in the model, if the layer is one
+    conv: ConvSpec | None = None
+    weight_transposed: bool = False  # HF Conv1D stores (in, out)
+
+    @property
+    def row_key(self) -> tuple:
+        """Layers with the same inputs and row key see identical rows."""
+        return (tuple(self.inputs), self.kind, self.conv)
+
+
+@dataclass
+class LayerGraph:
+    """Result of the layer-graph pass.
+
+    layers: adaptable layers in graph order. groups: decomposition id -> layer names that
+    read the same input with the same row geometry. outputs: layers whose result is a model
+    output on its own (heads). unsupported: linear/conv layers found but not adaptable, with why.
+    graph: DiGraph over layer names, an edge where one layer's result reaches another without
+    passing through a third; node attribute ``depth`` is the longest path from an input.
+    """
+
+    gm: fx.GraphModule
+    layers: dict[str, Layer]
+    groups: dict[str, list[str]]
+    outputs: set[str]
+    unsupported: dict[str, str]
+    graph: nx.DiGraph
+
+    def group_of(self, layer: str) -> str:
+        return next(g for g, members in self.groups.items() if layer in members)
+
+
+# Functional and ATen ops that are a linear or a convolution; their arguments follow the
+# ATen schema (input, weight, bias, stride, padding, dilation, groups).
+_LINEAR_OPS = {_aten.linear.default, torch._C._nn.linear}
+_CONV_OPS = {
+    _aten.conv1d.default: 1,
+    _aten.conv2d.default: 2,
+    _aten.conv3d.default: 3,
+    _aten.conv1d.padding: 1,
+    _aten.conv2d.padding: 2,
+    _aten.conv3d.padding: 3,
+    torch.conv1d: 1,
+    torch.conv2d: 2,
+    torch.conv3d: 3,
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVOLUTION_ARGS = _CONV_ARGS[:6] + ("transposed", "output_padding", "groups")
+
+
+def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _tuple(value: Any, n: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            return gm.get_parameter(node.target)
+        except AttributeError:
+            return None
+    return None
+
+
+def _function_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
+    """A functional/ATen call -> (Layer, None), or (None, reason) if it is one but unusable."""
+    target = node.target
+    if target in _LINEAR_OPS:
+        args, ndim = _bind(node, ("input", "weight", "bias")), 0
+    elif target in _CONV_OPS:
+        args, ndim = _bind(node, _CONV_ARGS), _CONV_OPS[target]
+    elif target is _aten.convolution.default:
+        args = _bind(node, _CONVOLUTION_ARGS)
+        if args.get("transposed"):
+            return None, "transposed convolution is not supported"
+        ndim = node.args[1].meta["val"].dim() - 2 if "val" in node.args[1].meta else 2
+    else:
+        return None, None
+    weight = _param(gm, args.get("weight"))
+    if weight is None:
+        return None, "weight is computed in the graph, not a parameter"
+    wname = args["weight"].target
+    name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+    op = str(target) if isinstance(target, torch._ops.OpOverload) else f"torch.{target.__name__}"
+    if ndim == 0:
+        layer = Layer(name, "linear", op, weight.shape[1], weight.shape[0], wname)
+    else:
+        spec = ConvSpec(
+            kernel_size=tuple(weight.shape[2:]),
+            stride=_tuple(args.get("stride"), ndim, 1),
+            padding=args["padding"]
+            if isinstance(args.get("padding"), str)
+            else _tuple(args.get("padding"), ndim, 0),
+            dilation=_tuple(args.get("dilation"), ndim, 1),
+            groups=int(args.get("groups") or 1),
+        )
+        if spec.groups != 1:
+            return None, f"grouped convolution (groups={spec.groups}) is not adapted"
+        rows = weight.shape[1] * math.prod(spec.kernel_size)
+        layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
+    owner_name = wname.rpartition(".")[0]
+    owner = gm.get_submodule(owner_name)
+    if _module_layer(owner) is not None and owner.weight is weight:
+        layer.module = owner_name
+    return layer, None
+
+
+def _module_layer(m: Any) -> tuple[str, ConvSpec | None] | None:
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
+        return "linear", None
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        spec = ConvSpec(
+            kernel_size=tuple(m.kernel_size),
+            stride=tuple(m.stride),
+            padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
+            dilation=tuple(m.dilation),
+            groups=m.groups,
+            padding_mode=m.padding_mode,
+        )
+        return "conv", spec
+    return None
+
+
+def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
+    m = gm.get_submodule(node.target)
+    found = _module_layer(m)
+    if found is None:
+        return None, None
+    kind, spec = found
+    op = type(m).__name__
+    if spec is not None and spec.groups != 1:
+        return None, f"grouped convolution (groups={spec.groups}) is not adapted"
+    w = m.weight
+    if is_hf_conv1d(m):
+        in_f, out_f, transposed = w.shape[0], w.shape[1], True
+    elif kind == "linear":
+        in_f, out_f, transposed = w.shape[1], w.shape[0], False
+    else:
+        in_f, out_f, transposed = w.shape[1] * math.prod(spec.kernel_size), w.shape[0], False
+    layer = Layer(node.target, kind, op, in_f, out_f, f"{node.target}.weight", conv=spec)
+    layer.module, layer.weight_transposed = node.target, transposed
+    return layer, None
+
+
+def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> LayerGraph:
+    """Find the adaptable layers of ``gm`` and the data flow between them.
+
+    ``model`` (the module ``gm`` was captured from) lets the pass report linear/conv modules
+    that the graph never calls as layers, e.g. ones inside an opaque leaf module.
+    """
+    layers: dict[str, Layer] = {}
+    unsupported: dict[str, str] = {}
+    layer_of_node: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            layer, reason = _call_module_layer(gm, node)
+        elif node.op == "call_function":
+            layer, reason = _function_layer(gm, node)
+        else:
+            continue
+        if reason is not None:
+            unsupported.setdefault(node.target if node.op == "call_module" else node.name, reason)
+            continue
+        if layer is None:
+            continue
+        src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if not isinstance(src, fx.Node):
+            unsupported.setdefault(layer.name, "its input is not a graph value")
+            continue
+        existing = layers.setdefault(layer.name, layer)  # a layer called twice keeps both calls
+        existing.nodes.append(node.name)
+        existing.inputs.append(src.name)
+        layer_of_node[node] = layer.name
+
+    # Sources each node depends on without passing through a layer: layers and graph inputs.
+    reach: dict[fx.Node, frozenset] = {}
+    graph = nx.DiGraph()
+    for name, layer in layers.items():
+        graph.add_node(
+            name,
+            kind=layer.kind,
+            op=layer.op,
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+        )
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            reach[node] = frozenset([node.name])
+            continue
+        upstream = frozenset().union(*(reach.get(n, frozenset()) for n in node.all_input_nodes))
+        if node in layer_of_node:
+            me = layer_of_node[node]
+            graph.add_edges_from((src, me) for src in upstream if src in layers and src != me)
+            reach[node] = frozenset([me])
+        else:
+            reach[node] = upstream
+
+    outputs: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            for leaf in node.all_input_nodes:
+                srcs = reach.get(leaf, frozenset())
+                if len(srcs) == 1 and next(iter(srcs)) in layers:
+                    outputs.add(next(iter(srcs)))
+
+    depth: dict[str, int] = {}
+    for name in nx.topological_sort(graph) if nx.is_directed_acyclic_graph(graph) else layers:
+        preds = [depth[p] for p in graph.predecessors(name) if p in depth]
+        depth[name] = 1 + max(preds, default=-1)
+    nx.set_node_attributes(graph, depth, "depth")
+
+    groups: dict[str, list[str]] = {}
+    by_key: dict[tuple, str] = {}
+    for name, layer in layers.items():
+        gid = by_key.setdefault(layer.row_key, f"g{len(by_key)}")
+        groups.setdefault(gid, []).append(name)
+
+    if model is not None:
+        for qualname, m in model.named_modules():
+            if qualname in layers or qualname in unsupported or _module_layer(m) is None:
+                continue
+            if not any(layer.weight == f"{qualname}.weight" for layer in layers.values()):
+                unsupported[qualname] = (
+                    "not called as a layer in the captured graph (inside an opaque module, "
+                    "or unused)"
+                )
+    return LayerGraph(gm, layers, groups, outputs, unsupported, graph)

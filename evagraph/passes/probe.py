@@ -1,0 +1,144 @@
+"""Probe pass: a LayerGraph and the selected targets -> a graph with activation probes.
+
+Takes the ``LayerGraph`` and ``Selection`` and returns a ``ProbedGraph``: a copy of the captured
+graph in which every distinct (input node, row geometry) feeding a target layer passes through
+one ``Probe`` module, so layers that share an input share a probe. A probe returns its input
+unchanged and hands the activation rows (spec: linear ``(N, d)``, conv unfolded patches
+``(N, C_in * prod(kernel))``) to whatever sinks the calibration pass attaches. The model's
+``attention_mask`` input, when the graph has one, is wired into each probe so padding rows
+get weight 0. Probes can be switched off (``active = False``) once their layers converge.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .layer_graph import ConvSpec, LayerGraph
+from .select import Selection
+
+RowSink = Callable[[torch.Tensor, "torch.Tensor | None"], None]
+
+
+def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """The vectors a convolution's kernel is applied to, one row per output position.
+
+    Works for 1d/2d/3d with any stride, padding (including "same" and non-zero padding
+    modes) and dilation; ``rows @ weight.reshape(C_out, -1).T`` is the conv's output.
+    """
+    n = spec.ndim
+    if x.dim() == n + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    pads = spec.pad_amounts()
+    if any(pads):
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    for i in range(n):
+        k, s, d = spec.kernel_size[i], spec.stride[i], spec.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # window appended as the last dim
+        if d > 1:
+            x = x[..., ::d]
+    channels = x.shape[1]
+    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
+    return x.reshape(-1, channels * math.prod(spec.kernel_size))
+
+
+def activation_rows(
+    x: torch.Tensor, kind: str, conv: ConvSpec | None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of a layer input, plus per-row weights (1 keep, 0 padding) when a mask applies."""
+    if kind == "conv":
+        return conv_rows(x, conv), None
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None and mask.dim() == x.dim() - 1 and tuple(mask.shape) == tuple(x.shape[:-1]):
+        return rows, mask.reshape(-1).to(torch.float32)
+    return rows, None
+
+
+class Probe(nn.Module):
+    """Identity on its input; feeds the input's rows to ``sinks`` while ``active``."""
+
+    def __init__(self, kind: str, conv: ConvSpec | None) -> None:
+        super().__init__()
+        self.kind, self.conv = kind, conv
+        self.active = True
+        self.sinks: list[RowSink] = []
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.active and self.sinks:
+            with torch.no_grad():
+                rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
+                for sink in self.sinks:
+                    sink(rows, weights)
+        return x
+
+
+@dataclass
+class ProbedGraph:
+    """Result of the probe pass.
+
+    gm: copy of the captured graph with probes inserted (it shares the model's parameters).
+    probes: probe submodule name -> Probe. groups: decomposition id -> target layers it serves.
+    group_probes: decomposition id -> probes whose rows it consumes. dims: id -> row width.
+    """
+
+    gm: fx.GraphModule
+    probes: dict[str, Probe]
+    groups: dict[str, list[str]]
+    group_probes: dict[str, list[str]]
+    dims: dict[str, int]
+
+
+def insert_probes(layer_graph: LayerGraph, selection: Selection) -> ProbedGraph:
+    """Insert one probe per distinct (input node, row geometry) of the target layers."""
+    # A new GraphModule over a copied graph: shares the model's modules, not its graph.
+    gm = fx.GraphModule(layer_graph.gm, copy.deepcopy(layer_graph.gm.graph), "ProbedGraph")
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    mask = next(
+        (n for n in graph.nodes if n.op == "placeholder" and n.name == "attention_mask"), None
+    )
+    targets = set(selection.targets)
+
+    consumers: dict[tuple, list[str]] = {}  # (input node, kind, conv) -> calling nodes
+    groups: dict[str, list[str]] = {}
+    group_keys: dict[str, list[tuple]] = {}
+    for gid, members in layer_graph.groups.items():
+        members = [m for m in members if m in targets]
+        if not members:
+            continue
+        groups[gid] = members
+        first = layer_graph.layers[members[0]]
+        group_keys[gid] = [(inp, first.kind, first.conv) for inp in dict.fromkeys(first.inputs)]
+        for m in members:
+            layer = layer_graph.layers[m]
+            for node_name, inp in zip(layer.nodes, layer.inputs):
+                consumers.setdefault((inp, layer.kind, layer.conv), []).append(node_name)
+
+    probes: dict[str, Probe] = {}
+    probe_of_key: dict[tuple, str] = {}
+    for i, (key, calls) in enumerate(consumers.items()):
+        inp, kind, conv = key
+        name = f"evagraph_probe_{i}"
+        probe = Probe(kind, conv)
+        probes[name], probe_of_key[key] = probe, name
+        gm.add_submodule(name, probe)
+        first_call = nodes[min(calls, key=order.__getitem__)]
+        # Before the first consumer, so the mask placeholder is always already defined.
+        with graph.inserting_before(first_call):
+            probe_node = graph.call_module(name, (nodes[inp], mask))
+        for call in calls:
+            nodes[call].replace_input_with(nodes[inp], probe_node)
+
+    gm.recompile()
+    group_probes = {gid: [probe_of_key[k] for k in keys] for gid, keys in group_keys.items()}
+    dims = {gid: layer_graph.layers[m[0]].in_features for gid, m in groups.items()}
+    return ProbedGraph(gm, probes, groups, group_probes, dims)

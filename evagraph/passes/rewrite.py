@@ -1,0 +1,114 @@
+"""Rewrite pass: ranks and components -> the model with EVA-initialised LoRA adapters.
+
+Takes the model, its ``LayerGraph``, the rank per target layer (allocation pass), each target
+layer's ``Components`` (incremental-SVD pass) and the settings, and returns the adapted model:
+every layer with rank > 0 gets ``A = V[:rank]`` (optionally whitened), ``B = 0`` and scale
+``alpha / r`` (``adjust_scaling_factors``) or ``alpha / rank``, so the output is unchanged
+until training moves B. All non-LoRA parameters are frozen.
+
+Two ways of splicing the same ``LoraAdapter`` in, chosen by what the model is:
+- every target is an ``nn.Module`` layer: that module is replaced by ``LoraLayer(base, lora)``
+  in the model itself, which keeps the model's class and methods (``generate``, HF configs);
+- some target is only an op in a graph (a loaded ``.pt2``, or ``F.linear`` on parameters):
+  the captured GraphModule is rewritten, ``y = op(x)`` becoming ``y = op(x) + lora(x)``, as
+  pt2e's convert does for observers.
+The model (or graph) is modified in place and returned; ``transform`` copies it first.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..config import EvaSettings
+from ..lora import LoraAdapter, LoraLayer
+from .incremental_svd import Components
+from .layer_graph import LayerGraph
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases train their adapters in float32, as PEFT's autocast_adapter_dtype.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def layer_scaling(rank: int, settings: EvaSettings) -> tuple[float, float]:
+    """(alpha for this layer, scale) per the spec's scaling rule."""
+    if settings.adjust_scaling_factors:
+        alpha = settings.alpha * rank / settings.budget
+    else:
+        alpha = settings.alpha
+    return alpha, alpha / rank
+
+
+def rewrite(
+    model: nn.Module,
+    layer_graph: LayerGraph,
+    ranks: Mapping[str, int],
+    components: Mapping[str, Components],
+    settings: EvaSettings,
+) -> nn.Module:
+    """Splice adapters into ``model`` (or its captured graph); return the adapted module."""
+    adapters: dict[str, LoraAdapter] = {}
+    for name, rank in ranks.items():
+        if rank == 0:
+            continue
+        layer, stats = layer_graph.layers[name], components[name]
+        weight = layer_graph.gm.get_parameter(layer.weight)
+        A = stats.components[:rank]
+        if settings.whiten:
+            A = A / stats.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
+        _, scale = layer_scaling(rank, settings)
+        adapters[name] = LoraAdapter.build(
+            A.to(device=weight.device, dtype=_adapter_dtype(weight)),
+            layer.out_features,
+            layer.conv,
+            scale,
+            settings.dropout,
+            layer_name=name,
+        )
+
+    if all(layer_graph.layers[n].module is not None for n in adapters):
+        for name, adapter in adapters.items():
+            path = layer_graph.layers[name].module
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, LoraLayer(getattr(parent, child), adapter))
+        adapted = model
+    else:
+        adapted = _splice_graph(layer_graph, adapters)
+
+    adapted.requires_grad_(False)
+    for adapter in adapters.values():
+        adapter.requires_grad_(True)
+        adapter.train(model.training)
+    return adapted
+
+
+def _splice_graph(layer_graph: LayerGraph, adapters: Mapping[str, LoraAdapter]) -> fx.GraphModule:
+    gm = layer_graph.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, (name, adapter) in enumerate(adapters.items()):
+        owner = name.rpartition(".")[0]
+        target = f"{name}.lora" if _is_module(gm, name) else f"{owner}.lora_{i}".lstrip(".")
+        gm.add_submodule(target, adapter)
+        layer = layer_graph.layers[name]
+        for call, inp in zip(layer.nodes, layer.inputs):
+            node = nodes[call]
+            with gm.graph.inserting_after(node):
+                delta = gm.graph.call_module(target, (nodes[inp],))
+            with gm.graph.inserting_after(delta):
+                out = gm.graph.call_function(operator.add, (node, delta))
+            node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+    gm.recompile()
+    return gm
+
+
+def _is_module(gm: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(gm.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
