@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Sequence
@@ -25,10 +26,8 @@ from .report import LayerReport, Report
 
 def _set_training(module: nn.Module, mode: bool) -> None:
     # Modules unlifted from torch.export refuse train()/eval(): their mode is baked in.
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.train(mode)
-    except NotImplementedError:
-        pass
 
 
 def _model_device(model: nn.Module) -> torch.device:

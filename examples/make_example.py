@@ -1,6 +1,6 @@
 """Write the bundled example: a small CNN as a torch.export archive and calibration images.
 
-    python examples/make_example.py            # -> examples/tiny_cnn.pt2, examples/calib.safetensors
+    python examples/make_example.py   # writes examples/tiny_cnn.pt2, examples/calib.safetensors
     evagraph compile examples/tiny_cnn.pt2 --data examples/calib.safetensors \\
         --budget 4 --rho 2 -o examples/out
 
