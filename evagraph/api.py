@@ -19,7 +19,7 @@ from .passes.capture import capture
 from .passes.incremental_svd import calibrate
 from .passes.layer_graph import build_layer_graph
 from .passes.probe import insert_probes
-from .passes.rewrite import layer_scaling, rewrite
+from .passes.rewrite import layer_scaling, needs_graph_rewrite, rewrite
 from .passes.select import select_targets
 from .report import LayerReport, Report
 
@@ -137,6 +137,7 @@ def transform(
     skipped.update(
         {n: "rank 0: its variance did not make the global cut" for n, r in ranks.items() if r == 0}
     )
+    adapted_layers = [n for n, r in ranks.items() if r]
     report = Report(
         settings=settings.to_dict(),
         layers=layers,
@@ -145,6 +146,6 @@ def transform(
         rows={g: s.n_rows for g, s in calibration.stats.items()},
         steps=calibration.steps,
         unconverged=calibration.unconverged,
-        rewrite="module" if isinstance(adapted, type(work)) and adapted is work else "graph",
+        rewrite="graph" if needs_graph_rewrite(layer_graph, adapted_layers) else "module",
     )
     return adapted, report

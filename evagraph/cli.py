@@ -215,9 +215,9 @@ def _compile(
     random.seed(seed)
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batches = load_calibration(data, batch_size)
-    module, fmt = load_model(model_path, allow_pickle=allow_pickle)
-    with atomic_directory(output, force=force) as tmp:
+    with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
+        batches = load_calibration(data, batch_size)
+        module, fmt = load_model(model_path, allow_pickle=allow_pickle)
         adapted, report = transform(
             module,
             batches,

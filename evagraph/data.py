@@ -61,7 +61,7 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
     else:
         raise DataError(f"{path} must hold a tensor or a non-empty dict of tensors")
     sizes = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
-    n = min(sizes.values())
+    n = min(sizes.values(), default=0)
     if n == 0 or len(set(sizes.values())) != 1:
         raise DataError(f"{path}: tensors need the same, non-zero first dimension, got {sizes}")
     batches = []

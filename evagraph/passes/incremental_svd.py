@@ -59,8 +59,11 @@ class StreamingPCA:
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = rows.to(torch.float32)
-        if self.shift is None:
-            self.shift = x.mean(0)
+        if self.shift is None:  # mean of the kept rows: masked outliers must not move it
+            if weights is None:
+                self.shift = x.mean(0)
+            else:
+                self.shift = (x * weights[:, None]).sum(0) / weights.sum().clamp_min(1)
         x = x - self.shift
         if weights is None:
             self.count += x.shape[0]

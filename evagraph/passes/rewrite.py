@@ -18,7 +18,7 @@ The model (or graph) is modified in place and returned; ``transform`` copies it 
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -42,6 +42,11 @@ def layer_scaling(rank: int, settings: EvaSettings) -> tuple[float, float]:
     else:
         alpha = settings.alpha
     return alpha, alpha / rank
+
+
+def needs_graph_rewrite(layer_graph: LayerGraph, names: Iterable[str]) -> bool:
+    """True when some layer in ``names`` is not an nn.Module we can wrap (see module doc)."""
+    return any(layer_graph.layers[n].module is None for n in names)
 
 
 def rewrite(
@@ -71,7 +76,7 @@ def rewrite(
             layer_name=name,
         )
 
-    if all(layer_graph.layers[n].module is not None for n in adapters):
+    if not needs_graph_rewrite(layer_graph, adapters):
         for name, adapter in adapters.items():
             path = layer_graph.layers[name].module
             parent_name, _, child = path.rpartition(".")

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class SharedMLP(nn.Module):
+    """q and k read the same input (one decomposition); head is the output layer."""
+
+    def __init__(self, d: int = 16, h: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, h)
+        self.k = nn.Linear(d, h)
+        self.o = nn.Linear(h, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.q(x)) * self.k(x)
+        return self.head(x + self.o(h))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2)
+        self.c3 = nn.Conv1d(16, 16, 3, padding="same")
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        h = self.c3(h.flatten(2))
+        return self.fc(h.mean(-1))
+
+
+def correlated(n: int, d: int, rank: int = 4, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """Rows with a few strong directions plus noise: components converge quickly."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, d, generator=g)
+    scales = torch.linspace(3.0, 1.0, rank)
+    return (torch.randn(n, rank, generator=g) * scales) @ basis + noise * torch.randn(
+        n, d, generator=g
+    )
+
+
+def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the row spaces of a and b (0..1)."""
+    qa, _ = torch.linalg.qr(a.detach().T.double())
+    qb, _ = torch.linalg.qr(b.detach().T.double())
+    return float(torch.linalg.svdvals(qa.T @ qb).pow(2).mean())
+
+
+def exact_pca(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k right-singular vectors of the centred rows and their explained-variance ratios."""
+    x = rows.double() - rows.double().mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    var = s.pow(2) / (x.shape[0] - 1)
+    return vh[:k].float(), (var[:k] / var.sum()).float()

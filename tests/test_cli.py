@@ -1,0 +1,173 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SharedMLP
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evagraph_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("evagraph")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("example")
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "make_example.py"), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_compile_bundled_example_writes_three_outputs(example, tmp_path):
+    out = tmp_path / "out"
+    proc = run(
+        "compile",
+        str(example / "tiny_cnn.pt2"),
+        "--data",
+        str(example / "calib.safetensors"),
+        "--budget",
+        "4",
+        "--rho",
+        "2",
+        "-o",
+        str(out),
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.safetensors",
+        "model.pt2",
+        "report.json",
+    ]
+    report = json.loads((out / "report.json").read_text())
+    ranks = {layer["name"]: layer["rank"] for layer in report["layers"]}
+    assert sum(ranks.values()) == 4 * len(ranks) and "head" in report["skipped"]
+    adapter = load_file(str(out / "adapter.safetensors"))
+    assert set(adapter) == {f"{n}.lora_{m}.weight" for n, r in ranks.items() if r for m in "AB"}
+    original = torch.export.load(str(example / "tiny_cnn.pt2")).module()
+    adapted = torch.export.load(str(out / "model.pt2")).module()
+    x = load_file(str(example / "calib.safetensors"))["x"][:8]
+    torch.testing.assert_close(adapted(x), original(x), atol=1e-5, rtol=1e-5)
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp left
+
+
+@pytest.mark.parametrize(
+    "flags,reason",
+    [
+        (["--rho", "0.5"], "rho must be >= 1"),
+        (["--budget", "0"], "budget must be a positive integer"),
+        (["--tau", "1.5"], "tau must be in (0, 1]"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_one_line(example, tmp_path, flags, reason):
+    proc = run(
+        "compile",
+        str(example / "tiny_cnn.pt2"),
+        "--data",
+        str(example / "calib.safetensors"),
+        "-o",
+        str(tmp_path / "o"),
+        *flags,
+        cwd=tmp_path,
+    )
+    assert reason in one_line_error(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_file(example, tmp_path):
+    proc = run(
+        "compile",
+        str(example / "tiny_cnn.pt2"),
+        "--data",
+        "nope.pt",
+        "-o",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
+    assert "calibration data file not found" in one_line_error(proc)
+
+
+def test_pickle_needs_opt_in_and_payload_is_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    torch.save(SharedMLP().eval(), tmp_path / "mlp.pt")
+    save_file({"x": torch.randn(32, 16)}, str(tmp_path / "calib.safetensors"))
+    proc = run("compile", "evil.pt", "--data", "calib.safetensors", "-o", "o", cwd=tmp_path)
+    assert "--allow-pickle" in one_line_error(proc) and not marker.exists()
+    proc = run("compile", "mlp.pt", "--data", "calib.safetensors", "-o", "o", cwd=tmp_path)
+    assert "whole-module pickle" in one_line_error(proc)
+    # conftest defines SharedMLP: the unpickling process must be able to import it
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run(
+        [
+            *evagraph_cmd(),
+            "compile",
+            "mlp.pt",
+            "--data",
+            "calib.safetensors",
+            "-o",
+            "o",
+            "--allow-pickle",
+            "-q",
+            "--budget",
+            "2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "model.pt").exists()
+    # an existing, non-empty output directory is refused without --force
+    proc = run(
+        "compile",
+        "mlp.pt",
+        "--data",
+        "calib.safetensors",
+        "-o",
+        "o",
+        "--allow-pickle",
+        cwd=tmp_path,
+    )
+    assert "--force" in one_line_error(proc)
+
+
+def test_help_explains_the_options():
+    proc = subprocess.run(
+        [*evagraph_cmd(), "compile", "--help"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0
+    for flag in ("--budget", "--rho", "--tau", "--data", "--allow-pickle", "--quiet"):
+        assert flag in proc.stdout

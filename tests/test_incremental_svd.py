@@ -1,0 +1,68 @@
+import torch
+from conftest import exact_pca, subspace_similarity
+
+from evagraph.passes.incremental_svd import StreamingPCA, top_eigenpairs
+
+
+def known_spectrum(n, d, spectrum, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    z = torch.randn(n, d, generator=g) * torch.tensor(spectrum)
+    return z @ q.T + 5.0  # a large mean: centring must be exact
+
+
+def test_streamed_components_equal_exact_svd():
+    d, k = 24, 6
+    spectrum = [10, 8, 6, 4, 3, 2] + [0.3] * (d - 6)
+    x = known_spectrum(2000, d, spectrum)
+    pca = StreamingPCA(d, k, torch.device("cpu"))
+    sizes = [3, 1, 2, 500, 7, 1487]  # batches smaller than k must count too
+    start = 0
+    for size in sizes:
+        pca.update(x[start : start + size])
+        start += size
+    got = pca.decompose()
+    ref_v, ref_ratio = exact_pca(x, k)
+    assert got.n_rows == 2000
+    assert subspace_similarity(got.components, ref_v) >= 0.99
+    cos = (got.components * ref_v).sum(1).abs()
+    assert torch.all(cos > 0.999)
+    torch.testing.assert_close(got.explained_variance_ratio, ref_ratio, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.components @ got.components.T, torch.eye(k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.mean, x.mean(0), atol=1e-4, rtol=1e-5)
+
+
+def test_sign_convention_largest_entry_positive():
+    x = known_spectrum(300, 10, [5, 4, 3, 2, 1, 1, 1, 1, 1, 1])
+    pca = StreamingPCA(10, 4, torch.device("cpu"))
+    pca.update(x)
+    v = pca.decompose().components
+    pivot = v.abs().argmax(1)
+    assert torch.all(v[torch.arange(4), pivot] > 0)
+
+
+def test_zero_weight_rows_are_excluded():
+    x = known_spectrum(400, 12, [6, 5, 4, 3, 2, 1] + [0.2] * 6)
+    junk = torch.full((100, 12), 1e3) * torch.randn(100, 12)
+    rows = torch.cat([x, junk])
+    weights = torch.cat([torch.ones(400), torch.zeros(100)])
+    pca = StreamingPCA(12, 4, torch.device("cpu"))
+    pca.update(rows, weights)
+    got = pca.decompose()
+    ref_v, ref_ratio = exact_pca(x, 4)
+    assert got.n_rows == 400
+    assert subspace_similarity(got.components, ref_v) > 0.999
+    torch.testing.assert_close(got.explained_variance_ratio, ref_ratio, rtol=1e-4, atol=1e-6)
+
+
+def test_iterative_eigensolver_matches_dense_on_wide_matrices():
+    d, k = 700, 8  # above the dense threshold: subspace iteration
+    x = known_spectrum(3000, d, [float(30 - i) for i in range(12)] + [0.5] * (d - 12))
+    cov = torch.cov(x.T)
+    ev, vecs = top_eigenpairs(cov, k)
+    ref_ev, ref_vecs = torch.linalg.eigh(cov.double())
+    torch.testing.assert_close(ev.double(), ref_ev.flip(0)[:k], rtol=1e-4, atol=1e-6)
+    assert subspace_similarity(vecs, ref_vecs.flip(1)[:, :k].T.float()) > 0.9999
+    # a warm start from the answer converges to the same
+    ev2, vecs2 = top_eigenpairs(cov, k, warm=vecs)
+    assert subspace_similarity(vecs2, vecs) > 0.9999

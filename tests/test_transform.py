@@ -1,0 +1,313 @@
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from conftest import SharedMLP, SmallCNN, exact_pca, subspace_similarity
+from torch import nn
+
+import evagraph
+from evagraph.lora import LoraAdapter
+from evagraph.passes.capture import capture
+from evagraph.passes.layer_graph import build_layer_graph
+from evagraph.passes.probe import activation_rows, insert_probes
+from evagraph.passes.select import select_targets
+
+
+def decaying(n: int, d: int, seed: int = 0, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    """Rows with a geometric spectrum (every component distinct) around a non-zero mean."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    z = torch.randn(n, *lead, d, generator=g) * (0.75 ** torch.arange(d))
+    return z @ q.T + 1.0
+
+
+def lora_of(model: nn.Module, name: str) -> LoraAdapter:
+    return next(m for m in model.modules() if isinstance(m, LoraAdapter) and m.layer_name == name)
+
+
+def rows_seen(model: nn.Module, name: str, batches, report) -> torch.Tensor:
+    """The input rows of layer ``name`` over ``batches``, cut to what its decomposition saw."""
+    layer = build_layer_graph(capture(model, batches[0]), model).layers[name]
+    grabbed = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args: grabbed.append(activation_rows(args[0], layer.kind, layer.conv)[0])
+    )
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    hook.remove()
+    group = next(r.group for r in report.layers if r.name == name)
+    return torch.cat(grabbed)[: report.rows[group]]
+
+
+def check_adapted(model, adapted, report, batches, budget, x):
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(report.ranks.values()) == budget * len(report.layers)
+    k = round(budget * report.settings["rho"])
+    assert all(0 <= r <= k for r in report.ranks.values())
+    for layer in report.layers:
+        if layer.rank == 0:
+            continue
+        lora = lora_of(adapted, layer.name)
+        A = lora.lora_A.weight.reshape(layer.rank, -1)
+        assert lora.rank == layer.rank
+        torch.testing.assert_close(A @ A.T, torch.eye(layer.rank), atol=1e-4, rtol=0)
+        assert torch.count_nonzero(lora.lora_B.weight) == 0
+        ref, _ = exact_pca(rows_seen(model, layer.name, batches, report), layer.rank)
+        assert subspace_similarity(A, ref) >= 0.99, layer.name
+
+
+def check_trains(model, adapted, x, every_b_moves=True):
+    """Backward reaches every LoRA B and no base parameter; one step changes the output.
+
+    ``every_b_moves=False`` for models that block gradient to some layers at init (timm
+    zero-initialises the last BatchNorm of each residual block).
+    """
+    out = adapted(x)
+    out.float().pow(2).mean().backward()
+    loras = [m for m in adapted.modules() if isinstance(m, LoraAdapter)]
+    assert loras
+    for lora in loras:
+        assert lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad is not None
+        if every_b_moves:
+            assert lora.lora_B.weight.grad.abs().sum() > 0, lora.layer_name
+    assert sum(lora.lora_B.weight.grad.abs().sum() for lora in loras) > 0
+    lora_params = {id(p) for m in loras for p in m.parameters()}
+    for p in adapted.parameters():
+        if id(p) not in lora_params:
+            assert not p.requires_grad and p.grad is None
+    opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(adapted(x), model(x))
+
+
+def test_mlp_end_to_end():
+    model = SharedMLP().eval()
+    reference = copy.deepcopy(model)
+    batches = list(decaying(40, 16, lead=(6,)).split(4))
+    adapted, report = evagraph.transform(model, batches, budget=4, rho=2, progress=False)
+    x = decaying(3, 16, seed=9, lead=(6,))
+    check_adapted(model, adapted, report, batches, 4, x)
+    assert report.skipped["head"] == "output layer (model head)"
+    assert isinstance(adapted.head, nn.Linear) and isinstance(adapted, SharedMLP)
+    # the user's model is untouched
+    assert isinstance(model.q, nn.Linear) and all(p.requires_grad for p in model.parameters())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    # q/k read the input directly: A equals the exact components, signs included
+    ref, ref_ratio = exact_pca(rows_seen(model, "q", batches, report), 8)
+    q = next(r for r in report.layers if r.name == "q")
+    A = lora_of(adapted, "q").lora_A.weight
+    ref = ref * torch.sign(ref.gather(1, ref.abs().argmax(1, keepdim=True)))
+    torch.testing.assert_close(A, ref[: q.rank], atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(q.explained_variance_ratio), ref_ratio, rtol=1e-3, atol=1e-5
+    )
+    check_trains(model, adapted, x)
+
+
+def test_small_cnn_end_to_end():
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [F.avg_pool2d(torch.randn(4, 3, 16, 16, generator=g), 3, 1, 1) for _ in range(8)]
+    adapted, report = evagraph.transform(
+        model, batches, budget=3, rho=2, progress=False, max_steps=8
+    )
+    assert {r.kind for r in report.layers} == {"conv"}
+    check_adapted(model, adapted, report, batches, 3, batches[0])
+    check_trains(model, adapted, batches[0])
+
+
+def test_timm_resnet18_end_to_end():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+    batches = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    adapted, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    assert len(report.layers) == 20 and "fc" in report.skipped
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]), atol=1e-4, rtol=1e-4)
+    assert sum(report.ranks.values()) == 2 * 20
+    for layer in report.layers:
+        if layer.rank:
+            A = lora_of(adapted, layer.name).lora_A.weight.reshape(layer.rank, -1)
+            torch.testing.assert_close(A @ A.T, torch.eye(layer.rank), atol=1e-4, rtol=0)
+    check_trains(model, adapted, batches[0], every_b_moves=False)
+
+
+def test_shared_input_one_probe_one_decomposition_own_ranks():
+    model = SharedMLP().eval()
+    lg = build_layer_graph(capture(model), model)
+    probed = insert_probes(lg, select_targets(lg))
+    assert sorted(probed.groups.values()) == [["o"], ["q", "k"]]
+    assert len(probed.probes) == 2  # one for x (q and k), one for o
+    batches = list(decaying(30, 16, lead=(5,)).split(3))
+    adapted, report = evagraph.transform(model, batches, budget=3, rho=2, progress=False)
+    q, k = (next(r for r in report.layers if r.name == n) for n in ("q", "k"))
+    assert q.group == k.group and q.explained_variance_ratio == k.explained_variance_ratio
+    assert lora_of(adapted, "q").rank == q.rank and lora_of(adapted, "k").rank == k.rank
+
+
+class MaskedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, attention_mask=None):
+        h = torch.relu(self.fc(x))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.head(h)
+
+
+def test_attention_mask_rows_are_excluded():
+    model = MaskedModel().eval()
+    x = decaying(12, 8, lead=(10,))
+    mask = torch.ones(12, 10)
+    mask[:, 6:] = 0
+    x[:, 6:] = 1e4 * torch.randn(12, 4, 8)  # padding rows would dominate the variance
+    batches = [{"x": x[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, 12, 4)]
+    _, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    fc = report.layers[0]
+    assert report.rows[fc.group] == 12 * 6
+    _, ref_ratio = exact_pca(x[:, :6].reshape(-1, 8), 4)
+    torch.testing.assert_close(
+        torch.tensor(fc.explained_variance_ratio), ref_ratio, rtol=1e-3, atol=1e-6
+    )
+
+
+def test_exported_graph_is_rewritten_at_aten_level():
+    model = SharedMLP().eval()
+    batches = list(decaying(24, 16, lead=(4,)).split(4))
+    ep = torch.export.export(model, (batches[0],))
+    graph_model = ep.module()
+    adapted, report = evagraph.transform(graph_model, batches, budget=2, rho=2, progress=False)
+    assert report.rewrite == "graph" and isinstance(adapted, fx.GraphModule)
+    assert {r.op for r in report.layers} == {"aten.linear.default"}
+    assert sorted(r.name for r in report.layers) == ["k", "o", "q"]
+    assert len({r.group for r in report.layers}) == 2  # q and k still share an input
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+    check_trains(model, adapted, batches[0])
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 16) / 4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.w)))
+
+
+def test_functional_linear_on_a_plain_parameter():
+    model = FunctionalLinear().eval()
+    batches = list(decaying(20, 16).split(5))
+    adapted, report = evagraph.transform(model, batches, budget=2, rho=1, progress=False)
+    assert [r.name for r in report.layers] == ["w"] and report.rewrite == "graph"
+    assert report.ranks == {"w": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+    check_trains(model, adapted, batches[0])
+
+
+def test_hf_conv1d_layers():
+    from transformers.pytorch_utils import Conv1D
+
+    class GPTBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = Conv1D(32, 16)  # nf=32 outputs, nx=16 inputs
+            self.c_proj = Conv1D(16, 32)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(x + self.c_proj(F.gelu(self.c_fc(x))))
+
+    model = GPTBlock().eval()
+    batches = list(decaying(20, 16, lead=(3,)).split(5))
+    adapted, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    assert {r.op for r in report.layers} == {"Conv1D"}
+    fc = next(r for r in report.layers if r.name == "c_fc")
+    assert (fc.in_features, fc.out_features) == (16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+    check_trains(model, adapted, batches[0])
+
+
+def test_tuple_and_dict_batches_and_forward_fn():
+    model = SharedMLP().eval()
+    data = decaying(16, 16, lead=(2,))
+    _, r1 = evagraph.transform(model, [(b,) for b in data.split(4)], progress=False)
+    _, r2 = evagraph.transform(model, [{"x": b} for b in data.split(4)], progress=False)
+    _, r3 = evagraph.transform(
+        model,
+        [{"inp": b} for b in data.split(4)],
+        progress=False,
+        forward_fn=lambda m, batch: m(batch["inp"]),
+    )
+    assert r1.ranks == r2.ranks == r3.ranks
+
+
+def test_bound_on_minibatches_is_reported():
+    model = SharedMLP().eval()
+    batches = [torch.randn(2, 16) for _ in range(5)]  # isotropic: cannot converge in 2 steps
+    with pytest.warns(evagraph.ConvergenceWarning, match="not converged"):
+        _, report = evagraph.transform(model, batches, max_steps=2, progress=False)
+    assert report.steps == 2 and not report.converged
+    assert set(report.unconverged) <= {"q", "k", "o"} and report.unconverged
+
+
+def test_targets_and_exclude_patterns():
+    model = SharedMLP().eval()
+    batches = list(decaying(16, 16).split(4))
+    _, report = evagraph.transform(model, batches, targets=["q", "head"], progress=False, budget=2)
+    assert [r.name for r in report.layers] == ["q", "head"]
+    _, report = evagraph.transform(model, batches, exclude=["q", "k"], progress=False, budget=2)
+    assert [r.name for r in report.layers] == ["o"]
+    with pytest.raises(evagraph.ConfigError, match="matches no adaptable layer"):
+        evagraph.transform(model, batches, targets=["nope*"], progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(budget=0), "budget"),
+        (dict(rho=0.5), "rho"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=1.5), "tau"),
+    ],
+)
+def test_bad_settings_raise_config_error(kwargs, match):
+    with pytest.raises(evagraph.ConfigError, match=match):
+        evagraph.transform(SharedMLP(), [torch.randn(2, 16)], progress=False, **kwargs)
+
+
+def test_empty_dataloader_is_a_data_error():
+    with pytest.raises(evagraph.DataError, match="empty"):
+        evagraph.transform(SharedMLP(), [], progress=False)
+
+
+def test_scaling_and_whitening_options():
+    model = SharedMLP().eval()
+    batches = list(decaying(24, 16, lead=(4,)).split(4))
+    a1, r1 = evagraph.transform(model, batches, budget=4, alpha=8, progress=False)
+    a2, r2 = evagraph.transform(
+        model, batches, budget=4, alpha=8, progress=False, adjust_scaling_factors=False, whiten=True
+    )
+    for layer in r1.layers:
+        if layer.rank:
+            assert lora_of(a1, layer.name).scaling == pytest.approx(8 / 4)
+    for layer in r2.layers:
+        if layer.rank:
+            assert lora_of(a2, layer.name).scaling == pytest.approx(8 / layer.rank)
+            A1 = lora_of(a1, layer.name).lora_A.weight
+            A2 = lora_of(a2, layer.name).lora_A.weight
+            norms = A2.norm(dim=1)
+            assert not torch.allclose(norms, torch.ones_like(norms))
+            torch.testing.assert_close(A2 / norms[:, None], A1, atol=1e-5, rtol=0)
