@@ -37,7 +37,8 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> tuple[nn.Modu
     except pickle.UnpicklingError as err:
         if not allow_pickle:
             raise ModelLoadError(
-                f"{path} is a whole-module pickle: loading it runs code from the file. "
+                f"{path} holds pickled Python objects (e.g. a whole-module pickle from "
+                "torch.save(model)): loading it runs code from the file. "
                 "Pass --allow-pickle (allow_pickle=True) only if you trust it, or save the "
                 "model with torch.export to a .pt2 archive."
             ) from err

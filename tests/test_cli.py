@@ -17,9 +17,9 @@ def evagraph_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
     )
 
 
@@ -128,39 +128,12 @@ def test_pickle_needs_opt_in_and_payload_is_not_run(tmp_path):
     assert "whole-module pickle" in one_line_error(proc)
     # conftest defines SharedMLP: the unpickling process must be able to import it
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run(
-        [
-            *evagraph_cmd(),
-            "compile",
-            "mlp.pt",
-            "--data",
-            "calib.safetensors",
-            "-o",
-            "o",
-            "--allow-pickle",
-            "-q",
-            "--budget",
-            "2",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    pickle_ok = ("mlp.pt", "--data", "calib.safetensors", "-o", "o", "--allow-pickle")
+    proc = run("compile", *pickle_ok, "-q", "--budget", "2", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.pt").exists()
     # an existing, non-empty output directory is refused without --force
-    proc = run(
-        "compile",
-        "mlp.pt",
-        "--data",
-        "calib.safetensors",
-        "-o",
-        "o",
-        "--allow-pickle",
-        cwd=tmp_path,
-    )
+    proc = run("compile", *pickle_ok, cwd=tmp_path, env=env)
     assert "--force" in one_line_error(proc)
 
 

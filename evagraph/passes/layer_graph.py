@@ -149,15 +149,16 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, st
     elif target in _CONV_OPS:
         args, ndim = _bind(node, _CONV_ARGS), _CONV_OPS[target]
     elif target is _aten.convolution.default:
-        args = _bind(node, _CONVOLUTION_ARGS)
+        args, ndim = _bind(node, _CONVOLUTION_ARGS), -1  # dims read off the weight below
         if args.get("transposed"):
             return None, "transposed convolution is not supported"
-        ndim = node.args[1].meta["val"].dim() - 2 if "val" in node.args[1].meta else 2
     else:
         return None, None
     weight = _param(gm, args.get("weight"))
     if weight is None:
         return None, "weight is computed in the graph, not a parameter"
+    if ndim < 0:
+        ndim = weight.dim() - 2
     wname = args["weight"].target
     name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
     op = str(target) if isinstance(target, torch._ops.OpOverload) else f"torch.{target.__name__}"

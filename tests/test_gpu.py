@@ -1,0 +1,50 @@
+"""CUDA paths: skipped without a GPU (see conftest)."""
+
+import pytest
+import torch
+from conftest import SharedMLP, SmallCNN, correlated
+
+import evagraph
+from evagraph.lora import LoraAdapter
+from evagraph.passes.incremental_svd import StreamingPCA
+
+pytestmark = pytest.mark.gpu
+
+
+def test_streaming_pca_on_cuda_matches_cpu():
+    x = correlated(3000, 64, rank=8)
+    results = []
+    for device in ("cpu", "cuda"):
+        pca = StreamingPCA(64, 6, torch.device(device))
+        for chunk in x.to(device).split(700):
+            pca.update(chunk)
+        results.append(pca.decompose())
+    cpu, gpu = results
+    assert gpu.components.device.type == "cuda"
+    torch.testing.assert_close(
+        gpu.explained_variance_ratio.cpu(), cpu.explained_variance_ratio, rtol=1e-3, atol=1e-5
+    )
+    cos = (gpu.components.cpu() * cpu.components).sum(1).abs()
+    assert torch.all(cos > 0.999)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transform_on_cuda_keeps_outputs_and_accumulates_in_fp32(dtype):
+    model = SharedMLP().to("cuda", dtype).eval()
+    batches = [b.to("cuda", dtype) for b in correlated(64, 16).split(8)]
+    adapted, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    for m in adapted.modules():
+        if isinstance(m, LoraAdapter):
+            assert m.lora_A.weight.device.type == "cuda"
+            assert m.lora_A.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+    assert sum(report.ranks.values()) == 2 * len(report.layers)
+
+
+def test_cnn_on_cuda():
+    model = SmallCNN().cuda().eval()
+    batches = [torch.randn(4, 3, 16, 16, device="cuda") for _ in range(4)]
+    adapted, _ = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]), atol=1e-4, rtol=1e-4)
