@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import EvaSettings
 from .data import call_model, to_device
-from .errors import DataError
+from .errors import CaptureError, DataError
 from .passes.allocate import allocate
 from .passes.capture import capture
 from .passes.incremental_svd import calibrate
@@ -83,16 +83,23 @@ def transform(
     first = next(batches, None)
     if first is None:
         raise DataError("the calibration data is empty: the dataloader yielded no batch")
+    first = to_device(first, dev)
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
 
-    gm = capture(work, first)
-    layer_graph = build_layer_graph(gm, work)
-    selection = select_targets(layer_graph, settings.targets, settings.exclude)
-    probed = insert_probes(layer_graph, selection)
-
+    # Eval mode before capture: torch.export bakes the mode (dropout) into its graph.
     was_training = work.training
     _set_training(work, False)
     try:
+        captured = capture(work, first)
+        if forward_fn is not None and captured.method == "export":
+            raise CaptureError(
+                "forward_fn needs a model torch.fx can trace; torch.export captures the model "
+                "as called with the batch itself (dict -> keyword arguments), so pass batches "
+                "in that form instead of a forward_fn"
+            )
+        layer_graph = build_layer_graph(captured.gm, work)
+        selection = select_targets(layer_graph, settings.targets, settings.exclude)
+        probed = insert_probes(layer_graph, selection)
         calibration = calibrate(
             probed,
             (to_device(b, dev) for b in itertools.chain([first], batches)),
@@ -146,6 +153,7 @@ def transform(
         rows={g: s.n_rows for g, s in calibration.stats.items()},
         steps=calibration.steps,
         unconverged=calibration.unconverged,
+        capture=captured.method,
         rewrite="graph" if needs_graph_rewrite(layer_graph, adapted_layers) else "module",
     )
     return adapted, report

@@ -37,6 +37,7 @@ class Report:
     rows: dict[str, int]  # group -> activation rows its decomposition saw
     steps: int
     unconverged: list[str] = field(default_factory=list)
+    capture: str = "fx"  # how the graph was captured: "fx", "export", or "graph" (given one)
     rewrite: str = "module"  # "module": layers wrapped in place; "graph": graph rewritten
 
     @property

@@ -29,7 +29,7 @@ def lora_of(model: nn.Module, name: str) -> LoraAdapter:
 
 def rows_seen(model: nn.Module, name: str, batches, report) -> torch.Tensor:
     """The input rows of layer ``name`` over ``batches``, cut to what its decomposition saw."""
-    layer = build_layer_graph(capture(model, batches[0]), model).layers[name]
+    layer = build_layer_graph(capture(model, batches[0]).gm, model).layers[name]
     grabbed = []
     hook = model.get_submodule(name).register_forward_pre_hook(
         lambda m, args: grabbed.append(activation_rows(args[0], layer.kind, layer.conv)[0])
@@ -140,7 +140,7 @@ def test_timm_resnet18_end_to_end():
 
 def test_shared_input_one_probe_one_decomposition_own_ranks():
     model = SharedMLP().eval()
-    lg = build_layer_graph(capture(model), model)
+    lg = build_layer_graph(capture(model).gm, model)
     probed = insert_probes(lg, select_targets(lg))
     assert sorted(probed.groups.values()) == [["o"], ["q", "k"]]
     assert len(probed.probes) == 2  # one for x (q and k), one for o

@@ -1,16 +1,28 @@
 """Capture pass: a model and one example batch -> a ``torch.fx.GraphModule``.
 
 Takes an ``nn.Module`` (or a GraphModule already, e.g. a loaded ``.pt2``) and returns a
-GraphModule whose nodes reference the model's own submodules and parameters (nothing is
-copied). Adaptable layers (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) stay leaves, so each
-call of one is a single ``call_module`` node that the layer-graph pass can find.
+GraphModule whose nodes reference the model's own parameters (nothing is copied).
+
+Two captures, tried in order:
+1. ``torch.fx.symbolic_trace`` with adaptable layers (``nn.Linear``, ``nn.ConvNd``, HF
+   ``Conv1D``) as leaves: cheap, and each layer call is one ``call_module`` node.
+2. ``torch.export`` (non-strict), with the example batch and every dimension of every input
+   left to ``Dim.AUTO``, so later batches of other sizes run. Python that fx cannot trace
+   (HF transformers, timm models with shape logic) is executed with real values here, so
+   this captures nearly any model that runs; its graph is ATen ops whose weights are the
+   model's own parameters, which the layer-graph pass maps back to their modules.
+We keep fx first rather than exporting everything (as pt2e does) because it is an order of
+magnitude faster on the models it can trace and keeps the model's own leaf modules.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -33,7 +45,7 @@ class _LeafTracer(fx.Tracer):
 def _concrete_args(model: nn.Module, example: Any) -> dict[str, Any] | None:
     # Keyword inputs the batches never pass are fixed to their defaults, so `if mask is None`
     # branches trace the way the model will actually be called.
-    if not isinstance(example, dict):
+    if not isinstance(example, Mapping):
         return None
     params = inspect.signature(model.forward).parameters
     fixed = {
@@ -46,22 +58,69 @@ def _concrete_args(model: nn.Module, example: Any) -> dict[str, Any] | None:
     return fixed or None
 
 
-def capture(model: nn.Module, example: Any = None) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule with linear/conv layers as leaves.
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
-    ``example`` is one calibration batch (tensor, tuple, or dict of keyword inputs); with a
-    dict, forward parameters it lacks are traced as their defaults.
+
+def _auto_dims(value: Any) -> Any:
+    # Every dimension of every tensor may vary (batch, sequence, image size); export keeps
+    # static whatever the model's code pins down.
+    if isinstance(value, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())} or None
+    if isinstance(value, Mapping):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_auto_dims(v) for v in value)
+    return None
+
+
+def _export(model: nn.Module, example: Any) -> fx.GraphModule:
+    if isinstance(example, Mapping):
+        args, kwargs = (), dict(example)
+    elif isinstance(example, (tuple, list)):
+        args, kwargs = tuple(example), {}
+    else:
+        args, kwargs = (example,), {}
+    dynamic = _auto_dims(kwargs) if kwargs else _auto_dims(args)
+    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    return program.module()
+
+
+@dataclass
+class Captured:
+    """Result of the capture pass. method: "graph" (given a GraphModule), "fx" or "export"."""
+
+    gm: fx.GraphModule
+    method: str
+
+
+def capture(model: nn.Module, example: Any = None) -> Captured:
+    """Capture ``model`` as a GraphModule: fx symbolic trace, else torch.export.
+
+    ``example`` is one calibration batch (tensor, tuple, or dict of keyword inputs), used by
+    fx to fix absent keyword inputs to their defaults and by export as the example input.
+    Raises ``CaptureError`` naming what each method failed on.
     """
     if isinstance(model, fx.GraphModule):
-        return model
+        return Captured(model, "graph")
     tracer = _LeafTracer()
     try:
         graph = tracer.trace(model, concrete_args=_concrete_args(model, example))
-    except Exception as err:  # fx raises many types; all mean "not traceable"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Captured(fx.GraphModule(tracer.root, graph, type(model).__name__), "fx")
+    except Exception as err:  # fx raises many types; all mean "not traceable by fx"
+        fx_error = err
+    if example is None:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {first_line}. "
-            "Data-dependent Python control flow is the usual cause; exclude or simplify the "
-            "construct, or pass a traceable wrapper model."
+            f"torch.fx could not trace {type(model).__name__} ({_first_line(fx_error)}) and "
+            "torch.export needs an example batch"
+        ) from fx_error
+    try:
+        return Captured(_export(model, example), "export")
+    except Exception as err:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} as a graph. torch.fx: "
+            f"{_first_line(fx_error)}; torch.export: {_first_line(err)}. Check that the model "
+            "runs on the calibration batch as given (a dict is passed as keyword arguments), "
+            "or exclude the construct named above from the model."
         ) from err
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -113,6 +113,15 @@ _CONV_OPS = {
     torch.conv2d: 2,
     torch.conv3d: 3,
 }
+# x @ W with W stored (in, out), as HF Conv1D lowers to: (op, argument index of x, of W).
+_MATMUL_OPS = {
+    _aten.addmm.default: (1, 2),
+    _aten.mm.default: (0, 1),
+    _aten.matmul.default: (0, 1),
+    torch.addmm: (1, 2),
+    torch.mm: (0, 1),
+    torch.matmul: (0, 1),
+}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVOLUTION_ARGS = _CONV_ARGS[:6] + ("transposed", "output_padding", "groups")
 
@@ -141,10 +150,18 @@ def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
-def _function_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
+def _function_layer(
+    gm: fx.GraphModule, node: fx.Node, model: nn.Module
+) -> tuple[Layer | None, str | None]:
     """A functional/ATen call -> (Layer, None), or (None, reason) if it is one but unusable."""
     target = node.target
-    if target in _LINEAR_OPS:
+    if target in _MATMUL_OPS:
+        i_x, i_w = _MATMUL_OPS[target]
+        weight = _param(gm, node.args[i_w]) if len(node.args) > i_w else None
+        if weight is None or weight.dim() != 2:
+            return None, None  # an ordinary matmul of activations
+        args, ndim = {"input": node.args[i_x], "weight": node.args[i_w]}, 0
+    elif target in _LINEAR_OPS:
         args, ndim = _bind(node, ("input", "weight", "bias")), 0
     elif target in _CONV_OPS:
         args, ndim = _bind(node, _CONV_ARGS), _CONV_OPS[target]
@@ -162,7 +179,10 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, st
     wname = args["weight"].target
     name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
     op = str(target) if isinstance(target, torch._ops.OpOverload) else f"torch.{target.__name__}"
-    if ndim == 0:
+    if ndim == 0 and target in _MATMUL_OPS:
+        layer = Layer(name, "linear", op, weight.shape[0], weight.shape[1], wname)
+        layer.weight_transposed = True
+    elif ndim == 0:
         layer = Layer(name, "linear", op, weight.shape[1], weight.shape[0], wname)
     else:
         spec = ConvSpec(
@@ -178,10 +198,16 @@ def _function_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, st
             return None, f"grouped convolution (groups={spec.groups}) is not adapted"
         rows = weight.shape[1] * math.prod(spec.kernel_size)
         layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
+    # The op belongs to a module of the model when that module's weight is this very tensor
+    # (torch.export keeps the model's parameters and their qualified names).
     owner_name = wname.rpartition(".")[0]
-    owner = gm.get_submodule(owner_name)
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
     if _module_layer(owner) is not None and owner.weight is weight:
         layer.module = owner_name
+    layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
     return layer, None
 
 
@@ -219,7 +245,87 @@ def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None,
         in_f, out_f, transposed = w.shape[1] * math.prod(spec.kernel_size), w.shape[0], False
     layer = Layer(node.target, kind, op, in_f, out_f, f"{node.target}.weight", conv=spec)
     layer.module, layer.weight_transposed = node.target, transposed
+    src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    layer.inputs.append(src.name if isinstance(src, fx.Node) else "")
     return layer, None
+
+
+_REDUCTIONS = {
+    "select", "mean", "sum", "amax", "amin", "max", "min", "logsumexp", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "max_pool2d_with_indices", "max_pool3d_with_indices",
+}  # fmt: skip
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def _is_position_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that pool or pick positions (tokens, pixels): what separates a head from the body."""
+    name = _op_name(gm, node)
+    if node.op == "call_module":
+        return "Pool" in name
+    if name == "getitem":  # x[:, 0] selects a token; a plain int indexes a tuple result
+        index = node.args[1] if len(node.args) > 1 else None
+        return isinstance(index, tuple) and any(isinstance(i, int) for i in index)
+    return name in _REDUCTIONS
+
+
+def _is_shape(node: fx.Node, memo: dict) -> bool:
+    """Nodes that compute sizes rather than tensors (x.size(0), sym_size, their arithmetic)."""
+    if node not in memo:
+        val = node.meta.get("val")
+        if (
+            isinstance(val, (int, torch.SymInt))
+            or (node.op == "call_method" and node.target in ("size", "dim"))
+            or node.op == "call_function"
+            and node.target is getattr
+        ):
+            memo[node] = True
+        elif node.op in ("placeholder", "get_attr", "call_module") or not node.all_input_nodes:
+            memo[node] = False
+        else:
+            memo[node] = all(_is_shape(n, memo) for n in node.all_input_nodes)
+    return memo[node]
+
+
+def _head_layers(gm: fx.GraphModule, layer_of_node: dict[fx.Node, str]) -> set[str]:
+    """Layers that form the model's head(s).
+
+    From each output, walk back while a node has a single tensor input. If the walk crosses
+    a position reduction (token select, pooling), every layer met before it is head (a BERT
+    pooler and its classifier, a CNN's classifier MLP); otherwise only the first layer met
+    (an LM head; in a plain chain of layers, its last layer).
+    """
+    memo: dict = {}
+    heads: set[str] = set()
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in output.all_input_nodes:
+        chain, node, reduced = [], leaf, False
+        while True:
+            if node in layer_of_node:
+                chain.append(layer_of_node[node])
+            if _is_position_reduction(gm, node) and chain:
+                reduced = True
+                break
+            srcs = [
+                n for n in node.all_input_nodes if n.op != "get_attr" and not _is_shape(n, memo)
+            ]
+            if node.op == "placeholder" or len(srcs) != 1:
+                break
+            node = srcs[0]
+        heads.update(chain if reduced else chain[:1])
+    return heads
 
 
 def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> LayerGraph:
@@ -235,7 +341,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         if node.op == "call_module":
             layer, reason = _call_module_layer(gm, node)
         elif node.op == "call_function":
-            layer, reason = _function_layer(gm, node)
+            layer, reason = _function_layer(gm, node, model if model is not None else gm)
         else:
             continue
         if reason is not None:
@@ -243,13 +349,13 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
             continue
         if layer is None:
             continue
-        src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-        if not isinstance(src, fx.Node):
+        if not layer.inputs[-1]:
             unsupported.setdefault(layer.name, "its input is not a graph value")
             continue
         existing = layers.setdefault(layer.name, layer)  # a layer called twice keeps both calls
+        if existing is not layer:
+            existing.inputs.append(layer.inputs[-1])
         existing.nodes.append(node.name)
-        existing.inputs.append(src.name)
         layer_of_node[node] = layer.name
 
     # Sources each node depends on without passing through a layer: layers and graph inputs.
@@ -275,13 +381,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         else:
             reach[node] = upstream
 
-    outputs: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            for leaf in node.all_input_nodes:
-                srcs = reach.get(leaf, frozenset())
-                if len(srcs) == 1 and next(iter(srcs)) in layers:
-                    outputs.add(next(iter(srcs)))
+    outputs = _head_layers(gm, layer_of_node)
 
     depth: dict[str, int] = {}
     for name in nx.topological_sort(graph) if nx.is_directed_acyclic_graph(graph) else layers:

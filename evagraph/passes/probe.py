@@ -57,7 +57,10 @@ def activation_rows(
     if kind == "conv":
         return conv_rows(x, conv), None
     rows = x.reshape(-1, x.shape[-1])
-    if mask is not None and mask.dim() == x.dim() - 1 and tuple(mask.shape) == tuple(x.shape[:-1]):
+    if mask is None:
+        return rows, None
+    if tuple(mask.shape) == tuple(x.shape[:-1]) or (x.dim() == 2 and mask.numel() == len(rows)):
+        # (batch, seq, d) rows, or the same rows already flattened (HF Conv1D under export)
         return rows, mask.reshape(-1).to(torch.float32)
     return rows, None
 
