@@ -1,10 +1,12 @@
 """evagraph: EVA-initialised LoRA adapters for any traceable PyTorch model.
 
-Public API: ``transform``, ``Report``/``LayerReport``, ``EvaSettings``, ``adapter_state_dict``,
-and the exceptions in ``evagraph.errors``.
+Public API: ``transform``, ``export``, ``save_adapter``, ``apply_adapter``,
+``adapter_state_dict``, ``Report``/``LayerReport``, ``EvaSettings``, and the exceptions in
+``evagraph.errors``.
 """
 
 from .api import transform
+from .artifacts import apply_adapter, export, save_adapter
 from .config import EvaSettings
 from .errors import (
     CaptureError,
@@ -32,5 +34,8 @@ __all__ = [
     "ModelLoadError",
     "Report",
     "adapter_state_dict",
+    "apply_adapter",
+    "export",
+    "save_adapter",
     "transform",
 ]

@@ -19,7 +19,7 @@ from .passes.capture import capture
 from .passes.incremental_svd import calibrate
 from .passes.layer_graph import build_layer_graph
 from .passes.probe import insert_probes
-from .passes.rewrite import layer_scaling, needs_graph_rewrite, rewrite
+from .passes.rewrite import init_adapters, layer_scaling, needs_graph_rewrite, rewrite
 from .passes.select import select_targets
 from .report import LayerReport, Report
 
@@ -114,7 +114,8 @@ def transform(
 
     ranks = allocate(calibration.ratios(), settings.budget, settings.rho)
     layer_stats = {m: calibration.stats[g] for m, g in calibration.layer_group.items()}
-    adapted = rewrite(work, layer_graph, ranks, layer_stats, settings)
+    adapters = init_adapters(layer_graph, ranks, layer_stats, settings)
+    adapted = rewrite(work, adapters, layer_graph)
     _set_training(adapted, was_training)
 
     depth = dict(layer_graph.graph.nodes(data="depth"))
@@ -144,16 +145,16 @@ def transform(
     skipped.update(
         {n: "rank 0: its variance did not make the global cut" for n, r in ranks.items() if r == 0}
     )
-    adapted_layers = [n for n, r in ranks.items() if r]
     report = Report(
         settings=settings.to_dict(),
         layers=layers,
         skipped=skipped,
         groups=probed.groups,
         rows={g: s.n_rows for g, s in calibration.stats.items()},
+        batches=calibration.batches,
         steps=calibration.steps,
         unconverged=calibration.unconverged,
         capture=captured.method,
-        rewrite="graph" if needs_graph_rewrite(layer_graph, adapted_layers) else "module",
+        rewrite="graph" if needs_graph_rewrite(layer_graph, adapters) else "module",
     )
     return adapted, report

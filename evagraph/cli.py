@@ -26,7 +26,7 @@ def main() -> None:
 
 
 @main.command("compile")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option(
     "--data",
     "data",
@@ -110,143 +110,88 @@ def main() -> None:
     help="Allow MODEL to be a whole-module pickle (runs code from the file).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pt2", "safetensors", "pickle"]),
+    default=None,
+    help="Adapted model to write besides the adapter: pt2 (torch.export archive), pickle "
+    "(torch.save), or safetensors (the adapter files only). [default: pt2 for a .pt2 "
+    "MODEL, pickle for a pickle, safetensors for HF directories and timm names]",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Weights for a timm MODEL name (.safetensors or a torch state dict).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def compile_cmd(
-    model,
-    data,
-    output,
-    budget,
-    rho,
-    tau,
-    alpha,
-    no_adjust_scaling,
-    whiten,
-    dropout,
-    batch_size,
-    device,
-    targets,
-    exclude,
-    max_steps,
-    min_batches,
-    seed,
-    allow_pickle,
-    force,
-    quiet,
-) -> None:
-    """Add EVA-initialised LoRA adapters to MODEL (a .pt2 torch.export archive, or a
-    torch.save'd module with --allow-pickle) and write OUTDIR/model.pt2 (or model.pt),
-    OUTDIR/adapter.safetensors and OUTDIR/report.json.
+def compile_cmd(**opts) -> None:
+    """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR.
+
+    MODEL is a .pt2 torch.export archive, a local Hugging Face model directory
+    (save_pretrained, safetensors weights), a timm model name (random init, or --checkpoint),
+    or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
+
+    OUTDIR gets adapter.safetensors + adapter.json (re-apply with evagraph.apply_adapter),
+    report.json, and the adapted model per --format (model.pt2 or model.pt).
 
     \b
-    Example:
+    Examples:
       evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
+      evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
+      evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
     """
-    if batch_size <= 0:
+    if opts["batch_size"] <= 0:
         raise click.BadParameter("must be positive", param_hint="--batch-size")
+    opts["targets"] = _patterns(opts["targets"]) or None
+    opts["exclude"] = _patterns(opts["exclude"])
     try:
-        _compile(
-            model,
-            data,
-            output,
-            budget,
-            rho,
-            tau,
-            alpha,
-            not no_adjust_scaling,
-            whiten,
-            dropout,
-            batch_size,
-            device,
-            _patterns(targets) or None,
-            _patterns(exclude),
-            max_steps,
-            min_batches,
-            seed,
-            allow_pickle,
-            force,
-            quiet,
-        )
+        _compile(**opts)
     except (EvagraphError, FileExistsError, PermissionError) as err:
         raise click.ClickException(str(err)) from err
 
 
 def _compile(
-    model_path,
-    data,
-    output,
-    budget,
-    rho,
-    tau,
-    alpha,
-    adjust,
-    whiten,
-    dropout,
-    batch_size,
-    device,
-    targets,
-    exclude,
-    max_steps,
-    min_batches,
-    seed,
-    allow_pickle,
-    force,
-    quiet,
-) -> None:
+    *, model, data, output, fmt, checkpoint, batch_size, device, seed, allow_pickle, force,
+    quiet, no_adjust_scaling, **settings
+) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     import torch
-    from safetensors.torch import save_file
 
     from .api import transform
+    from .artifacts import export, save_adapter
     from .config import EvaSettings
     from .data import load_calibration, to_device
-    from .io import atomic_directory, load_model, save_model
-    from .lora import adapter_state_dict
+    from .io import atomic_directory, load_model
 
+    settings["adjust_scaling_factors"] = not no_adjust_scaling
     # Validate settings before any slow loading.
-    EvaSettings(
-        budget=budget,
-        rho=rho,
-        tau=tau,
-        alpha=alpha,
-        dropout=dropout,
-        max_steps=max_steps,
-        min_batches=min_batches,
-    )
+    EvaSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     random.seed(seed)
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
         batches = load_calibration(data, batch_size)
-        module, fmt = load_model(model_path, allow_pickle=allow_pickle)
+        module, kind = load_model(model, allow_pickle=allow_pickle, checkpoint=checkpoint)
+        fmt = fmt or {"pt2": "pt2", "pickle": "pickle"}.get(kind, "safetensors")
         adapted, report = transform(
-            module,
-            batches,
-            budget=budget,
-            rho=rho,
-            tau=tau,
-            alpha=alpha,
-            adjust_scaling_factors=adjust,
-            whiten=whiten,
-            dropout=dropout,
-            targets=targets,
-            exclude=exclude,
-            device=device,
-            max_steps=max_steps,
-            min_batches=min_batches,
-            progress=not quiet,
-            inplace=True,
+            module, batches, device=device, progress=not quiet, inplace=True, **settings
         )
-        model_file = save_model(adapted, fmt, tmp, to_device(batches[0], device))
-        save_file(
-            {k: v.contiguous().cpu() for k, v in adapter_state_dict(adapted).items()},
-            str(tmp / "adapter.safetensors"),
-        )
+        save_adapter(adapted, tmp, report.settings)
         report.save(tmp / "report.json")
+        written = ["adapter.safetensors", "adapter.json", "report.json"]
+        if fmt == "pt2":
+            export(adapted, to_device(batches[0], device), tmp / "model.pt2")
+            written.append("model.pt2")
+        elif fmt == "pickle":
+            torch.save(adapted, tmp / "model.pt")
+            written.append("model.pt")
     n_adapted = sum(1 for layer in report.layers if layer.rank)
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
-        f"wrote {output}/{{{model_file.name}, adapter.safetensors, report.json}}",
+        f"wrote {output}/{{{', '.join(written)}}}"
     )
 
 

@@ -9,7 +9,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -17,21 +16,36 @@ from torch import nn
 from .errors import ModelLoadError
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False) -> tuple[nn.Module, str]:
-    """Load MODEL; return (module, format) with format ``"pt2"`` or ``"pickle"``.
+def load_model(
+    spec: str | Path, *, allow_pickle: bool = False, checkpoint: str | Path | None = None
+) -> tuple[nn.Module, str]:
+    """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
 
-    A ``.pt2`` torch.export archive loads as a graph of ATen ops and runs no code from the
-    file. A whole-module pickle (``torch.save(model)``) executes code while loading, so it is
-    refused unless ``allow_pickle``.
+    MODEL is a ``.pt2`` torch.export archive (a graph of ATen ops: no code from the file
+    runs), a local Hugging Face model directory (``save_pretrained``; safetensors weights), a
+    timm model name (random init, or ``checkpoint``: a local state dict), or a whole-module
+    pickle, which executes code while loading and so is refused unless ``allow_pickle``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+    path = Path(spec)
+    if path.is_dir():
+        return _load_hf(path, allow_pickle), "hf"
+    if not path.exists():
+        import timm
+
+        if timm.is_model(str(spec)):
+            return _load_timm(str(spec), checkpoint), "timm"
+        raise ModelLoadError(
+            f"model not found: {spec} is neither a file, a directory, nor a timm model name"
+        )
     if path.suffix == ".pt2":
         try:
             return torch.export.load(str(path)).module(), "pt2"
         except Exception as err:
             raise ModelLoadError(f"cannot load torch.export archive {path}: {err}") from err
+    return _load_pickle(path, allow_pickle), "pickle"
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -53,26 +67,49 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> tuple[nn.Modu
             f"{path} holds a {type(obj).__name__}, not a model (a state_dict has no "
             "architecture): save it with torch.save(model) or torch.export"
         )
-    return obj, "pickle"
+    return obj
 
 
-def save_model(model: nn.Module, fmt: str, directory: Path, example: Any) -> Path:
-    """Write the adapted model in ``fmt`` (same as it came in); return the file path."""
-    if fmt == "pt2":
-        args, kwargs = (
-            ((), dict(example))
-            if isinstance(example, dict)
-            else (tuple(example), {})
-            if isinstance(example, (tuple, list))
-            else ((example,), {})
+def _load_hf(path: Path, allow_pickle: bool) -> nn.Module:
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is a directory without config.json: not a HF model")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        # .bin weights are pickles: only with the same opt-in as whole-module pickles.
+        model = cls.from_pretrained(
+            path, local_files_only=True, use_safetensors=None if allow_pickle else True
         )
-        exported = torch.export.export(model, args, kwargs, strict=False)
-        out = directory / "model.pt2"
-        torch.export.save(exported, str(out))
-    else:
-        out = directory / "model.pt"
-        torch.save(model, out)
-    return out
+    except Exception as err:
+        raise ModelLoadError(
+            f"cannot load HF model from {path}: {str(err).strip().splitlines()[0]}"
+            + ("" if allow_pickle else " (safetensors weights are required without --allow-pickle)")
+        ) from err
+    return model.eval()
+
+
+def _load_timm(name: str, checkpoint: str | Path | None) -> nn.Module:
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        try:
+            if checkpoint.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(checkpoint))
+            else:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            model.load_state_dict(state)
+        except Exception as err:
+            raise ModelLoadError(f"cannot load checkpoint {checkpoint} into {name}: {err}") from err
+    return model.eval()
 
 
 @contextmanager

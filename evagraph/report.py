@@ -35,6 +35,7 @@ class Report:
     skipped: dict[str, str]
     groups: dict[str, list[str]]
     rows: dict[str, int]  # group -> activation rows its decomposition saw
+    batches: dict[str, list[list[int]]]  # group -> minibatches it consumed, [start, stop) runs
     steps: int
     unconverged: list[str] = field(default_factory=list)
     capture: str = "fx"  # how the graph was captured: "fx", "export", or "graph" (given one)

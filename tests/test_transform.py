@@ -39,7 +39,8 @@ def rows_seen(model: nn.Module, name: str, batches, report) -> torch.Tensor:
             model(b)
     hook.remove()
     group = next(r.group for r in report.layers if r.name == name)
-    return torch.cat(grabbed)[: report.rows[group]]
+    consumed = [i for start, stop in report.batches[group] for i in range(start, stop)]
+    return torch.cat([grabbed[i] for i in consumed])
 
 
 def check_adapted(model, adapted, report, batches, budget, x):

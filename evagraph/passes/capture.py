@@ -75,16 +75,35 @@ def _auto_dims(value: Any) -> Any:
     return None
 
 
-def _export(model: nn.Module, example: Any) -> fx.GraphModule:
+def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``model`` called with ``example``, all dims dynamic.
+
+    A mapping is passed as keyword arguments, a tuple/list positionally, a tensor as the one
+    input. HF models are exported without their KV cache (``config.use_cache``), which the
+    graph has no use for and which export cannot always flatten.
+    """
     if isinstance(example, Mapping):
         args, kwargs = (), dict(example)
     elif isinstance(example, (tuple, list)):
         args, kwargs = tuple(example), {}
     else:
         args, kwargs = (example,), {}
-    dynamic = _auto_dims(kwargs) if kwargs else _auto_dims(args)
-    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    return program.module()
+    # Submodules may hold their own config copies (T5's decoder stack): switch off them all.
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
+    for c in cached:
+        c.use_cache = False
+    try:
+        return torch.export.export(
+            model,
+            args,
+            kwargs,
+            dynamic_shapes=_auto_dims(kwargs) if kwargs else _auto_dims(args),
+            strict=False,
+        )
+    finally:
+        for c in cached:
+            c.use_cache = True
 
 
 @dataclass
@@ -116,7 +135,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
             "torch.export needs an example batch"
         ) from fx_error
     try:
-        return Captured(_export(model, example), "export")
+        return Captured(export_program(model, example).module(), "export")
     except Exception as err:
         raise CaptureError(
             f"cannot capture {type(model).__name__} as a graph. torch.fx: "

@@ -147,15 +147,16 @@ class Calibration:
 
     stats: group id -> Components. layer_group: target layer -> group id. converged: layer ->
     whether its needed components converged. converged_at: layer -> minibatch (1-based) at
-    which it last became converged. batches_seen: group -> minibatches it consumed. steps:
-    minibatches run in all.
+    which it last became converged, None if it is not. batches: group -> the minibatches
+    (0-based) it consumed, as [start, stop) runs; a group pauses while its layers are
+    converged and resumes if an allotment grows. steps: minibatches run in all.
     """
 
     stats: dict[str, Components]
     layer_group: dict[str, str]
     converged: dict[str, bool]
     converged_at: dict[str, int | None]
-    batches_seen: dict[str, int]
+    batches: dict[str, list[list[int]]]  # group -> consumed minibatches as [start, stop) runs
     steps: int
     unconverged: list[str] = field(default_factory=list)
 
@@ -193,6 +194,7 @@ def calibrate(
     stats: dict[str, Components | None] = dict.fromkeys(pcas)
     comp_ok = {g: torch.zeros(pca.k, dtype=torch.bool) for g, pca in pcas.items()}
     seen = dict.fromkeys(pcas, 0)
+    runs: dict[str, list[list[int]]] = {g: [] for g in pcas}
     ranks = {layer: pcas[g].k for layer, g in layer_group.items()}
     ok = dict.fromkeys(layer_group, False)
     converged_at: dict[str, int | None] = dict.fromkeys(layer_group)
@@ -221,6 +223,10 @@ def calibrate(
             steps += 1
             for g in active:
                 seen[g] += 1
+                if runs[g] and runs[g][-1][1] == steps - 1:
+                    runs[g][-1][1] = steps
+                else:
+                    runs[g].append([steps - 1, steps])
                 old = stats[g]
                 new = pcas[g].decompose(None if old is None else old.components)
                 if new is None:
@@ -237,8 +243,8 @@ def calibrate(
                 )
             for m, g in layer_group.items():
                 now = seen[g] >= settings.min_batches and bool(comp_ok[g][: ranks[m]].all())
-                if now and not ok[m]:
-                    converged_at[m] = steps
+                if now != ok[m]:
+                    converged_at[m] = steps if now else None
                 ok[m] = now
             bar.update(1)
             bar.set_postfix_str(f"{sum(ok.values())}/{len(ok)} layers converged")
@@ -267,4 +273,4 @@ def calibrate(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return Calibration(stats, layer_group, dict(ok), converged_at, seen, steps, unconverged)
+    return Calibration(stats, layer_group, dict(ok), converged_at, runs, steps, unconverged)

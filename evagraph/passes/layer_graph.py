@@ -198,14 +198,16 @@ def _function_layer(
             return None, f"grouped convolution (groups={spec.groups}) is not adapted"
         rows = weight.shape[1] * math.prod(spec.kernel_size)
         layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
-    # The op belongs to a module of the model when that module's weight is this very tensor
-    # (torch.export keeps the model's parameters and their qualified names).
+    # The op is a module of the model when it ran inside that module's forward on that
+    # module's own weight (torch.export keeps the parameters and records nn_module_stack).
     owner_name = wname.rpartition(".")[0]
     try:
         owner = model.get_submodule(owner_name)
     except AttributeError:
         owner = None
-    if _module_layer(owner) is not None and owner.weight is weight:
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    innermost = stack[-1][0] if stack else None
+    if _module_layer(owner) is not None and owner.weight is weight and innermost == owner_name:
         layer.module = owner_name
     layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
     return layer, None

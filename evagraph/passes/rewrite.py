@@ -1,10 +1,11 @@
 """Rewrite pass: ranks and components -> the model with EVA-initialised LoRA adapters.
 
-Takes the model, its ``LayerGraph``, the rank per target layer (allocation pass), each target
-layer's ``Components`` (incremental-SVD pass) and the settings, and returns the adapted model:
-every layer with rank > 0 gets ``A = V[:rank]`` (optionally whitened), ``B = 0`` and scale
+``init_adapters`` takes the ``LayerGraph``, the rank per target layer (allocation pass), each
+layer's ``Components`` (incremental-SVD pass) and the settings, and returns one ``LoraAdapter``
+per layer with rank > 0: ``A = V[:rank]`` (optionally whitened), ``B = 0``, scale
 ``alpha / r`` (``adjust_scaling_factors``) or ``alpha / rank``, so the output is unchanged
-until training moves B. All non-LoRA parameters are frozen.
+until training moves B. ``rewrite`` splices adapters into the model and freezes every other
+parameter; ``apply_adapter`` reuses it for adapters loaded from disk.
 
 Two ways of splicing the same ``LoraAdapter`` in, chosen by what the model is:
 - every target is an ``nn.Module`` layer: that module is replaced by ``LoraLayer(base, lora)``
@@ -49,14 +50,13 @@ def needs_graph_rewrite(layer_graph: LayerGraph, names: Iterable[str]) -> bool:
     return any(layer_graph.layers[n].module is None for n in names)
 
 
-def rewrite(
-    model: nn.Module,
+def init_adapters(
     layer_graph: LayerGraph,
     ranks: Mapping[str, int],
     components: Mapping[str, Components],
     settings: EvaSettings,
-) -> nn.Module:
-    """Splice adapters into ``model`` (or its captured graph); return the adapted module."""
+) -> dict[str, LoraAdapter]:
+    """EVA initialisation: an adapter per layer with rank > 0 (A = top components, B = 0)."""
     adapters: dict[str, LoraAdapter] = {}
     for name, rank in ranks.items():
         if rank == 0:
@@ -75,17 +75,27 @@ def rewrite(
             settings.dropout,
             layer_name=name,
         )
+    return adapters
 
-    if not needs_graph_rewrite(layer_graph, adapters):
+
+def rewrite(
+    model: nn.Module,
+    adapters: Mapping[str, LoraAdapter],
+    layer_graph: LayerGraph | None = None,
+) -> nn.Module:
+    """Splice ``adapters`` (by layer name) into ``model``; return the adapted module.
+
+    Wraps modules unless ``layer_graph`` is given and some layer is only an op in it, in
+    which case ``layer_graph.gm`` is rewritten and returned. Freezes all other parameters.
+    """
+    if layer_graph is not None and needs_graph_rewrite(layer_graph, adapters):
+        adapted = _splice_graph(layer_graph, adapters)
+    else:
         for name, adapter in adapters.items():
-            path = layer_graph.layers[name].module
-            parent_name, _, child = path.rpartition(".")
+            parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, LoraLayer(getattr(parent, child), adapter))
         adapted = model
-    else:
-        adapted = _splice_graph(layer_graph, adapters)
-
     adapted.requires_grad_(False)
     for adapter in adapters.values():
         adapter.requires_grad_(True)
