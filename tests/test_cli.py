@@ -60,6 +60,7 @@ def test_compile_bundled_example_writes_three_outputs(example, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.json",
         "adapter.safetensors",
         "model.pt2",
         "report.json",
@@ -144,3 +145,94 @@ def test_help_explains_the_options():
     assert proc.returncode == 0
     for flag in ("--budget", "--rho", "--tau", "--data", "--allow-pickle", "--quiet"):
         assert flag in proc.stdout
+
+
+@pytest.mark.slow
+def test_compile_hf_directory_to_pt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    ids = torch.randint(3, 100, (12, 10))
+    mask = torch.ones(12, 10, dtype=torch.long)
+    mask[::2, 7:] = 0
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "tokens.safetensors"))
+    proc = run(
+        "compile",
+        "llama",
+        "--data",
+        "tokens.safetensors",
+        "--batch-size",
+        "4",
+        "--format",
+        "pt2",
+        "--budget",
+        "2",
+        "-o",
+        "out",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["capture"] == "export" and "lm_head" in report["skipped"]
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    adapted = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    x = {"input_ids": ids[:3, :9], "attention_mask": mask[:3, :9]}
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**x).logits, base(**x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_timm_name_with_checkpoint(tmp_path):
+    timm = pytest.importorskip("timm")
+    import evagraph
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18").state_dict(), str(tmp_path / "rn18.safetensors"))
+    torch.save(torch.randn(6, 3, 32, 32), tmp_path / "images.pt")
+    proc = run(
+        "compile",
+        "resnet18",
+        "--checkpoint",
+        "rn18.safetensors",
+        "--data",
+        "images.pt",
+        "--batch-size",
+        "2",
+        "--budget",
+        "2",
+        "-o",
+        "out",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter.json",
+        "adapter.safetensors",
+        "report.json",
+    ]
+    base = timm.create_model("resnet18")
+    base.load_state_dict(load_file(str(tmp_path / "rn18.safetensors")))
+    base.eval()
+    adapted = evagraph.apply_adapter(base, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    n_lora = sum(isinstance(m, evagraph.LoraAdapter) for m in adapted.modules())
+    assert n_lora == sum(1 for layer in report["layers"] if layer["rank"]) > 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), base(x))
+
+
+def test_unknown_model_name(tmp_path):
+    save_file({"x": torch.randn(4, 3)}, str(tmp_path / "d.safetensors"))
+    proc = run("compile", "no_such_model_xyz", "--data", "d.safetensors", "-o", "o", cwd=tmp_path)
+    assert "neither a file, a directory, nor a timm model name" in one_line_error(proc)

@@ -312,3 +312,42 @@ def test_scaling_and_whitening_options():
             norms = A2.norm(dim=1)
             assert not torch.allclose(norms, torch.ones_like(norms))
             torch.testing.assert_close(A2 / norms[:, None], A1, atol=1e-5, rtol=0)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x) if x.sum().item() > 0 else self.b(x)  # branch on a value
+        return self.head(h)
+
+
+def test_uncapturable_model_names_both_failures():
+    with pytest.raises(evagraph.CaptureError) as info:
+        evagraph.transform(DataDependent(), [torch.randn(4, 8)], progress=False)
+    message = str(info.value)
+    assert "torch.fx:" in message and "torch.export:" in message
+    assert "\n" not in message.split("torch.export:")[0]
+
+
+def test_export_capture_for_fx_untraceable_model():
+    class Shapes(nn.Module):  # Python on a shape value: fx cannot, export can
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            for _ in range(int(x.shape[0] > 1) + 1):
+                x = torch.relu(self.fc(x))
+            return self.head(x)
+
+    model = Shapes().eval()
+    batches = list(decaying(24, 8).split(6))
+    with pytest.warns(evagraph.ConvergenceWarning):
+        adapted, report = evagraph.transform(model, batches, budget=2, rho=1, progress=False)
+    assert report.capture == "export" and report.rewrite == "module"
+    assert isinstance(adapted, Shapes) and report.ranks == {"fc": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
