@@ -52,6 +52,8 @@ def transform(
     whiten: bool = False,
     dropout: float = 0.0,
     adjust_scaling_factors: bool = True,
+    use_label_mask: bool = True,
+    label_mask_value: int = -100,
     inplace: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Return ``model`` with EVA-initialised LoRA adapters, and a report of what was done.
@@ -74,6 +76,8 @@ def transform(
         min_batches=min_batches,
         targets=tuple(targets) if targets is not None else None,
         exclude=tuple(exclude),
+        use_label_mask=use_label_mask,
+        label_mask_value=label_mask_value,
     )
     work = model if inplace else copy.deepcopy(model)
     if device is not None:
@@ -99,7 +103,8 @@ def transform(
             )
         layer_graph = build_layer_graph(captured.gm, work)
         selection = select_targets(layer_graph, settings.targets, settings.exclude)
-        probed = insert_probes(layer_graph, selection)
+        label_value = settings.label_mask_value if settings.use_label_mask else None
+        probed = insert_probes(layer_graph, selection, label_value)
         calibration = calibrate(
             probed,
             (to_device(b, dev) for b in itertools.chain([first], batches)),

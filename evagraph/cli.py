@@ -70,6 +70,12 @@ def main() -> None:
     is_flag=True,
     help="Scale adapters by alpha/rank instead of alpha/r (the authors' variant).",
 )
+@click.option(
+    "--no-label-mask",
+    "no_label_mask",
+    is_flag=True,
+    help="Keep rows whose labels are -100 (by default they are left out, as in PEFT).",
+)
 @click.option("--whiten", is_flag=True, help="Divide A's rows by sqrt of their singular values.")
 @click.option("--dropout", default=0.0, show_default=True, type=float, help="LoRA dropout.")
 @click.option(
@@ -154,7 +160,7 @@ def compile_cmd(**opts) -> None:
 
 def _compile(
     *, model, data, output, fmt, checkpoint, batch_size, device, seed, allow_pickle, force,
-    quiet, no_adjust_scaling, **settings
+    quiet, no_adjust_scaling, no_label_mask, **settings
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     import torch
@@ -166,6 +172,7 @@ def _compile(
     from .io import atomic_directory, load_model
 
     settings["adjust_scaling_factors"] = not no_adjust_scaling
+    settings["use_label_mask"] = not no_label_mask
     # Validate settings before any slow loading.
     EvaSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     random.seed(seed)

@@ -21,6 +21,8 @@ class EvaSettings:
     max_steps: bound on calibration minibatches (None: until the data runs out).
     min_batches: minibatches a layer must see before it may count as converged.
     targets / exclude: glob patterns on qualified layer names (see ``select_targets``).
+    use_label_mask / label_mask_value: rows whose ``labels`` equal the value are left out
+        (as PEFT's EvaConfig), where the batch's labels line up with the rows.
     """
 
     budget: int = 8
@@ -34,6 +36,8 @@ class EvaSettings:
     min_batches: int = 1
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    use_label_mask: bool = True
+    label_mask_value: int = -100
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:

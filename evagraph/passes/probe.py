@@ -6,7 +6,9 @@ one ``Probe`` module, so layers that share an input share a probe. A probe retur
 unchanged and hands the activation rows (spec: linear ``(N, d)``, conv unfolded patches
 ``(N, C_in * prod(kernel))``) to whatever sinks the calibration pass attaches. The model's
 ``attention_mask`` input, when the graph has one, is wired into each probe so padding rows
-get weight 0. Probes can be switched off (``active = False``) once their layers converge.
+get weight 0; so is ``labels`` when a ``label_mask_value`` is given, and rows whose label is
+that value (-100: ignored by the loss) get weight 0 too. Probes can be switched off
+(``active = False``) once their layers converge.
 """
 
 from __future__ import annotations
@@ -68,14 +70,27 @@ def activation_rows(
 class Probe(nn.Module):
     """Identity on its input; feeds the input's rows to ``sinks`` while ``active``."""
 
-    def __init__(self, kind: str, conv: ConvSpec | None) -> None:
+    def __init__(
+        self, kind: str, conv: ConvSpec | None, label_mask_value: int | None = None
+    ) -> None:
         super().__init__()
         self.kind, self.conv = kind, conv
+        self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.active and self.sinks:
+            # Token labels line up with the mask; sequence labels (one per sample) do not.
+            use_labels = labels is not None and self.label_mask_value is not None
+            if use_labels and (mask is None or labels.shape == mask.shape):
+                keep = labels != self.label_mask_value
+                mask = keep if mask is None else mask.bool() & keep
             with torch.no_grad():
                 rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
                 for sink in self.sinks:
@@ -99,16 +114,22 @@ class ProbedGraph:
     dims: dict[str, int]
 
 
-def insert_probes(layer_graph: LayerGraph, selection: Selection) -> ProbedGraph:
-    """Insert one probe per distinct (input node, row geometry) of the target layers."""
+def insert_probes(
+    layer_graph: LayerGraph, selection: Selection, label_mask_value: int | None = None
+) -> ProbedGraph:
+    """Insert one probe per distinct (input node, row geometry) of the target layers.
+
+    ``label_mask_value``: rows whose ``labels`` input equals it are excluded (None: labels
+    are not looked at).
+    """
     # A new GraphModule over a copied graph: shares the model's modules, not its graph.
     gm = fx.GraphModule(layer_graph.gm, copy.deepcopy(layer_graph.gm.graph), "ProbedGraph")
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
-    mask = next(
-        (n for n in graph.nodes if n.op == "placeholder" and n.name == "attention_mask"), None
-    )
+    inputs = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    mask = inputs.get("attention_mask")
+    labels = inputs.get("labels") if label_mask_value is not None else None
     targets = set(selection.targets)
 
     consumers: dict[tuple, list[str]] = {}  # (input node, kind, conv) -> calling nodes
@@ -131,13 +152,13 @@ def insert_probes(layer_graph: LayerGraph, selection: Selection) -> ProbedGraph:
     for i, (key, calls) in enumerate(consumers.items()):
         inp, kind, conv = key
         name = f"evagraph_probe_{i}"
-        probe = Probe(kind, conv)
+        probe = Probe(kind, conv, label_mask_value)
         probes[name], probe_of_key[key] = probe, name
         gm.add_submodule(name, probe)
         first_call = nodes[min(calls, key=order.__getitem__)]
         # Before the first consumer, so the mask placeholder is always already defined.
         with graph.inserting_before(first_call):
-            probe_node = graph.call_module(name, (nodes[inp], mask))
+            probe_node = graph.call_module(name, (nodes[inp], mask, labels))
         for call in calls:
             nodes[call].replace_input_with(nodes[inp], probe_node)
 

@@ -1,0 +1,157 @@
+"""Each EVA option, with a test that shows its effect."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import SharedMLP, correlated, exact_pca
+from test_models import build
+
+import evagraph
+from evagraph.lora import LoraAdapter
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
+        return fn(*args, **kwargs)
+
+
+def loras(model):
+    return {m.layer_name: m for m in model.modules() if isinstance(m, LoraAdapter)}
+
+
+def lm_batches_with_labels(n=4):
+    batches = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        ids = torch.randint(3, 100, (2, 8), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100  # e.g. the prompt: ignored by the loss
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def first_layer_rows(report):
+    return report.rows[report.layers[0].group]
+
+
+def test_label_mask_excludes_ignored_rows_and_can_be_switched_off():
+    model, _ = build("hf", "llama")
+    batches = lm_batches_with_labels()
+    _, on = quiet(evagraph.transform, model, batches, budget=2, progress=False, max_steps=2)
+    _, off = quiet(
+        evagraph.transform,
+        model,
+        batches,
+        budget=2,
+        progress=False,
+        max_steps=2,
+        use_label_mask=False,
+    )
+    assert first_layer_rows(on) == 2 * 2 * 5  # 2 batches x 2 sequences x (8 - 3) tokens
+    assert first_layer_rows(off) == 2 * 2 * 8
+
+
+def test_label_mask_rows_are_really_excluded_from_the_statistics():
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x, labels=None):
+            return self.head(torch.relu(self.fc(x)))
+
+    x = correlated(40, 6, rank=3).reshape(4, 10, 6)
+    labels = torch.zeros(4, 10, dtype=torch.long)
+    labels[:, 7:] = -100
+    x[:, 7:] = 1e3 * torch.randn(4, 3, 6)  # ignored rows would dominate the variance
+    _, report = quiet(
+        evagraph.transform, Tagger().eval(), [{"x": x, "labels": labels}], budget=2, progress=False
+    )
+    _, ref_ratio = exact_pca(x[:, :7].reshape(-1, 6), 4)
+    torch.testing.assert_close(
+        torch.tensor(report.layers[0].explained_variance_ratio), ref_ratio, rtol=1e-3, atol=1e-6
+    )
+
+
+def test_tau_lower_converges_sooner():
+    model = SharedMLP().eval()
+    batches = list(correlated(400, 16, rank=6, noise=0.3).reshape(100, 4, 16))
+    _, strict = quiet(evagraph.transform, model, batches, tau=0.999, progress=False)
+    _, loose = quiet(evagraph.transform, model, batches, tau=0.5, progress=False)
+    assert loose.steps < strict.steps
+
+
+def test_rho_one_is_uniform_and_rho_two_redistributes():
+    model, batches = build("timm", "resnet18")
+    _, uniform = quiet(evagraph.transform, model, batches, budget=2, rho=1, progress=False)
+    _, spread = quiet(evagraph.transform, model, batches, budget=2, rho=2, progress=False)
+    assert set(uniform.ranks.values()) == {2}
+    assert len(set(spread.ranks.values())) > 1 and max(spread.ranks.values()) == 4
+    assert sum(spread.ranks.values()) == sum(uniform.ranks.values())
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+def test_alpha_and_scaling(adjust):
+    model = SharedMLP().eval()
+    batches = list(correlated(64, 16).reshape(16, 4, 16))
+    adapted, report = quiet(
+        evagraph.transform,
+        model,
+        batches,
+        budget=4,
+        alpha=16,
+        adjust_scaling_factors=adjust,
+        progress=False,
+    )
+    for layer in report.layers:
+        if layer.rank:
+            scale = 16 / 4 if adjust else 16 / layer.rank
+            assert loras(adapted)[layer.name].scaling == pytest.approx(scale)
+            assert layer.alpha == pytest.approx(16 * layer.rank / 4 if adjust else 16)
+
+
+def test_dropout_applies_to_the_adapter_input_in_training_only():
+    model = SharedMLP().eval()
+    batches = list(correlated(64, 16).reshape(16, 4, 16))
+    adapted, _ = quiet(evagraph.transform, model, batches, dropout=0.5, progress=False)
+    lora = loras(adapted)["q"]
+    torch.nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(64, 16)
+    lora.eval()
+    torch.testing.assert_close(lora(x), lora(x))
+    lora.train()
+    torch.manual_seed(0)
+    a = lora(x)
+    assert not torch.allclose(a, lora(x))  # a fresh dropout mask each call
+    assert isinstance(lora.lora_dropout, torch.nn.Dropout) and lora.lora_dropout.p == 0.5
+
+
+def test_whiten_divides_rows_by_sqrt_singular_values():
+    model = SharedMLP().eval()
+    batches = list(correlated(64, 16).reshape(16, 4, 16))
+    plain, report = quiet(evagraph.transform, model, batches, budget=2, progress=False)
+    white, _ = quiet(evagraph.transform, model, batches, budget=2, whiten=True, progress=False)
+    q = next(r for r in report.layers if r.name == "q")
+    seen = [i for start, stop in report.batches[q.group] for i in range(start, stop)]
+    rows = torch.cat([batches[i].reshape(-1, 16) for i in seen])
+    s = torch.linalg.svdvals(rows - rows.mean(0))
+    norms = loras(white)["q"].lora_A.weight.norm(dim=1)
+    torch.testing.assert_close(norms, s[: q.rank].rsqrt(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        loras(white)["q"].lora_A.weight / norms[:, None],
+        loras(plain)["q"].lora_A.weight,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_attention_mask_and_label_mask_combine():
+    model, _ = build("hf", "llama")
+    batches = lm_batches_with_labels(2)
+    for b in batches:
+        b["attention_mask"][1, 6:] = 0
+    _, report = quiet(evagraph.transform, model, batches, budget=2, progress=False, max_steps=1)
+    assert first_layer_rows(report) == 5 + 3  # sequence 0: 5 labelled; sequence 1: 5 - 2 padded
