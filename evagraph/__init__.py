@@ -1,6 +1,7 @@
 """evagraph: EVA-initialised LoRA adapters for any traceable PyTorch model.
 
-Public API: ``transform``, ``export``, ``save_adapter``, ``apply_adapter``,
+Public API: ``transform``, ``export``, ``save_adapter``, ``apply_adapter``, ``merge``,
+``unmerge``,
 ``adapter_state_dict``, ``Report``/``LayerReport``, ``EvaSettings``, and the exceptions in
 ``evagraph.errors``.
 """
@@ -17,6 +18,7 @@ from .errors import (
     ModelLoadError,
 )
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
+from .merge import merge, unmerge
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "adapter_state_dict",
     "apply_adapter",
     "export",
+    "merge",
     "save_adapter",
     "transform",
+    "unmerge",
 ]

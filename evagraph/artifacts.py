@@ -45,6 +45,8 @@ def _describe(adapter: LoraAdapter) -> dict:
     return {
         "name": adapter.layer_name,
         "kind": "linear" if conv is None else "conv",
+        "base_weight": adapter.base_weight,
+        "weight_transposed": adapter.weight_transposed,
         "rank": adapter.rank,
         "alpha": adapter.scaling * adapter.rank,
         "scaling": adapter.scaling,
@@ -95,7 +97,14 @@ def _adapter_from(entry: dict, weights: dict[str, torch.Tensor]) -> LoraAdapter:
             padding_mode=c["padding_mode"],
         )
     adapter = LoraAdapter.build(
-        A.reshape(A.shape[0], -1), B.shape[0], conv, entry["scaling"], entry["dropout"], name
+        A.reshape(A.shape[0], -1),
+        B.shape[0],
+        conv,
+        entry["scaling"],
+        entry["dropout"],
+        name,
+        entry.get("base_weight", ""),
+        entry.get("weight_transposed", False),
     )
     with torch.no_grad():
         adapter.lora_B.weight.copy_(B)
@@ -111,6 +120,15 @@ def apply_adapter(
     op in a graph rather than a module (a loaded ``.pt2``), the graph is rewritten; a model
     that is not a GraphModule then needs ``example`` (one batch) to be captured.
     """
+    adapters = load_adapters(path)
+    work = model if inplace else copy.deepcopy(model)
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    adapters = {name: a.to(device) for name, a in adapters.items()}
+    return attach_adapters(work, adapters, example, source=str(path))
+
+
+def load_adapters(path: str | Path) -> dict[str, LoraAdapter]:
+    """The adapters saved in directory ``path`` (by ``save_adapter``), by layer name, on CPU."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -119,9 +137,13 @@ def apply_adapter(
         raise ModelLoadError(f"cannot read adapter from {path}: {err}") from err
     if manifest.get("format") != _FORMAT:
         raise ModelLoadError(f"{path / MANIFEST} is not an evagraph adapter manifest")
-    work = model if inplace else copy.deepcopy(model)
-    device = next((p.device for p in work.parameters()), torch.device("cpu"))
-    adapters = {e["name"]: _adapter_from(e, weights).to(device) for e in manifest["layers"]}
+    return {e["name"]: _adapter_from(e, weights) for e in manifest["layers"]}
+
+
+def attach_adapters(
+    work: nn.Module, adapters: dict[str, LoraAdapter], example: Any = None, source: str = ""
+) -> nn.Module:
+    """Splice ready-made adapters into ``work`` (in place) by layer name."""
 
     def wrappable(name: str) -> bool:
         try:
@@ -134,5 +156,5 @@ def apply_adapter(
     layer_graph = build_layer_graph(capture(work, example).gm, work)
     missing = [n for n in adapters if n not in layer_graph.layers]
     if missing:
-        raise ModelLoadError(f"the model has no layer(s) {', '.join(missing)} named in {path}")
+        raise ModelLoadError(f"the model has no layer(s) {', '.join(missing)} named in {source}")
     return rewrite(work, adapters, layer_graph)

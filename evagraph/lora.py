@@ -28,12 +28,18 @@ class LoraAdapter(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         layer_name: str = "",
+        base_weight: str = "",
+        weight_transposed: bool = False,
     ) -> None:
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.layer_name = layer_name  # qualified name of the layer it adapts
+        # Where the base weight lives in the un-adapted model, and whether it is stored
+        # (in, out) like HF Conv1D: what merging needs.
+        self.base_weight = base_weight or f"{layer_name}.weight"
+        self.weight_transposed = weight_transposed
 
     @property
     def rank(self) -> int:
@@ -42,6 +48,15 @@ class LoraAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return (self.lora_B(h) * self.scaling).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * B A`` shaped like the base weight (float32): what merging adds to it."""
+        A = self.lora_A.weight.detach().float()
+        B = self.lora_B.weight.detach().float().reshape(self.lora_B.weight.shape[0], -1)
+        delta = self.scaling * (B @ A.reshape(A.shape[0], -1))
+        if A.dim() > 2:  # conv: B is 1x1, so B(A(x)) is one conv with weight B @ A
+            return delta.reshape(B.shape[0], *A.shape[1:])
+        return delta.T if self.weight_transposed else delta
 
     @classmethod
     def build(
@@ -52,6 +67,8 @@ class LoraAdapter(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         layer_name: str = "",
+        base_weight: str = "",
+        weight_transposed: bool = False,
     ) -> LoraAdapter:
         """An adapter whose A rows are ``A`` (rank x d) and whose B is zero."""
         rank, d = A.shape
@@ -79,7 +96,7 @@ class LoraAdapter(nn.Module):
         with torch.no_grad():
             lora_A.weight.copy_(weight_A)
             lora_B.weight.zero_()
-        return cls(lora_A, lora_B, scaling, dropout, layer_name)
+        return cls(lora_A, lora_B, scaling, dropout, layer_name, base_weight, weight_transposed)
 
 
 class LoraLayer(nn.Module):

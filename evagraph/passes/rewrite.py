@@ -74,6 +74,8 @@ def init_adapters(
             scale,
             settings.dropout,
             layer_name=name,
+            base_weight=layer.weight,
+            weight_transposed=layer.weight_transposed,
         )
     return adapters
 

@@ -1,0 +1,87 @@
+"""Merge LoRA into the base weights (a plain model for deployment), and undo it.
+
+``merge`` returns a copy of an adapted model with every adapter folded into its base
+weight (``W += scale * B A``; transposed for HF Conv1D; reshaped to a kernel for convs, which
+is exact because B is 1x1 and A has the base conv's geometry) and the LoRA modules removed:
+the model's own class, identical outputs. ``unmerge`` takes such a merged model and the
+adapters (the adapted model, or a directory from ``save_adapter``), subtracts the deltas and
+splices the adapters back in, so training can go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .artifacts import attach_adapters, load_adapters
+from .errors import ConfigError
+from .lora import LoraAdapter, LoraLayer
+
+
+@torch.no_grad()
+def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float) -> None:
+    delta = adapter.delta_weight().to(weight.device)
+    if delta.shape != weight.shape:
+        raise ConfigError(
+            f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base weight "
+            f"{adapter.base_weight} {tuple(weight.shape)}"
+        )
+    weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` with every LoRA adapter folded into its base weight."""
+    merged = copy.deepcopy(model)
+    found = False
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, LoraLayer):
+            found = True
+            _fold(module.base_layer.weight, module.lora, +1.0)
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, module.base_layer)
+    if isinstance(merged, fx.GraphModule):  # adapters spliced into a graph
+        for node in list(merged.graph.nodes):
+            if node.op != "call_module":
+                continue
+            adapter = merged.get_submodule(node.target)
+            if not isinstance(adapter, LoraAdapter):
+                continue
+            found = True
+            _fold(merged.get_parameter(adapter.base_weight), adapter, +1.0)
+            for add in list(node.users):  # y + lora(x)  ->  y
+                if add.target is operator.add:
+                    add.replace_all_uses_with(add.args[0])
+                    merged.graph.erase_node(add)
+            merged.graph.erase_node(node)
+            merged.delete_submodule(node.target)
+        merged.recompile()
+    if not found:
+        raise ConfigError("the model has no evagraph LoRA adapters to merge")
+    merged.requires_grad_(True)
+    return merged
+
+
+def unmerge(merged: nn.Module, adapters: nn.Module | str | Path, example=None) -> nn.Module:
+    """Undo ``merge``: subtract the adapters' deltas from a copy of ``merged``, re-splice them.
+
+    ``adapters``: the adapted model the merge came from, or a ``save_adapter`` directory.
+    ``example``: one batch, needed only when ``merged`` is a model that must be captured to
+    find layers that are graph ops.
+    """
+    if isinstance(adapters, nn.Module):
+        found = {
+            m.layer_name: copy.deepcopy(m) for m in adapters.modules() if isinstance(m, LoraAdapter)
+        }
+    else:
+        found = load_adapters(adapters)
+    work = copy.deepcopy(merged)
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    for adapter in found.values():
+        adapter.to(device)
+        _fold(work.get_parameter(adapter.base_weight), adapter, -1.0)
+    return attach_adapters(work, found, example, source="the adapters")
