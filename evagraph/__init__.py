@@ -1,7 +1,7 @@
 """evagraph: EVA-initialised LoRA adapters for any traceable PyTorch model.
 
 Public API: ``transform``, ``export``, ``save_adapter``, ``apply_adapter``, ``merge``,
-``unmerge``,
+``unmerge``, ``save_peft``, ``to_peft``,
 ``adapter_state_dict``, ``Report``/``LayerReport``, ``EvaSettings``, and the exceptions in
 ``evagraph.errors``.
 """
@@ -19,6 +19,7 @@ from .errors import (
 )
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
 from .merge import merge, unmerge
+from .peft import save_peft, to_peft
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
     "export",
     "merge",
     "save_adapter",
+    "save_peft",
+    "to_peft",
     "transform",
     "unmerge",
 ]

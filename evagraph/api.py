@@ -117,7 +117,9 @@ def transform(
     finally:
         _set_training(work, was_training)
 
-    ranks = allocate(calibration.ratios(), settings.budget, settings.rho)
+    ranks = allocate(
+        calibration.ratios(), settings.budget, settings.rho, list(probed.groups.values())
+    )
     layer_stats = {m: calibration.stats[g] for m, g in calibration.layer_group.items()}
     adapters = init_adapters(layer_graph, ranks, layer_stats, settings)
     adapted = rewrite(work, adapters, layer_graph)

@@ -119,11 +119,12 @@ def main() -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["pt2", "safetensors", "pickle"]),
+    type=click.Choice(["pt2", "safetensors", "pickle", "peft"]),
     default=None,
-    help="Adapted model to write besides the adapter: pt2 (torch.export archive), pickle "
-    "(torch.save), or safetensors (the adapter files only). [default: pt2 for a .pt2 "
-    "MODEL, pickle for a pickle, safetensors for HF directories and timm names]",
+    help="What to write besides the adapter files: pt2 (torch.export archive of the adapted "
+    "model), pickle (torch.save), peft (a PEFT LoRA adapter: adapter_config.json + "
+    "adapter_model.safetensors, for PeftModel.from_pretrained), or safetensors (nothing "
+    "more). [default: pt2 for a .pt2 MODEL, pickle for a pickle, safetensors otherwise]",
 )
 @click.option(
     "--checkpoint",
@@ -140,7 +141,7 @@ def compile_cmd(**opts) -> None:
     or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
 
     OUTDIR gets adapter.safetensors + adapter.json (re-apply with evagraph.apply_adapter),
-    report.json, and the adapted model per --format (model.pt2 or model.pt).
+    report.json, and per --format the adapted model (model.pt2, model.pt) or a PEFT adapter.
 
     \b
     Examples:
@@ -194,6 +195,11 @@ def _compile(
         elif fmt == "pickle":
             torch.save(adapted, tmp / "model.pt")
             written.append("model.pt")
+        elif fmt == "peft":
+            from .peft import save_peft
+
+            save_peft(adapted, tmp)
+            written += ["adapter_config.json", "adapter_model.safetensors"]
     n_adapted = sum(1 for layer in report.layers if layer.rank)
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "

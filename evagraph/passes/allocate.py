@@ -1,30 +1,45 @@
 """Allocation pass: explained-variance ratios per layer -> a rank per layer.
 
-Takes each target layer's explained-variance ratios (descending, one per component) and the
-budget ``r`` and ``rho``, and returns ``{layer: rank}``: the first ``k = round(r * rho)``
-ratios of every layer are ranked together and the top ``r * L`` are kept; a layer's rank is
-how many of its own were kept (0..k). Ties break by layer order, then component index, so
-the result is deterministic. With rho = 1 every layer gets r (when it has r components).
+Takes each target layer's explained-variance ratios (descending, one per component), the
+budget ``r`` and ``rho``, and optionally the groups of layers that share one decomposition,
+and returns ``{layer: rank}``: the first ``k = round(r * rho)`` ratios of every layer are
+ranked together and the top ``r * L`` kept; a layer's rank is how many of its own were kept
+(0..k). With rho = 1 every layer gets r (when it has r components).
+
+Layers of a shared-input group carry identical ratios, so the cut can fall inside a tie.
+Ties are resolved exactly as PEFT's EVA resolves them (the same ``torch.argsort`` over the
+same order, group leaders first, then the leader takes the highest rank of its group), so
+evagraph and PEFT give the same ranks for the same numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import torch
 
 
-def allocate(ratios: Mapping[str, torch.Tensor], budget: int, rho: float) -> dict[str, int]:
+def allocate(
+    ratios: Mapping[str, torch.Tensor],
+    budget: int,
+    rho: float,
+    groups: Sequence[Sequence[str]] | None = None,
+) -> dict[str, int]:
     """Global top-(budget * L) allocation of ranks over the layers in ``ratios``."""
     k = round(budget * rho)
     names = list(ratios)
-    entries = [
-        (-float(v), li, ci)
-        for li, name in enumerate(names)
-        for ci, v in enumerate(torch.as_tensor(ratios[name]).flatten()[:k].tolist())
-    ]
-    entries.sort()
-    ranks = dict.fromkeys(names, 0)
-    for _, li, _ in entries[: budget * len(names)]:
-        ranks[names[li]] += 1
+    groups = [list(g) for g in groups] if groups is not None else [[n] for n in names]
+    order = [g[0] for g in groups] + [m for g in groups for m in g[1:]]
+    if sorted(order) != sorted(names):
+        raise ValueError("groups must partition the layers in ratios")
+    per_layer = [torch.as_tensor(ratios[n]).detach().flatten()[:k].float().cpu() for n in order]
+    owners = [n for n, v in zip(order, per_layer) for _ in range(len(v))]
+    kept = torch.argsort(torch.cat(per_layer), descending=True)[: budget * len(names)]
+    counts = Counter(owners[i] for i in kept.tolist())
+    ranks = {n: counts.get(n, 0) for n in names}
+    for g in groups:  # the group's leader takes the highest rank among its members
+        for member in g[1:]:
+            if ranks[member] > ranks[g[0]]:
+                ranks[member], ranks[g[0]] = ranks[g[0]], ranks[member]
     return ranks

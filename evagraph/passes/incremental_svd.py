@@ -240,6 +240,7 @@ def calibrate(
                     {m: stats[g].explained_variance_ratio for m, g in layer_group.items()},
                     settings.budget,
                     settings.rho,
+                    list(probed.groups.values()),
                 )
             for m, g in layer_group.items():
                 now = seen[g] >= settings.min_batches and bool(comp_ok[g][: ranks[m]].all())

@@ -1,0 +1,102 @@
+"""Interoperability with HF PEFT: write evagraph's adapters as a PEFT LoRA adapter.
+
+``save_peft(adapted, directory)`` writes what ``peft.PeftModel.from_pretrained(base, directory)``
+loads (``adapter_config.json`` with ``target_modules``, ``rank_pattern``, ``alpha_pattern``;
+``adapter_model.safetensors`` with PEFT's key names) and which then computes what evagraph's
+model computes. The files are produced by PEFT itself (``get_peft_model`` on the base model,
+evagraph's A and B copied in, ``save_pretrained``), so the format is PEFT's own. Needs the
+``peft`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .lora import LoraAdapter, LoraLayer
+from .passes.layer_graph import _module_layer
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - the test extra installs it
+        raise ConfigError(
+            "PEFT export needs the peft package: pip install 'evagraph[peft]'"
+        ) from err
+    return peft
+
+
+def unwrap(adapted: nn.Module) -> nn.Module:
+    """A copy of ``adapted`` with each LoraLayer replaced by its base layer (no merging)."""
+    base = copy.deepcopy(adapted)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.base_layer)
+    base.requires_grad_(True)
+    return base
+
+
+def _check_representable(name: str, lora: LoraAdapter) -> None:
+    found = _module_layer(lora.lora_A)
+    conv = found[1] if found else None
+    if conv is not None and (any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros"):
+        raise ConfigError(
+            f"layer {name}: PEFT's conv LoRA has no dilation or padding mode, so this adapter "
+            "cannot be expressed in PEFT's format"
+        )
+
+
+def peft_config_for(adapted: nn.Module, **extra) -> object:
+    """The ``peft.LoraConfig`` that describes ``adapted``'s adapters (ranks, alphas, dropout)."""
+    peft = _peft()
+    adapters = {m.layer_name: m for m in adapted.modules() if isinstance(m, LoraAdapter)}
+    if not adapters or not all(isinstance(adapted.get_submodule(n), LoraLayer) for n in adapters):
+        raise ConfigError(
+            "PEFT export needs a model whose adapters wrap modules (an nn.Module such as an "
+            "HF model), not adapters spliced into a graph"
+        )
+    for name, lora in adapters.items():
+        _check_representable(name, lora)
+    ranks = {n: a.rank for n, a in adapters.items()}
+    alphas = {n: a.scaling * a.rank for n, a in adapters.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(round(alphas[n], 9) for n in ranks if ranks[n] == r).most_common(1)[0][0]
+    dropouts = {getattr(a.lora_dropout, "p", 0.0) for a in adapters.values()}
+    return peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(adapters),
+        rank_pattern={n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={n: a for n, a in alphas.items() if abs(a - alpha) > 1e-9},
+        lora_dropout=max(dropouts),
+        **extra,
+    )
+
+
+@torch.no_grad()
+def to_peft(adapted: nn.Module) -> nn.Module:
+    """A ``peft.PeftModel`` over a copy of the base model, carrying ``adapted``'s adapters."""
+    peft = _peft()
+    config = peft_config_for(adapted)
+    peft_model = peft.get_peft_model(unwrap(adapted), config)
+    inner = peft_model.base_model.model
+    for module in adapted.modules():
+        if isinstance(module, LoraAdapter):
+            target = inner.get_submodule(module.layer_name)
+            target.lora_A["default"].weight.copy_(module.lora_A.weight)
+            target.lora_B["default"].weight.copy_(module.lora_B.weight)
+            if abs(target.scaling["default"] - module.scaling) > 1e-6 * abs(module.scaling):
+                raise ConfigError(f"layer {module.layer_name}: PEFT scaling does not match")
+    return peft_model
+
+
+def save_peft(adapted: nn.Module, directory: str | Path) -> None:
+    """Write ``adapted``'s adapters as a PEFT LoRA adapter directory."""
+    to_peft(adapted).save_pretrained(str(directory))
