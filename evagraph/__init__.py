@@ -1,12 +1,12 @@
 """evagraph: EVA-initialised LoRA adapters for any traceable PyTorch model.
 
-Public API: ``transform``, ``export``, ``save_adapter``, ``apply_adapter``, ``merge``,
-``unmerge``, ``save_peft``, ``to_peft``,
-``adapter_state_dict``, ``Report``/``LayerReport``, ``EvaSettings``, and the exceptions in
-``evagraph.errors``.
+Public API: ``transform`` (= ``calibrate``, giving an ``EvaState``, then ``adapt``),
+``export``, ``save_adapter``, ``apply_adapter``, ``merge``, ``unmerge``, ``save_peft``,
+``to_peft``, ``from_peft_eva_state_dict``, ``adapter_state_dict``, ``Report`` /
+``LayerReport``, ``EvaSettings``, and the exceptions in ``evagraph.errors``.
 """
 
-from .api import transform
+from .api import adapt, calibrate, transform
 from .artifacts import apply_adapter, export, save_adapter
 from .config import EvaSettings
 from .errors import (
@@ -19,8 +19,9 @@ from .errors import (
 )
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
 from .merge import merge, unmerge
-from .peft import save_peft, to_peft
+from .peft import from_peft_eva_state_dict, save_peft, to_peft
 from .report import LayerReport, Report
+from .state import EvaState
 
 __version__ = "0.1.0"
 
@@ -30,15 +31,19 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "EvaSettings",
+    "EvaState",
     "EvagraphError",
     "LayerReport",
     "LoraAdapter",
     "LoraLayer",
     "ModelLoadError",
     "Report",
+    "adapt",
     "adapter_state_dict",
     "apply_adapter",
+    "calibrate",
     "export",
+    "from_peft_eva_state_dict",
     "merge",
     "save_adapter",
     "save_peft",

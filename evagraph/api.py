@@ -1,4 +1,5 @@
-"""``transform``: the whole pipeline, model -> graph -> probes -> statistics -> ranks -> adapted."""
+"""The pipeline as three calls: ``calibrate`` (model -> statistics), ``adapt`` (statistics ->
+adapted model) and ``transform`` (both)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifacts import attach_adapters
 from .config import EvaSettings
 from .data import call_model, to_device
 from .errors import CaptureError, DataError
-from .passes.allocate import allocate
+from .passes import incremental_svd
 from .passes.capture import capture
-from .passes.incremental_svd import calibrate
-from .passes.layer_graph import build_layer_graph
+from .passes.layer_graph import LayerGraph, build_layer_graph
 from .passes.probe import insert_probes
-from .passes.rewrite import init_adapters, layer_scaling, needs_graph_rewrite, rewrite
+from .passes.rewrite import init_adapters, layer_scaling
 from .passes.select import select_targets
 from .report import LayerReport, Report
+from .state import EvaState
 
 
 def _set_training(module: nn.Module, mode: bool) -> None:
@@ -34,54 +36,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def transform(
-    model: nn.Module,
+def _calibrate(
+    work: nn.Module,
     dataloader: Iterable[Any],
-    *,
-    budget: int = 8,
-    rho: float = 2.0,
-    tau: float = 0.99,
-    alpha: float = 8.0,
-    targets: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    device: str | torch.device | None = None,
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    min_batches: int = 1,
-    whiten: bool = False,
-    dropout: float = 0.0,
-    adjust_scaling_factors: bool = True,
-    use_label_mask: bool = True,
-    label_mask_value: int = -100,
-    inplace: bool = False,
-) -> tuple[nn.Module, Report]:
-    """Return ``model`` with EVA-initialised LoRA adapters, and a report of what was done.
-
-    ``dataloader`` yields calibration batches: a tensor, a tuple/list of positional inputs, or
-    a dict of keyword inputs (``forward_fn(model, batch)`` overrides how a batch is called).
-    See ``EvaSettings`` for budget, rho, tau, alpha, targets, exclude and the other options.
-    The model is copied first unless ``inplace``; calibration runs in eval mode on ``device``
-    (default: where the model is), and the adapted model is returned there.
-    """
-    settings = EvaSettings(
-        budget=budget,
-        rho=rho,
-        tau=tau,
-        alpha=alpha,
-        adjust_scaling_factors=adjust_scaling_factors,
-        whiten=whiten,
-        dropout=dropout,
-        max_steps=max_steps,
-        min_batches=min_batches,
-        targets=tuple(targets) if targets is not None else None,
-        exclude=tuple(exclude),
-        use_label_mask=use_label_mask,
-        label_mask_value=label_mask_value,
-    )
-    work = model if inplace else copy.deepcopy(model)
-    if device is not None:
-        work.to(device)
+    settings: EvaSettings,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    progress: bool,
+) -> tuple[EvaState, LayerGraph]:
     dev = _model_device(work)
     batches = iter(dataloader)
     first = next(batches, None)
@@ -105,7 +66,7 @@ def transform(
         selection = select_targets(layer_graph, settings.targets, settings.exclude)
         label_value = settings.label_mask_value if settings.use_label_mask else None
         probed = insert_probes(layer_graph, selection, label_value)
-        calibration = calibrate(
+        calibration = incremental_svd.calibrate(
             probed,
             (to_device(b, dev) for b in itertools.chain([first], batches)),
             settings,
@@ -117,19 +78,41 @@ def transform(
     finally:
         _set_training(work, was_training)
 
-    ranks = allocate(
-        calibration.ratios(), settings.budget, settings.rho, list(probed.groups.values())
+    state = EvaState(
+        settings=settings.to_dict(),
+        layers={name: layer_graph.layers[name] for name in selection.targets},
+        layer_group=calibration.layer_group,
+        components=calibration.stats,
+        component_converged=calibration.component_converged,
+        converged=calibration.converged,
+        converged_at=calibration.converged_at,
+        batches=calibration.batches,
+        steps=calibration.steps,
+        unconverged=calibration.unconverged,
+        skipped=selection.skipped,
+        depth=dict(layer_graph.graph.nodes(data="depth")),
+        capture=captured.method,
     )
-    layer_stats = {m: calibration.stats[g] for m, g in calibration.layer_group.items()}
-    adapters = init_adapters(layer_graph, ranks, layer_stats, settings)
-    adapted = rewrite(work, adapters, layer_graph)
+    return state, layer_graph
+
+
+def _adapt(
+    work: nn.Module,
+    state: EvaState,
+    settings: EvaSettings,
+    layer_graph: LayerGraph | None = None,
+    example: Any = None,
+) -> tuple[nn.Module, Report]:
+    ranks = state.ranks(settings.budget, settings.rho)
+    per_layer = {m: state.components[g] for m, g in state.layer_group.items()}
+    adapters = init_adapters(work, state.layers, ranks, per_layer, settings)
+    was_training = work.training
+    adapted = attach_adapters(work, adapters, example, "the EVA state", layer_graph)
     _set_training(adapted, was_training)
 
-    depth = dict(layer_graph.graph.nodes(data="depth"))
     layers = []
-    for name in selection.targets:
-        layer, group = layer_graph.layers[name], calibration.layer_group[name]
-        rank = ranks[name]
+    for name, layer in state.layers.items():
+        group, rank = state.layer_group[name], ranks[name]
         alpha_l, scale = layer_scaling(rank, settings) if rank else (0.0, 0.0)
         layers.append(
             LayerReport(
@@ -142,26 +125,134 @@ def transform(
                 alpha=alpha_l,
                 scaling=scale,
                 group=group,
-                depth=depth.get(name, 0),
-                explained_variance_ratio=calibration.stats[group].explained_variance_ratio.tolist(),
-                converged=calibration.converged[name],
-                steps_to_converge=calibration.converged_at[name],
+                depth=state.depth.get(name, 0),
+                explained_variance_ratio=state.components[group].explained_variance_ratio.tolist(),
+                converged=bool(state.component_converged[group][:rank].all()),
+                steps_to_converge=state.converged_at.get(name),
             )
         )
-    skipped = dict(selection.skipped)
+    skipped = dict(state.skipped)
     skipped.update(
-        {n: "rank 0: its variance did not make the global cut" for n, r in ranks.items() if r == 0}
+        {n: "rank 0: its variance did not make the global cut" for n, r in ranks.items() if not r}
     )
+    graph_mode = any(state.layers[n].module is None for n in adapters)
     report = Report(
-        settings=settings.to_dict(),
+        settings={**state.settings, **settings.to_dict()},
         layers=layers,
         skipped=skipped,
-        groups=probed.groups,
-        rows={g: s.n_rows for g, s in calibration.stats.items()},
-        batches=calibration.batches,
-        steps=calibration.steps,
-        unconverged=calibration.unconverged,
-        capture=captured.method,
-        rewrite="graph" if needs_graph_rewrite(layer_graph, adapters) else "module",
+        groups=state.groups,
+        rows={g: c.n_rows for g, c in state.components.items()},
+        batches=state.batches,
+        steps=state.steps,
+        unconverged=[layer.name for layer in layers if layer.rank and not layer.converged],
+        capture=state.capture,
+        rewrite="graph" if graph_mode else "module",
     )
     return adapted, report
+
+
+def calibrate(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    budget: int = 8,
+    rho: float = 2.0,
+    tau: float = 0.99,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+    min_batches: int = 1,
+    use_label_mask: bool = True,
+    label_mask_value: int = -100,
+) -> EvaState:
+    """Run the calibration only: the statistics ``adapt`` turns into adapters (see transform).
+
+    The model is not modified (if ``device`` differs from the model's, a copy is moved).
+    """
+    settings = EvaSettings(
+        budget=budget, rho=rho, tau=tau, max_steps=max_steps, min_batches=min_batches,
+        targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
+        use_label_mask=use_label_mask, label_mask_value=label_mask_value,
+    )  # fmt: skip
+    work = model
+    if device is not None and torch.device(device) != _model_device(model):
+        work = copy.deepcopy(model).to(device)
+    return _calibrate(work, dataloader, settings, forward_fn, progress)[0]
+
+
+def adapt(
+    model: nn.Module,
+    state: EvaState,
+    *,
+    budget: int | None = None,
+    rho: float | None = None,
+    alpha: float = 8.0,
+    whiten: bool = False,
+    dropout: float = 0.0,
+    adjust_scaling_factors: bool = True,
+    example: Any = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, Report]:
+    """Adapters from saved statistics: allocation and initialisation only, no data needed.
+
+    ``budget`` and ``rho`` default to the calibration's; ``round(budget * rho)`` may not exceed
+    the components the state holds. ``example`` (one batch) is needed only if a layer is an
+    op in a graph and the model is not a GraphModule.
+    """
+    settings = EvaSettings(
+        budget=budget or state.settings["budget"], rho=rho or state.settings["rho"],
+        tau=state.settings["tau"], alpha=alpha, whiten=whiten, dropout=dropout,
+        adjust_scaling_factors=adjust_scaling_factors,
+    )  # fmt: skip
+    work = model if inplace else copy.deepcopy(model)
+    return _adapt(work, state, settings, example=example)
+
+
+def transform(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    budget: int = 8,
+    rho: float = 2.0,
+    tau: float = 0.99,
+    alpha: float = 8.0,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+    min_batches: int = 1,
+    whiten: bool = False,
+    dropout: float = 0.0,
+    adjust_scaling_factors: bool = True,
+    use_label_mask: bool = True,
+    label_mask_value: int = -100,
+    inplace: bool = False,
+    return_state: bool = False,
+) -> tuple[nn.Module, Report] | tuple[nn.Module, Report, EvaState]:
+    """Return ``model`` with EVA-initialised LoRA adapters, and a report of what was done.
+
+    ``dataloader`` yields calibration batches: a tensor, a tuple/list of positional inputs, or
+    a dict of keyword inputs (``forward_fn(model, batch)`` overrides how a batch is called).
+    See ``EvaSettings`` for budget, rho, tau, alpha, targets, exclude and the other options.
+    The model is copied first unless ``inplace``; calibration runs in eval mode on ``device``
+    (default: where the model is), and the adapted model is returned there. With
+    ``return_state`` the statistics (``EvaState``) come back as a third value.
+    """
+    settings = EvaSettings(
+        budget=budget, rho=rho, tau=tau, alpha=alpha,
+        adjust_scaling_factors=adjust_scaling_factors, whiten=whiten, dropout=dropout,
+        max_steps=max_steps, min_batches=min_batches,
+        targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
+        use_label_mask=use_label_mask, label_mask_value=label_mask_value,
+    )  # fmt: skip
+    work = model if inplace else copy.deepcopy(model)
+    if device is not None:
+        work.to(device)
+    state, layer_graph = _calibrate(work, dataloader, settings, forward_fn, progress)
+    adapted, report = _adapt(work, state, settings, layer_graph)
+    return (adapted, report, state) if return_state else (adapted, report)

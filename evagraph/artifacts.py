@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ModelLoadError
 from .lora import LoraAdapter, adapter_state_dict
 from .passes.capture import capture, export_program
-from .passes.layer_graph import _module_layer, build_layer_graph
+from .passes.layer_graph import LayerGraph, _module_layer, build_layer_graph
 from .passes.rewrite import rewrite
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
@@ -141,9 +141,20 @@ def load_adapters(path: str | Path) -> dict[str, LoraAdapter]:
 
 
 def attach_adapters(
-    work: nn.Module, adapters: dict[str, LoraAdapter], example: Any = None, source: str = ""
+    work: nn.Module,
+    adapters: dict[str, LoraAdapter],
+    example: Any = None,
+    source: str = "",
+    layer_graph: LayerGraph | None = None,
 ) -> nn.Module:
-    """Splice ready-made adapters into ``work`` (in place) by layer name."""
+    """Splice ready-made adapters into ``work`` (in place) by layer name.
+
+    With ``layer_graph`` (the capture the adapters were computed on) the rewrite pass
+    decides how; without, modules named like the layers are wrapped, and otherwise the
+    model is captured (``example`` needed unless it is a GraphModule) and its graph rewritten.
+    """
+    if layer_graph is not None:
+        return rewrite(work, adapters, layer_graph)
 
     def wrappable(name: str) -> bool:
         try:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import EvagraphError
+from .errors import ConfigError, EvagraphError
 
 
 def _patterns(values: tuple[str, ...]) -> list[str]:
@@ -30,7 +30,7 @@ def main() -> None:
 @click.option(
     "--data",
     "data",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False),
     help="Calibration data: .pt or .safetensors with a tensor or a dict of tensors "
     "(first dimension = samples; several tensors are passed as keyword inputs).",
@@ -127,6 +127,14 @@ def main() -> None:
     "more). [default: pt2 for a .pt2 MODEL, pickle for a pickle, safetensors otherwise]",
 )
 @click.option(
+    "--state",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Adapt from saved statistics (an eva_state.safetensors from an earlier compile) "
+    "instead of calibrating: only allocation and initialisation run, so --data is not needed "
+    "(except for --format pt2, which needs an example batch).",
+)
+@click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
@@ -151,6 +159,8 @@ def compile_cmd(**opts) -> None:
     """
     if opts["batch_size"] <= 0:
         raise click.BadParameter("must be positive", param_hint="--batch-size")
+    if opts["data"] is None and opts["state"] is None:
+        raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
     opts["targets"] = _patterns(opts["targets"]) or None
     opts["exclude"] = _patterns(opts["exclude"])
     try:
@@ -160,17 +170,18 @@ def compile_cmd(**opts) -> None:
 
 
 def _compile(
-    *, model, data, output, fmt, checkpoint, batch_size, device, seed, allow_pickle, force,
-    quiet, no_adjust_scaling, no_label_mask, **settings
+    *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
+    force, quiet, no_adjust_scaling, no_label_mask, **settings
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     import torch
 
-    from .api import transform
+    from .api import adapt, transform
     from .artifacts import export, save_adapter
     from .config import EvaSettings
     from .data import load_calibration, to_device
     from .io import atomic_directory, load_model
+    from .state import EvaState
 
     settings["adjust_scaling_factors"] = not no_adjust_scaling
     settings["use_label_mask"] = not no_label_mask
@@ -180,15 +191,29 @@ def _compile(
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
-        batches = load_calibration(data, batch_size)
+        batches = load_calibration(data, batch_size) if data is not None else None
         module, kind = load_model(model, allow_pickle=allow_pickle, checkpoint=checkpoint)
         fmt = fmt or {"pt2": "pt2", "pickle": "pickle"}.get(kind, "safetensors")
-        adapted, report = transform(
-            module, batches, device=device, progress=not quiet, inplace=True, **settings
-        )
+        if fmt == "pt2" and batches is None:
+            raise ConfigError("--format pt2 needs --data: the export traces one example batch")
+        written = ["adapter.safetensors", "adapter.json", "report.json"]
+        if state is None:
+            adapted, report, eva_state = transform(
+                module, batches, device=device, progress=not quiet, inplace=True,
+                return_state=True, **settings,
+            )  # fmt: skip
+            eva_state.save(tmp / "eva_state.safetensors")
+            written.append("eva_state.safetensors")
+        else:
+            keys = ("budget", "rho", "alpha", "whiten", "dropout", "adjust_scaling_factors")
+            module.to(device)
+            example = to_device(batches[0], device) if batches else None
+            adapted, report = adapt(
+                module, EvaState.load(state), example=example, inplace=True,
+                **{k: settings[k] for k in keys},
+            )  # fmt: skip
         save_adapter(adapted, tmp, report.settings)
         report.save(tmp / "report.json")
-        written = ["adapter.safetensors", "adapter.json", "report.json"]
         if fmt == "pt2":
             export(adapted, to_device(batches[0], device), tmp / "model.pt2")
             written.append("model.pt2")

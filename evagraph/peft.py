@@ -100,3 +100,58 @@ def to_peft(adapted: nn.Module) -> nn.Module:
 def save_peft(adapted: nn.Module, directory: str | Path) -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA adapter directory."""
     to_peft(adapted).save_pretrained(str(directory))
+
+
+def from_peft_eva_state_dict(
+    model: nn.Module,
+    eva_state_dict: dict[str, torch.Tensor],
+    *,
+    budget: int,
+    alpha: float = 8.0,
+    adjust_scaling_factors: bool = True,
+    dropout: float = 0.0,
+    prefix: str = "base_model.model.",
+) -> nn.Module:
+    """Adapters from an ``eva_state_dict`` that PEFT produced (``peft.get_eva_state_dict``).
+
+    Each entry is a layer's ``A`` (rank x d, already truncated to its rank); B starts at zero
+    and the scale follows PEFT's (``budget`` is PEFT's ``r``). Returns an adapted copy of
+    ``model`` (PEFT's ``prefix`` is stripped from the names).
+    """
+    from .config import EvaSettings
+    from .passes.capture import is_hf_conv1d
+    from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
+
+    settings = EvaSettings(
+        budget=budget, alpha=alpha, adjust_scaling_factors=adjust_scaling_factors, dropout=dropout
+    )
+    work = copy.deepcopy(model)
+    adapters = {}
+    for key, A in eva_state_dict.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if A.shape[0] == 0:
+            continue
+        try:
+            module = work.get_submodule(name)
+        except AttributeError as err:
+            raise ConfigError(
+                f"eva_state_dict names {name}, which the model does not have"
+            ) from err
+        found = _module_layer(module)
+        if found is None or found[0] != "linear":
+            raise ConfigError(f"eva_state_dict entry {name} is not a linear layer of the model")
+        transposed = is_hf_conv1d(module)
+        weight = module.weight
+        out_features = weight.shape[1] if transposed else weight.shape[0]
+        _, scale = layer_scaling(A.shape[0], settings)
+        adapters[name] = LoraAdapter.build(
+            A.detach().to(device=weight.device, dtype=_adapter_dtype(weight)),
+            out_features,
+            None,
+            scale,
+            dropout,
+            layer_name=name,
+            base_weight=f"{name}.weight",
+            weight_transposed=transposed,
+        )
+    return rewrite(work, adapters)

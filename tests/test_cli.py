@@ -62,6 +62,7 @@ def test_compile_bundled_example_writes_three_outputs(example, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter.json",
         "adapter.safetensors",
+        "eva_state.safetensors",
         "model.pt2",
         "report.json",
     ]
@@ -75,6 +76,28 @@ def test_compile_bundled_example_writes_three_outputs(example, tmp_path):
     x = load_file(str(example / "calib.safetensors"))["x"][:8]
     torch.testing.assert_close(adapted(x), original(x), atol=1e-5, rtol=1e-5)
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp left
+
+    # saved statistics: another budget and rho without the data
+    proc = run(
+        "compile",
+        str(example / "tiny_cnn.pt2"),
+        "--state",
+        str(out / "eva_state.safetensors"),
+        "--budget",
+        "2",
+        "--rho",
+        "1",
+        "--format",
+        "safetensors",
+        "-o",
+        str(tmp_path / "again"),
+        "-q",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert {layer["rank"] for layer in again["layers"]} == {2}
+    assert again["rows"] == report["rows"]
 
 
 @pytest.mark.parametrize(
@@ -218,6 +241,7 @@ def test_compile_timm_name_with_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "adapter.json",
         "adapter.safetensors",
+        "eva_state.safetensors",
         "report.json",
     ]
     base = timm.create_model("resnet18")

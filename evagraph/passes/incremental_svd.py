@@ -157,6 +157,7 @@ class Calibration:
     converged: dict[str, bool]
     converged_at: dict[str, int | None]
     batches: dict[str, list[list[int]]]  # group -> consumed minibatches as [start, stop) runs
+    component_converged: dict[str, torch.Tensor]  # group -> per-component flags at the end
     steps: int
     unconverged: list[str] = field(default_factory=list)
 
@@ -274,4 +275,6 @@ def calibrate(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return Calibration(stats, layer_group, dict(ok), converged_at, runs, steps, unconverged)
+    return Calibration(
+        stats, layer_group, dict(ok), converged_at, runs, comp_ok, steps, unconverged
+    )

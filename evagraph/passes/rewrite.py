@@ -28,7 +28,7 @@ from torch import nn
 from ..config import EvaSettings
 from ..lora import LoraAdapter, LoraLayer
 from .incremental_svd import Components
-from .layer_graph import LayerGraph
+from .layer_graph import Layer, LayerGraph
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -51,18 +51,23 @@ def needs_graph_rewrite(layer_graph: LayerGraph, names: Iterable[str]) -> bool:
 
 
 def init_adapters(
-    layer_graph: LayerGraph,
+    model: nn.Module,
+    layers: Mapping[str, Layer],
     ranks: Mapping[str, int],
     components: Mapping[str, Components],
     settings: EvaSettings,
 ) -> dict[str, LoraAdapter]:
-    """EVA initialisation: an adapter per layer with rank > 0 (A = top components, B = 0)."""
+    """EVA initialisation: an adapter per layer with rank > 0 (A = top components, B = 0).
+
+    ``model`` holds the base weights (read for their device and dtype); ``components`` maps
+    each layer to its decomposition.
+    """
     adapters: dict[str, LoraAdapter] = {}
     for name, rank in ranks.items():
         if rank == 0:
             continue
-        layer, stats = layer_graph.layers[name], components[name]
-        weight = layer_graph.gm.get_parameter(layer.weight)
+        layer, stats = layers[name], components[name]
+        weight = model.get_parameter(layer.weight)
         A = stats.components[:rank]
         if settings.whiten:
             A = A / stats.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
