@@ -160,15 +160,22 @@ def exact_similarities(args, ranks: dict, components: dict, batch_ids: dict) -> 
     grams: dict[str, list] = {n: [0, 0.0, 0.0] for n in names}  # rows, sum, x^T x (float64)
     current: list = [None]
 
+    cache: dict = {}  # layers reading one tensor (q/k/v) share its x^T x within a batch
+
     def hook(name):
         def fn(module, inputs):
             if current[0] in batch_ids[name]:
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                key = (current[0], inputs[0].data_ptr())
+                if key not in cache:
+                    x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                    cache.clear()
+                    cache[key] = (x.shape[0], x.sum(0), x.T @ x)
+                rows, total, xtx = cache[key]
                 times = batch_ids[name].count(current[0])  # PEFT may see a batch twice
                 g = grams[name]
-                g[0] += times * x.shape[0]
-                g[1] = g[1] + times * x.sum(0)
-                g[2] = g[2] + times * (x.T @ x)
+                g[0] += times * rows
+                g[1] = g[1] + times * total
+                g[2] = g[2] + times * xtx
 
         return fn
 

@@ -166,3 +166,23 @@ def insert_probes(
     group_probes = {gid: [probe_of_key[k] for k in keys] for gid, keys in group_keys.items()}
     dims = {gid: layer_graph.layers[m[0]].in_features for gid, m in groups.items()}
     return ProbedGraph(gm, probes, groups, group_probes, dims)
+
+
+def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
+    """The probed graph cut down to what the probes in ``names`` need.
+
+    The output becomes those probes' values and everything they do not depend on is
+    dropped: the LM head, and layers that only feed converged probes. Shares modules (and
+    probes) with ``probed.gm``.
+    """
+    graph = copy.deepcopy(probed.gm.graph)
+    wanted = tuple(n for n in graph.nodes if n.op == "call_module" and n.target in names)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (wanted,)
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:  # export graphs unflatten outputs by a spec that no longer applies
+        graph._codegen.pytree_info = info._replace(out_spec=None)
+    gm = fx.GraphModule(probed.gm, graph, "SlicedProbedGraph")
+    gm.graph.eliminate_dead_code()  # needs an owning module for its purity checks
+    gm.recompile()
+    return gm
