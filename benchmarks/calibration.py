@@ -160,17 +160,15 @@ def exact_similarities(args, ranks: dict, components: dict, batch_ids: dict) -> 
     grams: dict[str, list] = {n: [0, 0.0, 0.0] for n in names}  # rows, sum, x^T x (float64)
     current: list = [None]
 
-    cache: dict = {}  # layers reading one tensor (q/k/v) share its x^T x within a batch
+    cache: list = [None, None]  # layers reading one tensor (q/k/v) share its x^T x
 
     def hook(name):
         def fn(module, inputs):
             if current[0] in batch_ids[name]:
-                key = (current[0], inputs[0].data_ptr())
-                if key not in cache:
+                if cache[0] is not inputs[0]:  # identity, and held so it cannot be reused
                     x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-                    cache.clear()
-                    cache[key] = (x.shape[0], x.sum(0), x.T @ x)
-                rows, total, xtx = cache[key]
+                    cache[:] = [inputs[0], (x.shape[0], x.sum(0), x.T @ x)]
+                rows, total, xtx = cache[1]
                 times = batch_ids[name].count(current[0])  # PEFT may see a batch twice
                 g = grams[name]
                 g[0] += times * rows
@@ -255,6 +253,13 @@ def main() -> None:
         results[m] = run_worker(m, argv)
     for m in methods:
         results[f"forward ({m})"] = run_worker("forward", argv, steps=results[m]["forwards"])
+        print(
+            f"{m}: {results[m]['seconds']:.1f} s, {results[m]['forwards']} forwards, "
+            f"plain {results[f'forward ({m})']['seconds']:.1f} s, "
+            f"peak {results[m]['peak_mb']:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
     if not args.no_quality:
         for m in methods:
             r = results[m]
