@@ -16,6 +16,7 @@ layers all converged stop being probed, and start again if an allotment grows.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -170,10 +171,22 @@ class Calibration:
     steps: int
     unconverged: list[str] = field(default_factory=list)
 
-    def ratios(self) -> dict[str, torch.Tensor]:
-        return {
-            layer: self.stats[g].explained_variance_ratio for layer, g in self.layer_group.items()
-        }
+
+def _schedule(sim: torch.Tensor, tau: float, gap: int, max_gap: int = 8) -> int:
+    """Minibatches until a group's next decomposition.
+
+    Every minibatch's rows are accumulated either way; only the eigendecomposition (the
+    costly part) is deferred while the group is far from converging. The angle its least
+    stable needed component moved since the last check, divided by the minibatches between
+    (an optimistic per-minibatch estimate, so it errs towards checking sooner), is compared
+    with the angle ``arccos(tau)`` the criterion allows: beyond four times that, the gap
+    doubles (up to ``max_gap``); otherwise it is 1. A check after a gap never declares
+    convergence (see ``calibrate``), so convergence is always the per-minibatch criterion
+    met at some minibatch, on at least the rows the every-batch schedule uses.
+    """
+    worst = float(sim.min()) if sim.numel() else 1.0
+    per_batch = math.acos(min(1.0, max(-1.0, worst))) / gap
+    return min(2 * gap, max_gap) if per_batch > 4 * math.acos(tau) else 1
 
 
 def calibrate(
@@ -208,6 +221,9 @@ def calibrate(
     comp_ok = {g: torch.zeros(pca.k, dtype=torch.bool) for g, pca in pcas.items()}
     seen = dict.fromkeys(pcas, 0)
     runs: dict[str, list[list[int]]] = {g: [] for g in pcas}
+    checked = dict.fromkeys(pcas, 0)  # step of each group's last decomposition
+    next_check = dict.fromkeys(pcas, 0)
+    gap = dict.fromkeys(pcas, 1)
     ranks = {layer: pcas[g].k for layer, g in layer_group.items()}
     ok = dict.fromkeys(layer_group, False)
     converged_at: dict[str, int | None] = dict.fromkeys(layer_group)
@@ -246,13 +262,25 @@ def calibrate(
                     runs[g][-1][1] = steps
                 else:
                     runs[g].append([steps - 1, steps])
-                old = stats[g]
-                new = pcas[g].decompose()
+                if steps < next_check[g] and stats[g] is not None:
+                    continue  # rows accumulated; decomposition deferred (see _schedule)
+                old, new = stats[g], pcas[g].decompose()
                 if new is None:
                     continue
                 if old is not None:
-                    sim = (new.components * old.components).sum(dim=1).abs()
-                    comp_ok[g] = (sim >= settings.tau).cpu()
+                    sim = (new.components * old.components).sum(dim=1).abs().cpu()
+                    needed = max(ranks[m] for m in probed.groups[g])
+                    consecutive = checked[g] == steps - 1
+                    # Only a comparison with the previous minibatch's estimate can declare
+                    # convergence: the spec's criterion, applied at this batch.
+                    comp_ok[g] = (
+                        sim >= settings.tau
+                        if consecutive
+                        else torch.zeros_like(sim, dtype=torch.bool)
+                    )
+                    gap[g] = _schedule(sim[:needed], settings.tau, gap[g])
+                next_check[g] = steps + gap[g]
+                checked[g] = steps
                 stats[g] = new
             if all(s is not None for s in stats.values()):
                 ranks = allocate(

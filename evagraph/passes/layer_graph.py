@@ -95,9 +95,6 @@ class LayerGraph:
     unsupported: dict[str, str]
     graph: nx.DiGraph
 
-    def group_of(self, layer: str) -> str:
-        return next(g for g, members in self.groups.items() if layer in members)
-
 
 # Functional and ATen ops that are a linear or a convolution; their arguments follow the
 # ATen schema (input, weight, bias, stride, padding, dilation, groups).
