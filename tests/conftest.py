@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +74,19 @@ def exact_pca(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     var = s.pow(2) / (x.shape[0] - 1)
     return vh[:k].float(), (var[:k] / var.sum()).float()
+
+
+def quiet(fn, *args, **kwargs):
+    """Call ``fn`` with ConvergenceWarning silenced: tiny random data rarely converges."""
+    from evagraph import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return fn(*args, **kwargs)
+
+
+def loras(model: nn.Module) -> dict:
+    """The model's LoRA adapters by layer name."""
+    from evagraph.lora import LoraAdapter
+
+    return {m.layer_name: m for m in model.modules() if isinstance(m, LoraAdapter)}

@@ -1,24 +1,11 @@
 """Each EVA option, with a test that shows its effect."""
 
-import warnings
-
 import pytest
 import torch
-from conftest import SharedMLP, correlated, exact_pca
+from conftest import SharedMLP, correlated, exact_pca, loras, quiet
 from test_models import build
 
 import evagraph
-from evagraph.lora import LoraAdapter
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
-        return fn(*args, **kwargs)
-
-
-def loras(model):
-    return {m.layer_name: m for m in model.modules() if isinstance(m, LoraAdapter)}
 
 
 def lm_batches_with_labels(n=4):

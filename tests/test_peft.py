@@ -1,10 +1,10 @@
 """Differential tests against HF PEFT's EVA, and PEFT interoperability."""
 
 import types
-import warnings
 
 import pytest
 import torch
+from conftest import quiet
 from test_models import build, call
 
 import evagraph
@@ -62,12 +62,6 @@ def test_allocation_matches_peft_on_the_same_numbers(seed):
     ours = allocate(ratios, budget, rho, groups)
     assert ours == peft_ranks(ratios, groups, budget, rho)
     assert sum(ours.values()) == budget * len(ratios)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
-        return fn(*args, **kwargs)
 
 
 @pytest.mark.slow

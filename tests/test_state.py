@@ -4,21 +4,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import loras, quiet
 from test_models import build, call
 from test_peft import zipf_batches
 
 import evagraph
 from evagraph.lora import LoraAdapter
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
-        return fn(*args, **kwargs)
-
-
-def loras(model):
-    return {m.layer_name: m for m in model.modules() if isinstance(m, LoraAdapter)}
 
 
 def test_saved_state_rebuilds_the_same_adapters(tmp_path):
