@@ -11,15 +11,10 @@ import contextlib
 import warnings
 
 import torch
+from conftest import subspace_similarity
 
 import evagraph
 from evagraph.passes.probe import activation_rows
-
-
-def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    qa, _ = torch.linalg.qr(a.detach().T.double())
-    qb, _ = torch.linalg.qr(b.detach().T.double())
-    return float(torch.linalg.svdvals(qa.T @ qb).pow(2).mean())
 
 
 def exact_components(rows: torch.Tensor, rank: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import SharedMLP, SmallCNN, exact_pca, subspace_similarity
+from conftest import SharedMLP, SmallCNN, exact_pca, loras, subspace_similarity
 from torch import nn
 
 import evagraph
@@ -21,10 +21,6 @@ def decaying(n: int, d: int, seed: int = 0, lead: tuple[int, ...] = ()) -> torch
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
     z = torch.randn(n, *lead, d, generator=g) * (0.75 ** torch.arange(d))
     return z @ q.T + 1.0
-
-
-def lora_of(model: nn.Module, name: str) -> LoraAdapter:
-    return next(m for m in model.modules() if isinstance(m, LoraAdapter) and m.layer_name == name)
 
 
 def rows_seen(model: nn.Module, name: str, batches, report) -> torch.Tensor:
@@ -52,7 +48,7 @@ def check_adapted(model, adapted, report, batches, budget, x):
     for layer in report.layers:
         if layer.rank == 0:
             continue
-        lora = lora_of(adapted, layer.name)
+        lora = loras(adapted)[layer.name]
         A = lora.lora_A.weight.reshape(layer.rank, -1)
         assert lora.rank == layer.rank
         torch.testing.assert_close(A @ A.T, torch.eye(layer.rank), atol=1e-4, rtol=0)
@@ -102,7 +98,7 @@ def test_mlp_end_to_end():
     # q/k read the input directly: A equals the exact components, signs included
     ref, ref_ratio = exact_pca(rows_seen(model, "q", batches, report), 8)
     q = next(r for r in report.layers if r.name == "q")
-    A = lora_of(adapted, "q").lora_A.weight
+    A = loras(adapted)["q"].lora_A.weight
     ref = ref * torch.sign(ref.gather(1, ref.abs().argmax(1, keepdim=True)))
     torch.testing.assert_close(A, ref[: q.rank], atol=2e-3, rtol=0)
     torch.testing.assert_close(
@@ -134,7 +130,7 @@ def test_timm_resnet18_end_to_end():
     assert sum(report.ranks.values()) == 2 * 20
     for layer in report.layers:
         if layer.rank:
-            A = lora_of(adapted, layer.name).lora_A.weight.reshape(layer.rank, -1)
+            A = loras(adapted)[layer.name].lora_A.weight.reshape(layer.rank, -1)
             torch.testing.assert_close(A @ A.T, torch.eye(layer.rank), atol=1e-4, rtol=0)
     check_trains(model, adapted, batches[0], every_b_moves=False)
 
@@ -149,7 +145,7 @@ def test_shared_input_one_probe_one_decomposition_own_ranks():
     adapted, report = evagraph.transform(model, batches, budget=3, rho=2, progress=False)
     q, k = (next(r for r in report.layers if r.name == n) for n in ("q", "k"))
     assert q.group == k.group and q.explained_variance_ratio == k.explained_variance_ratio
-    assert lora_of(adapted, "q").rank == q.rank and lora_of(adapted, "k").rank == k.rank
+    assert loras(adapted)["q"].rank == q.rank and loras(adapted)["k"].rank == k.rank
 
 
 class MaskedModel(nn.Module):
@@ -303,12 +299,12 @@ def test_scaling_and_whitening_options():
     )
     for layer in r1.layers:
         if layer.rank:
-            assert lora_of(a1, layer.name).scaling == pytest.approx(8 / 4)
+            assert loras(a1)[layer.name].scaling == pytest.approx(8 / 4)
     for layer in r2.layers:
         if layer.rank:
-            assert lora_of(a2, layer.name).scaling == pytest.approx(8 / layer.rank)
-            A1 = lora_of(a1, layer.name).lora_A.weight
-            A2 = lora_of(a2, layer.name).lora_A.weight
+            assert loras(a2)[layer.name].scaling == pytest.approx(8 / layer.rank)
+            A1 = loras(a1)[layer.name].lora_A.weight
+            A2 = loras(a2)[layer.name].lora_A.weight
             norms = A2.norm(dim=1)
             assert not torch.allclose(norms, torch.ones_like(norms))
             torch.testing.assert_close(A2 / norms[:, None], A1, atol=1e-5, rtol=0)
