@@ -16,6 +16,7 @@ from .errors import (
     DataError,
     EvagraphError,
     ModelLoadError,
+    OutputError,
 )
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
 from .merge import merge, unmerge
@@ -37,6 +38,7 @@ __all__ = [
     "LoraAdapter",
     "LoraLayer",
     "ModelLoadError",
+    "OutputError",
     "Report",
     "adapt",
     "adapter_state_dict",

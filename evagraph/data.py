@@ -20,6 +20,15 @@ def call_model(model: torch.nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def batch_failed(index: int, err: Exception) -> DataError:
+    """The error for a batch the model could not run: the first line of what it raised."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return DataError(
+        f"the model failed on calibration batch {index}: {type(err).__name__}: {first}"
+    )
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)

@@ -21,5 +21,9 @@ class ModelLoadError(EvagraphError):
     """A model file could not be loaded (or would need an explicit opt-in to be loaded)."""
 
 
+class OutputError(EvagraphError, OSError):
+    """The output location cannot be written (not a directory, no permission, read-only)."""
+
+
 class ConvergenceWarning(UserWarning):
     """Calibration stopped before every layer's components converged."""

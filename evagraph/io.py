@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OutputError
 
 
 def load_model(
@@ -49,6 +49,13 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # The safe unpickler names the class it refused ("GLOBAL module.Class"); anything
+        # else it fails on is a damaged file or not a torch.save file at all.
+        if "GLOBAL" not in str(err):
+            raise ModelLoadError(
+                f"cannot read {path}: not a torch.save file, .pt2 archive, HF model directory "
+                "or timm model name (or the file is damaged)"
+            ) from err
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path} holds pickled Python objects (e.g. a whole-module pickle from "
@@ -121,9 +128,14 @@ def atomic_directory(target: str | Path, *, force: bool = False) -> Iterator[Pat
     """
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise FileExistsError(f"output directory {target} exists and is not empty (use --force)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        raise FileExistsError(f"output {target} exists and is not an empty directory (use --force)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:
+        blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else f"{err.strerror or err} ({err.filename})"
+        raise OutputError(f"cannot write output directory {target}: {reason}") from err
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private

@@ -17,8 +17,14 @@ magnitude faster on the models it can trace and keeps the model's own leaf modul
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+import io
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +69,39 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(err: BaseException) -> str:
+    """Where in the model's own code tracing failed: ``file:line in fn: `code```, or ""."""
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if not f.filename.startswith(_TORCH_DIR) and "/evagraph/" not in f.filename
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    # A failing export logs a warning per failed guard and prints the partial graph to
+    # stderr; the reason reaches the user once, in the CaptureError. On success whatever was
+    # written (e.g. the model's own warnings) is passed on.
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+        sys.stderr.write(buffer.getvalue())
+    finally:
+        logger.setLevel(level)
+
+
 def _auto_dims(value: Any) -> Any:
     # Every dimension of every tensor may vary (batch, sequence, image size); export keeps
     # static whatever the model's code pins down.
@@ -94,13 +133,14 @@ def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgr
     for c in cached:
         c.use_cache = False
     try:
-        return torch.export.export(
-            model,
-            args,
-            kwargs,
-            dynamic_shapes=_auto_dims(kwargs) if kwargs else _auto_dims(args),
-            strict=False,
-        )
+        with _quiet_export():
+            return torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=_auto_dims(kwargs) if kwargs else _auto_dims(args),
+                strict=False,
+            )
     finally:
         for c in cached:
             c.use_cache = True
@@ -131,7 +171,8 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         fx_error = err
     if example is None:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__} ({_first_line(fx_error)}) and "
+            f"torch.fx could not trace {type(model).__name__} ({_first_line(fx_error)}"
+            f"{_user_frame(fx_error)}) and "
             "torch.export needs an example batch"
         ) from fx_error
     try:
@@ -139,7 +180,8 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
     except Exception as err:
         raise CaptureError(
             f"cannot capture {type(model).__name__} as a graph. torch.fx: "
-            f"{_first_line(fx_error)}; torch.export: {_first_line(err)}. Check that the model "
+            f"{_first_line(fx_error)}{_user_frame(fx_error)}; torch.export: "
+            f"{_first_line(err)}{_user_frame(err)}. Check that the model "
             "runs on the calibration batch as given (a dict is passed as keyword arguments), "
             "or exclude the construct named above from the model."
         ) from err

@@ -54,6 +54,9 @@ def select_targets(
     if not chosen:
         raise ConfigError(
             "no adaptable layer selected: "
-            + ("; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5]) or "none found")
+            + (
+                "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5])
+                or "the model has no Linear, Conv1d/2d/3d or HF Conv1D layer on its path"
+            )
         )
     return Selection(chosen, skipped)
