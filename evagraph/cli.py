@@ -41,7 +41,7 @@ def main() -> None:
     "output",
     required=True,
     type=click.Path(file_okay=False),
-    help="Directory for the adapted model, adapter.safetensors and report.json.",
+    help="Directory for the adapted model, adapter.safetensors and report.json/.html.",
 )
 @click.option(
     "--budget",
@@ -149,7 +149,9 @@ def compile_cmd(**opts) -> None:
     or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
 
     OUTDIR gets adapter.safetensors + adapter.json (re-apply with evagraph.apply_adapter),
-    report.json, and per --format the adapted model (model.pt2, model.pt) or a PEFT adapter.
+    report.json with its picture report.html (+ report.png if matplotlib is installed; see
+    `evagraph report`), and per --format the adapted model (model.pt2, model.pt) or a PEFT
+    adapter.
 
     \b
     Examples:
@@ -181,6 +183,7 @@ def _compile(
     from .config import EvaSettings
     from .data import load_calibration, to_device
     from .io import atomic_directory, load_model
+    from .render import render_report
     from .state import EvaState
 
     settings["adjust_scaling_factors"] = not no_adjust_scaling
@@ -214,6 +217,7 @@ def _compile(
             )  # fmt: skip
         save_adapter(adapted, tmp, report.settings)
         report.save(tmp / "report.json")
+        written += [path.name for path in render_report(report, tmp)]
         if fmt == "pt2":
             export(adapted, to_device(batches[0], device), tmp / "model.pt2")
             written.append("model.pt2")
@@ -231,6 +235,42 @@ def _compile(
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+@main.command("report")
+@click.argument("outdir", type=click.Path(file_okay=False))
+def report_cmd(outdir: str) -> None:
+    """Show what a compile did: a table of OUTDIR/report.json, and its pictures re-drawn.
+
+    Prints one row per target layer in depth order (kind, in->out features, rank, the
+    minibatch at which it converged, and the share of its input variance that its rank
+    captures), then the skipped layers with their reasons. Rewrites OUTDIR/report.html
+    (charts of rank, cumulative explained variance and convergence per layer; opens in
+    any browser, no network needed) and OUTDIR/report.png if matplotlib is installed.
+
+    \b
+    Example:
+      evagraph compile model.pt2 --data calib.safetensors -o out/
+      evagraph report out/
+    """
+    from pathlib import Path
+
+    from .render import render_report, report_table
+    from .report import Report
+
+    path = Path(outdir) / "report.json"
+    if not path.is_file():
+        raise click.ClickException(f"no report.json in {outdir} (evagraph compile writes one)")
+    try:
+        report = Report.load(path)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f"cannot read {path}: {err}") from err
+    click.echo(report_table(report))
+    try:
+        written = render_report(report, outdir)
+    except OSError as err:
+        raise click.ClickException(f"cannot write the report pictures: {err}") from err
+    click.echo(f"\nwrote {', '.join(str(p) for p in written)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -57,3 +57,51 @@ class Report:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        """Read a ``report.json`` written by ``save``.
+
+        Raises ValueError naming what is wrong if the file is not JSON or not a report.
+        Unknown keys (and the derived ``converged`` / ``total_rank``) are ignored.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err})") from err
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise ValueError("no 'layers' list: not an evagraph report")
+        layer_keys = {f.name for f in fields(LayerReport)}
+        report_keys = {f.name for f in fields(cls)}
+        try:
+            layers = [
+                LayerReport(**{k: v for k, v in layer.items() if k in layer_keys})
+                for layer in data["layers"]
+            ]
+            kwargs = {k: v for k, v in data.items() if k in report_keys and k != "layers"}
+            report = cls(layers=layers, **kwargs)
+        except (TypeError, AttributeError) as err:  # a missing key, or a layer not an object
+            raise ValueError(f"not an evagraph report: {err}") from err
+        # The renderers do arithmetic on these: catch a hand-edited file here, by name.
+        for layer in report.layers:
+            ints = (layer.rank, layer.in_features, layer.out_features, layer.depth)
+            ratios = layer.explained_variance_ratio
+            if not (
+                all(isinstance(v, int) for v in ints)
+                and isinstance(ratios, list)
+                and all(isinstance(v, (int, float)) for v in ratios)
+                and isinstance(layer.steps_to_converge, (int, type(None)))
+            ):
+                raise ValueError(f"layer {layer.name!r} has a field of the wrong type")
+        if not isinstance(report.steps, int) or not isinstance(report.skipped, dict):
+            raise ValueError("'steps' or 'skipped' has the wrong type")
+        return report
+
+    def render(self, outdir: str | Path) -> list[Path]:
+        """Write ``report.html`` (and ``report.png`` if matplotlib is installed) to ``outdir``.
+
+        Returns the paths written; see ``evagraph.render.render_report``.
+        """
+        from .render import render_report
+
+        return render_report(self, outdir)
