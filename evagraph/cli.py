@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import signal
 import sys
+import warnings
 
 import click
 
-from .errors import ConfigError, EvagraphError
+from .errors import ConfigError, ConvergenceWarning, EvagraphError
 
 
 def _patterns(values: tuple[str, ...]) -> list[str]:
@@ -109,11 +111,23 @@ def main() -> None:
     type=int,
     help="Minibatches a layer must see before it may count as converged.",
 )
+@click.option(
+    "--fail-unconverged",
+    is_flag=True,
+    help="Exit with an error (writing nothing) if calibration ends before every adapted "
+    "layer converged; by default that is a warning naming the layers.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option(
     "--allow-pickle",
     is_flag=True,
     help="Allow MODEL to be a whole-module pickle (runs code from the file).",
+)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow a Hugging Face MODEL directory that ships its own modelling code (auto_map "
+    "in config.json) to run it.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
 @click.option(
@@ -165,15 +179,35 @@ def compile_cmd(**opts) -> None:
         raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
     opts["targets"] = _patterns(opts["targets"]) or None
     opts["exclude"] = _patterns(opts["exclude"])
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
+    # removed; the default action would leave it behind.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         _compile(**opts)
-    except (EvagraphError, FileExistsError, PermissionError) as err:
+    except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
         raise click.ClickException(str(err)) from err
+    except KeyboardInterrupt:
+        click.echo("evagraph: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except _Terminated:
+        click.echo("evagraph: terminated; nothing was written", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException, so no ``except Exception`` eats it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
-    force, quiet, no_adjust_scaling, no_label_mask, **settings
+    force, quiet, no_adjust_scaling, no_label_mask, fail_unconverged, trust_remote_code,
+    **settings
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     import torch
@@ -195,16 +229,22 @@ def _compile(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
         batches = load_calibration(data, batch_size) if data is not None else None
-        module, kind = load_model(model, allow_pickle=allow_pickle, checkpoint=checkpoint)
+        module, kind = load_model(
+            model, allow_pickle=allow_pickle, checkpoint=checkpoint,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
         fmt = fmt or {"pt2": "pt2", "pickle": "pickle"}.get(kind, "safetensors")
         if fmt == "pt2" and batches is None:
             raise ConfigError("--format pt2 needs --data: the export traces one example batch")
         written = ["adapter.safetensors", "adapter.json", "report.json"]
         if state is None:
-            adapted, report, eva_state = transform(
-                module, batches, device=device, progress=not quiet, inplace=True,
-                return_state=True, **settings,
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                if fail_unconverged:  # the warning becomes the error, raised before writing
+                    warnings.simplefilter("error", ConvergenceWarning)
+                adapted, report, eva_state = transform(
+                    module, batches, device=device, progress=not quiet, inplace=True,
+                    return_state=True, **settings,
+                )  # fmt: skip
             eva_state.save(tmp / "eva_state.safetensors")
             written.append("eva_state.safetensors")
         else:

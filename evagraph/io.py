@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -17,7 +18,11 @@ from .errors import ModelLoadError, OutputError
 
 
 def load_model(
-    spec: str | Path, *, allow_pickle: bool = False, checkpoint: str | Path | None = None
+    spec: str | Path,
+    *,
+    allow_pickle: bool = False,
+    checkpoint: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, str]:
     """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
 
@@ -25,10 +30,12 @@ def load_model(
     runs), a local Hugging Face model directory (``save_pretrained``; safetensors weights), a
     timm model name (random init, or ``checkpoint``: a local state dict), or a whole-module
     pickle, which executes code while loading and so is refused unless ``allow_pickle``.
+    HF directories that ship their own modelling code (``auto_map``) need
+    ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``.
     """
     path = Path(spec)
     if path.is_dir():
-        return _load_hf(path, allow_pickle), "hf"
+        return _load_hf(path, allow_pickle, trust_remote_code), "hf"
     if not path.exists():
         import timm
 
@@ -77,19 +84,39 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     return obj
 
 
-def _load_hf(path: Path, allow_pickle: bool) -> nn.Module:
+def _load_hf(path: Path, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:
     import transformers
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is a directory without config.json: not a HF model")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {err}") from err
+    # Checked here, not left to transformers, which would prompt on stdin.
+    if auto_map and not trust_remote_code:
+        files = sorted({f"{str(v).split('.')[0]}.py" for v in auto_map.values()})
+        raise ModelLoadError(
+            f"{path} is a Hugging Face model with its own code ({', '.join(files)}, named by "
+            "auto_map in config.json): loading it runs that code. Pass --trust-remote-code "
+            "(trust_remote_code=True) only if you trust it"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
+        if auto_map:  # the model's own class, through the Auto class its code registered
+            auto = next((k for k in auto_map if k.startswith("AutoModel")), "AutoModel")
+            cls = getattr(transformers, auto)
         cls = cls or transformers.AutoModel
         # .bin weights are pickles: only with the same opt-in as whole-module pickles.
         model = cls.from_pretrained(
-            path, local_files_only=True, use_safetensors=None if allow_pickle else True
+            path,
+            local_files_only=True,
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as err:
         raise ModelLoadError(

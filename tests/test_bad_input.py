@@ -242,3 +242,85 @@ def test_cli_not_converged_is_a_warning_by_default(example, tmp_path):
     assert result.exit_code == 0, result.output
     assert "NOT all converged" in result.stdout
     assert (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+CONFIG_CODE = """
+import os
+from transformers import PretrainedConfig
+
+if os.environ.get("EVAGRAPH_TEST_MARKER"):  # the "payload": proves whether this code ran
+    open(os.environ["EVAGRAPH_TEST_MARKER"], "w").write("ran")
+
+
+class RemoteConfig(PretrainedConfig):
+    model_type = "evagraph-test-remote"
+
+    def __init__(self, width=16, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+"""
+
+MODEL_CODE = """
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_remote import RemoteConfig
+
+
+class RemoteModel(PreTrainedModel):
+    config_class = RemoteConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.up = nn.Linear(config.width, 32)
+        self.down = nn.Linear(32, config.width)
+        self.post_init()
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+"""
+
+
+def test_hf_model_with_its_own_code_needs_trust_remote_code(tmp_path, monkeypatch):
+    import importlib
+
+    package = tmp_path / "src" / "remote_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "configuration_remote.py").write_text(CONFIG_CODE)
+    (package / "modeling_remote.py").write_text(MODEL_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    config_mod = importlib.import_module("remote_pkg.configuration_remote")
+    model_mod = importlib.import_module("remote_pkg.modeling_remote")
+    config_mod.RemoteConfig.register_for_auto_class()
+    model_mod.RemoteModel.register_for_auto_class("AutoModel")
+    model_mod.RemoteModel(config_mod.RemoteConfig()).save_pretrained(tmp_path / "hf")
+    save_file({"x": torch.randn(64, 16)}, str(tmp_path / "d.safetensors"))
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("EVAGRAPH_TEST_MARKER", str(marker))
+    args = (str(tmp_path / "hf"), "--data", str(tmp_path / "d.safetensors"), "--budget", "2")
+    line = one_line(cli(*args, "-o", str(tmp_path / "o")))
+    assert "its own code (configuration_remote.py, modeling_remote.py" in line
+    assert "--trust-remote-code" in line
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        result = cli(*args, "-o", str(tmp_path / "o"), "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    assert marker.exists() and (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+def test_batch_that_does_not_fit_an_exported_model_is_a_data_error():
+    # fx cannot trace GPT-2, so capture goes through torch.export with the batch: its failure
+    # must still be reported as the data's (a misspelt key), not as an untraceable model.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = GPT2LMHeadModel(config).eval()
+    data = [{"input_idz": torch.randint(0, 50, (2, 8))}]
+    with pytest.raises(
+        DataError, match="batch 0: ValueError: You have to specify either input_ids"
+    ):
+        transform(model, data)
