@@ -132,9 +132,15 @@ def _adapt(
             )
         )
     skipped = dict(state.skipped)
-    skipped.update(
-        {n: "rank 0: its variance did not make the global cut" for n, r in ranks.items() if not r}
-    )
+    for n, r in ranks.items():
+        if r:
+            continue
+        dead = not bool((state.components[state.layer_group[n]].explained_variance > 0).any())
+        skipped[n] = (
+            "rank 0: its inputs have no variance (constant, zero or masked)"
+            if dead
+            else "rank 0: its variance did not make the global cut"
+        )
     graph_mode = any(state.layers[n].module is None for n in adapters)
     report = Report(
         settings={**state.settings, **settings.to_dict()},

@@ -24,7 +24,15 @@ from .lora import LoraAdapter, LoraLayer
 
 
 @torch.no_grad()
-def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float) -> None:
+def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float, folded: dict[int, str]) -> None:
+    # Layers with tied weights (one Parameter) have one adapter each; one weight cannot hold
+    # both deltas, and folding both would change every such layer by the sum of them.
+    if id(weight) in folded:
+        raise ConfigError(
+            f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base weight "
+            f"({adapter.base_weight}): it cannot hold both deltas, so they cannot be merged"
+        )
+    folded[id(weight)] = adapter.layer_name
     delta = adapter.delta_weight().to(weight.device)
     if delta.shape != weight.shape:
         raise ConfigError(
@@ -37,11 +45,15 @@ def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float) -> None:
 def merge(model: nn.Module) -> nn.Module:
     """A plain copy of ``model`` with every LoRA adapter folded into its base weight."""
     merged = copy.deepcopy(model)
-    found = False
-    for name, module in list(merged.named_modules()):
+    found, folded = False, {}
+    # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
+    unwrapped: set[int] = set()
+    for name, module in list(merged.named_modules(remove_duplicate=False)):
         if isinstance(module, LoraLayer):
             found = True
-            _fold(module.base_layer.weight, module.lora, +1.0)
+            if id(module) not in unwrapped:
+                _fold(module.base_layer.weight, module.lora, +1.0, folded)
+                unwrapped.add(id(module))
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.base_layer)
     if isinstance(merged, fx.GraphModule):  # adapters spliced into a graph
@@ -52,7 +64,7 @@ def merge(model: nn.Module) -> nn.Module:
             if not isinstance(adapter, LoraAdapter):
                 continue
             found = True
-            _fold(merged.get_parameter(adapter.base_weight), adapter, +1.0)
+            _fold(merged.get_parameter(adapter.base_weight), adapter, +1.0, folded)
             for add in list(node.users):  # y + lora(x)  ->  y
                 if add.target is operator.add:
                     add.replace_all_uses_with(add.args[0])
@@ -81,7 +93,8 @@ def unmerge(merged: nn.Module, adapters: nn.Module | str | Path, example=None) -
         found = load_adapters(adapters)
     work = copy.deepcopy(merged)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    folded: dict[int, str] = {}
     for adapter in found.values():
         adapter.to(device)
-        _fold(work.get_parameter(adapter.base_weight), adapter, -1.0)
+        _fold(work.get_parameter(adapter.base_weight), adapter, -1.0, folded)
     return attach_adapters(work, found, example, source="the adapters")

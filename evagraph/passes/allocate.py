@@ -4,7 +4,9 @@ Takes each target layer's explained-variance ratios (descending, one per compone
 budget ``r`` and ``rho``, and optionally the groups of layers that share one decomposition,
 and returns ``{layer: rank}``: the first ``k = round(r * rho)`` ratios of every layer are
 ranked together and the top ``r * L`` kept; a layer's rank is how many of its own were kept
-(0..k). With rho = 1 every layer gets r (when it has r components).
+(0..k). With rho = 1 every layer gets r (when it has r components). Components with zero
+variance (ratio 0) are never kept, so the ranks sum to less than ``r * L`` only when fewer
+than that many components carry variance.
 
 Layers of a shared-input group carry identical ratios, so the cut can fall inside a tie.
 Ties are resolved exactly as PEFT's EVA resolves them (the same ``torch.argsort`` over the
@@ -35,7 +37,9 @@ def allocate(
         raise ValueError("groups must partition the layers in ratios")
     per_layer = [torch.as_tensor(ratios[n]).detach().flatten()[:k].float().cpu() for n in order]
     owners = [n for n, v in zip(order, per_layer) for _ in range(len(v))]
-    kept = torch.argsort(torch.cat(per_layer), descending=True)[: budget * len(names)]
+    values = torch.cat(per_layer)
+    kept = torch.argsort(values, descending=True)[: budget * len(names)]
+    kept = kept[values[kept] > 0]  # a zero-variance direction is no component: its rank is lost
     counts = Counter(owners[i] for i in kept.tolist())
     ranks = {n: counts.get(n, 0) for n in names}
     for g in groups:  # the group's leader takes the highest rank among its members

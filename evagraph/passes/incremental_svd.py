@@ -61,6 +61,10 @@ class StreamingPCA:
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = rows.to(torch.float32)
+        if weights is not None:
+            # where, not a product: padding rows may hold NaN/Inf (a softmax over a fully
+            # masked row), and 0 * NaN would poison the sums.
+            x = torch.where(weights[:, None] > 0, x, 0.0)
         if self.shift is None:  # mean of the kept rows: masked outliers must not move it
             if weights is None:
                 self.shift = x.mean(0)
@@ -96,7 +100,7 @@ class StreamingPCA:
             ev, vecs = ev.float(), vecs.float()
         else:
             ev, vecs, self._basis = top_eigenpairs(cov, self.k, self._basis, tol=1e-5)
-        ev = ev.clamp_min(0)
+        ev = _without_noise(ev, vecs, self.shift + centre)
         # sklearn's svd_flip for V: the largest-magnitude entry of each component is positive.
         pivot = vecs.abs().argmax(dim=1, keepdim=True)
         signs = torch.sign(vecs.gather(1, pivot))
@@ -112,12 +116,26 @@ class StreamingPCA:
         )
 
 
+# Variances below either floor are rounding noise, set to exactly 0 so that allocation never
+# takes their (arbitrary) directions as components: float32 second moments resolve eigenvalues
+# to about 1e-7 of the largest (measured: 2e-8 over 400 rows, 1.3e-7 over 200k rows), and
+# float32 inputs carry no variance below their own rounding, (eps * mean)^2 along a direction.
+_NOISE_RTOL = 1e-5
+
+
+def _without_noise(ev: torch.Tensor, vecs: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    eps = torch.finfo(torch.float32).eps
+    floor = torch.maximum(_NOISE_RTOL * ev.max().clamp_min(0), eps**2 * (vecs.pow(2) @ mean.pow(2)))
+    return torch.where(ev > floor, ev, 0.0)
+
+
 def _refresh_ratios(pca: StreamingPCA, last: Components) -> Components:
     """``last`` with its variances re-estimated on the current covariance (Rayleigh quotients
     of its components): current ratios for allocation without an eigendecomposition."""
     n = float(pca.count)
     cov, _ = pca._covariance(n)
-    ev = ((last.components @ cov) * last.components).sum(dim=1).clamp_min(0)
+    ev = ((last.components @ cov) * last.components).sum(dim=1)
+    ev = _without_noise(ev, last.components, pca.shift + pca.sum / n)
     total = torch.diagonal(cov).sum().clamp_min(torch.finfo(torch.float32).tiny)
     return replace(last, explained_variance=ev, explained_variance_ratio=ev / total,
                    singular_values=(ev * (n - 1)).sqrt(), n_rows=int(round(n)))  # fmt: skip
@@ -311,8 +329,12 @@ def calibrate(
                     settings.rho,
                     list(probed.groups.values()),
                 )
+            # No rank anywhere means no variance seen yet (constant or all-padding batches so
+            # far): nothing is converged, or such a first minibatch would end calibration.
+            anything = any(ranks.values())
             for m, g in layer_group.items():
                 now = seen[g] >= settings.min_batches and bool(comp_ok[g][: ranks[m]].all())
+                now = now and anything
                 if now != ok[m]:
                     converged_at[m] = steps if now else None
                 ok[m] = now
@@ -336,6 +358,14 @@ def calibrate(
         raise DataError(
             f"fewer than 2 activation rows reached layer(s) {', '.join(layers)}; "
             "provide more calibration data"
+        )
+    # No variance at any target layer: an error rather than a model without adapters, which
+    # would have nothing to train (and fail, or do nothing, far from the cause: the data).
+    if not any(bool((s.explained_variance > 0).any()) for s in stats.values()):
+        raise DataError(
+            "the activations entering every target layer have zero variance (constant, zero, "
+            "or entirely masked inputs): EVA has no direction to initialise LoRA with; check "
+            "the calibration data (and attention_mask) and the layers before the targets"
         )
     unconverged = [m for m, v in ok.items() if not v]
     if unconverged:

@@ -98,10 +98,17 @@ def rewrite(
     if layer_graph is not None and needs_graph_rewrite(layer_graph, adapters):
         adapted = _splice_graph(layer_graph, adapters)
     else:
+        # A module registered under several names (self.b = self.a) is one layer in the
+        # graph, its calls under every name: wrap it at each, with the one adapter.
+        paths: dict[int, list[str]] = {}
+        for path, m in model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(m), []).append(path)
         for name, adapter in adapters.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, LoraLayer(getattr(parent, child), adapter))
+            base = model.get_submodule(name)
+            wrapped = LoraLayer(base, adapter)
+            for path in paths.get(id(base), [name]):
+                parent_name, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, wrapped)
         adapted = model
     adapted.requires_grad_(False)
     for adapter in adapters.values():
