@@ -14,7 +14,7 @@ from torch import nn
 
 from .artifacts import attach_adapters
 from .config import EvaSettings
-from .data import call_model, to_device
+from .data import batch_failed, call_model, to_device
 from .errors import CaptureError, DataError
 from .passes import incremental_svd
 from .passes.capture import capture
@@ -36,6 +36,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def _check_batch_fits(model: nn.Module, batch: Any, forward_fn: Callable | None) -> None:
+    """Raise DataError if ``model`` fails eagerly on ``batch``: a capture failure is then the
+    data's fault (wrong keys, shapes, dtypes), not the model's."""
+    try:
+        with torch.no_grad():
+            (forward_fn or call_model)(model, batch)
+    except Exception as err:
+        raise batch_failed(0, err) from err
+
+
 def _calibrate(
     work: nn.Module,
     dataloader: Iterable[Any],
@@ -55,7 +65,11 @@ def _calibrate(
     was_training = work.training
     _set_training(work, False)
     try:
-        captured = capture(work, first)
+        try:
+            captured = capture(work, first)
+        except CaptureError:
+            _check_batch_fits(work, first, forward_fn)
+            raise
         if forward_fn is not None and captured.method == "export":
             raise CaptureError(
                 "forward_fn needs a model torch.fx can trace; torch.export captures the model "

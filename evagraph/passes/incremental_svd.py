@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import EvaSettings
+from ..data import batch_failed
 from ..errors import ConvergenceWarning, DataError, EvagraphError
 from .allocate import allocate
 from .probe import ProbedGraph, slice_to_probes
@@ -288,17 +289,20 @@ def calibrate(
             except EvagraphError:
                 raise
             except Exception as err:
-                msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise DataError(
-                    f"the model failed on calibration batch {steps}: {type(err).__name__}: {msg}"
-                ) from err
+                raise batch_failed(steps, err) from err
             steps += 1
-            for g in active:
+            for g in (g for g in probed.groups if g in active):  # graph order: first NaN named
                 seen[g] += 1
                 if runs[g] and runs[g][-1][1] == steps - 1:
                     runs[g][-1][1] = steps
                 else:
                     runs[g].append([steps - 1, steps])
+                if not bool(torch.isfinite(pcas[g].sum).all()):
+                    raise DataError(
+                        f"NaN or Inf in the activations entering layer(s) "
+                        f"{', '.join(probed.groups[g])} at calibration batch {steps - 1}: check "
+                        "the data and the weights of the layers before them"
+                    )
                 if steps < next_check[g] and stats[g] is not None:
                     # Decomposition deferred (see _schedule); the ratios stay current, so
                     # allocation below decides the needed components as every batch would.
@@ -352,12 +356,16 @@ def calibrate(
     for g, pca in pcas.items():
         if stats[g] is not None:
             stats[g] = pca.decompose(precise=True)
-    missing = [g for g, s in stats.items() if s is None]
-    if missing:
-        layers = [m for g in missing for m in probed.groups[g]]
+    # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
+    # the average rank, which is a data problem, not a degenerate statistic.
+    few = {g: int(round(float(p.count))) for g, p in pcas.items()}
+    few = {g: n for g, n in few.items() if n <= settings.budget}
+    if few:
+        g, n = min(few.items(), key=lambda item: item[1])
         raise DataError(
-            f"fewer than 2 activation rows reached layer(s) {', '.join(layers)}; "
-            "provide more calibration data"
+            f"layer(s) {', '.join(probed.groups[g])} saw only {n} activation row(s): a PCA of "
+            f"n rows has at most n - 1 components, fewer than budget={settings.budget}; "
+            "provide more calibration data or lower the budget"
         )
     # No variance at any target layer: an error rather than a model without adapters, which
     # would have nothing to train (and fail, or do nothing, far from the cause: the data).
