@@ -71,8 +71,10 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
         raise DataError(f"{path} must hold a tensor or a non-empty dict of tensors")
     sizes = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
     n = min(sizes.values(), default=0)
-    if n == 0 or len(set(sizes.values())) != 1:
-        raise DataError(f"{path}: tensors need the same, non-zero first dimension, got {sizes}")
+    if n == 0:
+        raise DataError(f"{path} holds no samples (a first dimension of 0)")
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"{path}: tensors need the same first dimension (samples), got {sizes}")
     batches = []
     for start in range(0, n, batch_size):
         part = {k: v[start : start + batch_size] for k, v in tensors.items()}

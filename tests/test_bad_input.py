@@ -176,8 +176,8 @@ def one_line(result) -> str:
 @pytest.mark.parametrize(
     "case,words",
     [
-        ("empty data", "non-zero first dimension"),
-        ("mismatched tensors", "same, non-zero first dimension"),
+        ("empty data", "holds no samples"),
+        ("mismatched tensors", "same first dimension (samples), got {'mask': 7, 'x': 8}"),
         ("wrong shape", "failed on calibration batch 0"),
         ("wrong dtype", "failed on calibration batch 0"),
         ("wrong keys", "failed on calibration batch 0"),
