@@ -255,7 +255,7 @@ def test_bound_on_minibatches_is_reported():
     model = SharedMLP().eval()
     batches = [torch.randn(2, 16) for _ in range(5)]  # isotropic: cannot converge in 2 steps
     with pytest.warns(evagraph.ConvergenceWarning, match="not converged"):
-        _, report = evagraph.transform(model, batches, max_steps=2, progress=False)
+        _, report = evagraph.transform(model, batches, max_steps=2, budget=2, progress=False)
     assert report.steps == 2 and not report.converged
     assert set(report.unconverged) <= {"q", "k", "o"} and report.unconverged
 

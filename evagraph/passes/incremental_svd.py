@@ -357,9 +357,14 @@ def calibrate(
         if stats[g] is not None:
             stats[g] = pca.decompose(precise=True)
     # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
-    # the average rank, which is a data problem, not a degenerate statistic.
-    few = {g: int(round(float(p.count))) for g, p in pcas.items()}
-    few = {g: n for g, n in few.items() if n <= settings.budget}
+    # the average rank, which is a data problem, not a degenerate statistic. Groups that
+    # converged had what they needed (e.g. no variance: rank 0 after one minibatch).
+    few = {
+        g: n
+        for g, p in pcas.items()
+        if (n := int(round(float(p.count)))) <= settings.budget
+        and not all(ok[m] for m in probed.groups[g])
+    }
     if few:
         g, n = min(few.items(), key=lambda item: item[1])
         raise DataError(
