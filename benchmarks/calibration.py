@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -271,7 +272,7 @@ def main() -> None:
                     ids.setdefault(n, next(iter(ids.values())))
             r["sims"] = exact_similarities(args, r["ranks"], r["components"], ids)
 
-    cmd = "python benchmarks/calibration.py " + " ".join(argv)
+    cmd = "python benchmarks/calibration.py " + shlex.join(argv)
     lines = [
         f"### {args.title or 'Calibration: evagraph vs PEFT'}",
         "",

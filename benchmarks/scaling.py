@@ -12,6 +12,7 @@ sizes run at the reference depth; depths at the first hidden size of the depth s
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main() -> None:
     lines = [
         "### Scaling: calibration time vs hidden size and depth",
         "",
-        f"- command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- command: `python benchmarks/scaling.py {shlex.join(sys.argv[1:])}`".rstrip(),
         f"- machine: {machine()}",
         "- model: Llama-style, intermediate = 2 x hidden, heads = hidden / 64, vocab 8000, "
         f"{args.dtype}, {args.device}; batches 8 x 128 Zipf tokens; r=16, rho=2, tau=0.99; "
