@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evagraph_cmd() -> list[str]:
+    """The installed ``evagraph`` script beside this Python, else ``python -m evagraph``."""
+    script = Path(sys.executable).with_name("evagraph")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory) -> Path:
+    """The bundled example (tiny_cnn.pt2 + calib.safetensors), written once per session."""
+    out = tmp_path_factory.mktemp("example")
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "make_example.py"), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
 
 
 class SharedMLP(nn.Module):

@@ -1,10 +1,7 @@
 """Ordinary mistakes get one clear line (CLI) or a specific exception (Python), never a deep
 torch traceback, and nothing is written."""
 
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +21,6 @@ from evagraph.errors import (
     OutputError,
 )
 from evagraph.io import atomic_directory, load_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlp() -> nn.Module:
@@ -144,17 +139,6 @@ def test_output_location_that_cannot_be_written(tmp_path):
 
 
 # -- CLI: the same mistakes, one line on stderr, non-zero exit, no output directory --------
-
-
-@pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("example")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_example.py"), str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def images(n: int, size: int = 32) -> torch.Tensor:

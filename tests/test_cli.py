@@ -2,39 +2,21 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SharedMLP
+from conftest import ROOT, SharedMLP, evagraph_cmd
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
 # compile draws its report: report.html, and report.png where matplotlib is installed
 PICTURES = ["report.html"] + (["report.png"] if importlib.util.find_spec("matplotlib") else [])
-
-
-def evagraph_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("evagraph")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
 
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
     )
-
-
-@pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("example")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_example.py"), str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -4,40 +4,28 @@ twice with the same inputs and seed it writes byte-identical adapters."""
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import evagraph_cmd
 from safetensors.torch import save_file
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def evagraph_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("evagraph")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("example")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_example.py"), str(out)],
-        check=True,
-        capture_output=True,
-    )
+def long_data(tmp_path_factory) -> Path:
     # Many one-image batches and a min-batches bound no layer can meet: calibration runs
     # until interrupted (tens of seconds), whatever the machine's speed.
-    save_file({"x": torch.randn(4000, 3, 32, 32)}, str(out / "long.safetensors"))
-    return out
+    path = tmp_path_factory.mktemp("long") / "long.safetensors"
+    save_file({"x": torch.randn(4000, 3, 32, 32)}, str(path))
+    return path
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_compile_leaves_nothing(example, tmp_path, sig, code):
+def test_interrupted_compile_leaves_nothing(example, long_data, tmp_path, sig, code):
     out = tmp_path / "out"
-    args = ["--data", str(example / "long.safetensors"), "--batch-size", "1"]
+    args = ["--data", str(long_data), "--batch-size", "1"]
     args += ["--min-batches", "100000"]
     cmd = [*evagraph_cmd(), "compile", str(example / "tiny_cnn.pt2"), *args, "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

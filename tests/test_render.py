@@ -1,7 +1,6 @@
 """The report's pictures: report.html (always), report.png (with matplotlib), `evagraph report`."""
 
 import json
-import runpy
 import struct
 import sys
 import zlib
@@ -16,8 +15,6 @@ from conftest import SmallCNN, quiet
 import evagraph
 from evagraph.cli import main
 from evagraph.render import render_report, report_table
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Page(HTMLParser):
@@ -120,16 +117,15 @@ def test_load_round_trips_and_rejects_malformed_files(report, tmp_path):
             evagraph.Report.load(path)
 
 
-def test_cli_compile_then_report(tmp_path):
-    runpy.run_path(str(ROOT / "examples" / "make_example.py"))["main"](str(tmp_path))
+def test_cli_compile_then_report(example, tmp_path):
     out = tmp_path / "out"
     runner = CliRunner()
     compiled = runner.invoke(
         main,
         [
             "compile",
-            str(tmp_path / "tiny_cnn.pt2"),
-            *("--data", str(tmp_path / "calib.safetensors"), "--budget", "4", "--rho", "2"),
+            str(example / "tiny_cnn.pt2"),
+            *("--data", str(example / "calib.safetensors"), "--budget", "4", "--rho", "2"),
             *("--format", "safetensors", "-o", str(out), "-q"),
         ],
     )
