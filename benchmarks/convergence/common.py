@@ -3,6 +3,7 @@ the step-0 gradient norm of B, trainable parameter counts and smoothing."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -33,6 +34,43 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     # Not torch.use_deterministic_algorithms: it made these CPU runs ~10x slower. CPU kernels
     # give the same results run to run for the same thread count anyway.
+
+
+def compare_methods(
+    methods: list[str],
+    seed: int,
+    eva: Callable[[int], tuple[nn.Module, dict]],
+    finetune: Callable[[nn.Module], dict],
+    summary: Callable[[dict], str],
+) -> dict[str, dict]:
+    """Build each method's model and fine-tune it from the same seed; results per method.
+
+    ``eva(rho)`` returns (adapted model, info). The random baselines reuse EVA rho=1's
+    adapters (rank r everywhere) with A re-initialised, so structure and scaling are identical
+    by construction. ``summary(result)`` is the progress line printed after each method.
+    """
+    eva1, eva1_info = eva(1)
+    models, infos = {}, {}
+    for method in methods:
+        if method == "eva_rho1":
+            models[method], infos[method] = eva1, eva1_info
+        elif method == "eva_rho2":
+            models[method], infos[method] = eva(2)
+        else:
+            models[method] = copy.deepcopy(eva1)
+            reinit_random_(models[method], seed, orthonormal=method == "orth")
+            infos[method] = {"ranks": eva1_info["ranks"]}
+
+    out = {}
+    for method in methods:
+        seed_all(seed)
+        model = models[method]
+        res = finetune(model)
+        res.update(infos[method], trainable_params=n_trainable(model), lora_params=n_lora(model))
+        res["total_rank"] = sum(ad.rank for ad in adapters(model))
+        out[method] = res
+        print(f"seed {seed} {method:9s} {summary(res)}")
+    return out
 
 
 def adapters(model: nn.Module) -> list[LoraAdapter]:

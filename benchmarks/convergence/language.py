@@ -16,7 +16,6 @@ Everything is on CPU and derived from files already on disk; nothing is download
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import sysconfig
@@ -28,13 +27,10 @@ import torch
 from common import (
     METHODS,
     Timer,
-    adapters,
     b_grad_norm,
     check_against_peft,
+    compare_methods,
     machine,
-    n_lora,
-    n_trainable,
-    reinit_random_,
     seed_all,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -262,36 +258,22 @@ def run_seed(
         ).split(args.batch)
     ]
 
-    # EVA builds the adapters; the random baselines reuse eva_rho1's (rank r everywhere) with
-    # A re-initialised, so structure and scaling are identical by construction.
-    eva1, eva1_info = eva(base, calib, args, rho=1)
-    models, infos = {}, {}
-    for method in args.methods:
-        if method == "eva_rho1":
-            models[method], infos[method] = eva1, eva1_info
-        elif method == "eva_rho2":
-            models[method], infos[method] = eva(base, calib, args, rho=2)
-        else:
-            models[method] = copy.deepcopy(eva1)
-            reinit_random_(models[method], seed, orthonormal=method == "orth")
-            infos[method] = {"ranks": eva1_info["ranks"]}
-
-    out = {}
-    for method in args.methods:
-        seed_all(seed)
-        model = models[method]
-        res = finetune(model, train_stream, starts, held, args)
-        res.update(infos[method], trainable_params=n_trainable(model), lora_params=n_lora(model))
-        res["total_rank"] = sum(ad.rank for ad in adapters(model))
-        out[method] = res
+    def summary(res: dict) -> str:
         h = res["heldout_loss"]
-        print(
-            f"seed {seed} {method:9s} held-out {h[0]:.3f} -> {h[args.steps]:.3f}  "
+        return (
+            f"held-out {h[0]:.3f} -> {h[args.steps]:.3f}  "
             f"train(last 25) {np.mean(res['train_loss'][-25:]):.3f}  "
             f"|dL/dB|_0 {res['b_grad_norm_step0']:.4f}  params {res['trainable_params']}  "
             f"({res['wall_s']} s)"
         )
-    return out
+
+    return compare_methods(
+        args.methods,
+        seed,
+        lambda rho: eva(base, calib, args, rho=rho),
+        lambda model: finetune(model, train_stream, starts, held, args),
+        summary,
+    )
 
 
 def main() -> None:

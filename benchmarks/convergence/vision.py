@@ -24,13 +24,10 @@ import torch.nn.functional as F
 from common import (
     METHODS,
     Timer,
-    adapters,
     b_grad_norm,
     check_against_peft,
+    compare_methods,
     machine,
-    n_lora,
-    n_trainable,
-    reinit_random_,
     seed_all,
 )
 from sklearn.datasets import load_digits
@@ -159,33 +156,21 @@ def run_seed(pretrained: nn.Module, data: dict, seed: int, args: argparse.Namesp
     base.head = nn.Linear(64, 5)  # new classes, new head: same init for every method
     base.requires_grad_(False)
 
-    eva1, eva1_info = eva(base, calib, args, rho=1)
-    models, infos = {}, {}
-    for method in args.methods:
-        if method == "eva_rho1":
-            models[method], infos[method] = eva1, eva1_info
-        elif method == "eva_rho2":
-            models[method], infos[method] = eva(base, calib, args, rho=2)
-        else:  # eva_rho1's adapters (rank r everywhere) with A re-initialised at random
-            models[method] = copy.deepcopy(eva1)
-            reinit_random_(models[method], seed, orthonormal=method == "orth")
-            infos[method] = {"ranks": eva1_info["ranks"]}
-
-    out = {}
-    for method in args.methods:
-        seed_all(seed)
-        model = models[method]
-        res = finetune(model, data, order, args)
-        res.update(infos[method], trainable_params=n_trainable(model), lora_params=n_lora(model))
-        res["total_rank"] = sum(ad.rank for ad in adapters(model))
-        out[method] = res
+    def summary(res: dict) -> str:
         acc = res["test_accuracy"]
-        print(
-            f"seed {seed} {method:9s} test acc {acc[0]:.3f} -> {acc[args.steps]:.3f}  "
+        return (
+            f"test acc {acc[0]:.3f} -> {acc[args.steps]:.3f}  "
             f"train(last 25) {np.mean(res['train_loss'][-25:]):.4f}  "
             f"|dL/dB|_0 {res['b_grad_norm_step0']:.4f}  params {res['trainable_params']}"
         )
-    return out
+
+    return compare_methods(
+        args.methods,
+        seed,
+        lambda rho: eva(base, calib, args, rho=rho),
+        lambda model: finetune(model, data, order, args),
+        summary,
+    )
 
 
 def main() -> None:
