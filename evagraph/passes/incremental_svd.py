@@ -301,18 +301,22 @@ def calibrate(
             except Exception as err:
                 raise batch_failed(steps, err) from err
             steps += 1
-            for g in (g for g in probed.groups if g in active):  # graph order: first NaN named
+            order = [g for g in probed.groups if g in active]  # graph order: first NaN named
+            # One device sync per batch for all groups (NaN/Inf reaches the running sums).
+            finite = torch.stack([torch.isfinite(pcas[g].sum).all() for g in order])
+            if not bool(finite.all()):
+                g = order[int((~finite).nonzero()[0])]
+                raise DataError(
+                    f"NaN or Inf in the activations entering layer(s) "
+                    f"{', '.join(probed.groups[g])} at calibration batch {steps - 1}: check "
+                    "the data and the weights of the layers before them"
+                )
+            for g in order:
                 seen[g] += 1
                 if runs[g] and runs[g][-1][1] == steps - 1:
                     runs[g][-1][1] = steps
                 else:
                     runs[g].append([steps - 1, steps])
-                if not bool(torch.isfinite(pcas[g].sum).all()):
-                    raise DataError(
-                        f"NaN or Inf in the activations entering layer(s) "
-                        f"{', '.join(probed.groups[g])} at calibration batch {steps - 1}: check "
-                        "the data and the weights of the layers before them"
-                    )
                 if steps < next_check[g] and stats[g] is not None:
                     # Decomposition deferred (see _schedule); the ratios stay current, so
                     # allocation below decides the needed components as every batch would.
