@@ -34,7 +34,8 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(args):
+def build(args, data_seed: int | None = None):
+    """The model, and ``args.batches`` batches drawn with ``data_seed`` (default: the seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -44,7 +45,7 @@ def build(args):
         num_key_value_heads=args.heads, use_cache=False,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval().to(args.device, getattr(torch, args.dtype))
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed if data_seed is None else data_seed)
     p = 1.0 / torch.arange(1, args.vocab + 1).float() ** 1.1
     batches = []
     for _ in range(args.batches):
@@ -217,8 +218,9 @@ def machine() -> str:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(**kwargs) -> argparse.ArgumentParser:
+    """The model, data and settings options (shared with the other benchmark scripts)."""
+    p = argparse.ArgumentParser(**kwargs)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
@@ -241,6 +243,11 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    p = parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     args = p.parse_args()
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args)))
