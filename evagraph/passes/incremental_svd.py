@@ -59,6 +59,7 @@ class StreamingPCA:
         self.gram = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.shift: torch.Tensor | None = None
         self._basis: torch.Tensor | None = None  # eigensolver warm start
+        self.resolved = self.k  # components of the last decomposition solved to tolerance
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = rows.to(torch.float32)
@@ -90,12 +91,13 @@ class StreamingPCA:
         torch.sub(self.gram, cov, out=cov).div_(n - 1)
         return (cov + cov.T).div_(2), centre
 
-    def decompose(self, precise: bool = False) -> Components | None:
+    def decompose(self, precise: bool = False, resolve: int | None = None) -> Components | None:
         """The PCA of all rows so far, or None while fewer than two rows have been seen.
 
         Wide layers use an iterative eigensolver warm-started from the last call's Ritz
-        basis, to a residual of 1e-5 of the largest eigenvalue (enough to resolve tau);
-        ``precise`` solves in float64 to 1e-9, for the final components.
+        basis, to a residual of 1e-5 of the largest eigenvalue (enough to resolve tau) for
+        the first ``resolve`` components (default all k; the rest are Ritz approximations);
+        ``precise`` solves all k in float64 to 1e-9, for the final components.
         """
         n = float(self.count)
         if n < 2:
@@ -104,8 +106,13 @@ class StreamingPCA:
         if precise:
             ev, vecs, _ = top_eigenpairs(cov.double(), self.k, self._basis, tol=1e-9)
             ev, vecs = ev.float(), vecs.float()
+            self.resolved = self.k
         else:
-            ev, vecs, self._basis = top_eigenpairs(cov, self.k, self._basis, tol=1e-5)
+            ev, vecs, self._basis = top_eigenpairs(
+                cov, self.k, self._basis, tol=1e-5, resolve=resolve
+            )
+            dense = self._basis is None  # every pair exact
+            self.resolved = self.k if dense or resolve is None else max(1, min(resolve, self.k))
         ev = _without_noise(ev, vecs, self.shift + centre)
         # sklearn's svd_flip for V: the largest-magnitude entry of each component is positive.
         pivot = vecs.abs().argmax(dim=1, keepdim=True)
@@ -153,6 +160,7 @@ def top_eigenpairs(
     basis: torch.Tensor | None = None,
     tol: float = 1e-5,
     max_iter: int = 300,
+    resolve: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k eigenvalues (descending), eigenvectors (rows) and the solver's basis for next time.
 
@@ -161,6 +169,8 @@ def top_eigenpairs(
     vectors, warm-started from ``basis`` (the previous call's), run until every wanted Ritz
     pair's residual ``|C v - l v|`` is below ``tol * l_max``: O(d^2 k) per iteration instead
     of O(d^3), and a warm start needs few iterations when one minibatch moved C a little.
+    Only the first ``resolve`` pairs (default k) must meet ``tol``: the leading pairs converge
+    faster (their ratio to the unwanted spectrum is larger), so fewer iterations.
     """
     d = cov.shape[0]
     q = min(d, 2 * k + 4)
@@ -168,6 +178,7 @@ def top_eigenpairs(
         evals, evecs = torch.linalg.eigh(cov.double())
         top = evecs.flip(1)[:, :k].T.to(cov.dtype).contiguous()
         return evals.flip(0)[:k].to(cov.dtype), top, None
+    wanted = k if resolve is None else max(1, min(resolve, k))
     if basis is None:
         gen = torch.Generator(device=cov.device).manual_seed(0)
         basis, _ = torch.linalg.qr(torch.randn(d, q, generator=gen, device=cov.device))
@@ -179,7 +190,8 @@ def top_eigenpairs(
         evals, s = torch.linalg.eigh(((small + small.T) / 2).double())
         evals, s = evals.flip(0).to(cov.dtype), s.flip(1).to(cov.dtype)
         ritz = basis @ s
-        resid = float(((z @ s)[:, :k] - ritz[:, :k] * evals[:k]).norm(dim=0).max())
+        zs = z @ s
+        resid = float((zs[:, :wanted] - ritz[:, :wanted] * evals[:wanted]).norm(dim=0).max())
         scale = float(evals[0].abs().clamp_min(1e-30))
         # Converged, or stalled at the precision of the dtype: no new best residual for 8
         # iterations (slow but steady progress keeps going, up to max_iter).
@@ -187,7 +199,7 @@ def top_eigenpairs(
             break
         if resid < best:
             best, best_at = resid, i
-        basis, _ = torch.linalg.qr(z @ s)
+        basis, _ = torch.linalg.qr(zs)
     return evals[:k], ritz[:, :k].T.contiguous(), ritz
 
 
@@ -322,17 +334,22 @@ def calibrate(
                     # allocation below decides the needed components as every batch would.
                     stats[g] = _refresh_ratios(pcas[g], stats[g])
                     continue
-                old, new = stats[g], pcas[g].decompose()
+                needed = max(ranks[m] for m in probed.groups[g])
+                before = pcas[g].resolved
+                # Only the components the allotment needs are solved tightly (the rest are
+                # approximations, never declared converged: a grown allotment waits for the
+                # next check, which solves more).
+                old, new = stats[g], pcas[g].decompose(resolve=needed)
                 if new is None:
                     continue
                 if old is not None:
                     sim = (new.components * old.components).sum(dim=1).abs().cpu()
-                    needed = max(ranks[m] for m in probed.groups[g])
                     consecutive = checked[g] == steps - 1
+                    exact = torch.arange(sim.numel()) < min(before, pcas[g].resolved)
                     # Only a comparison with the previous minibatch's estimate can declare
                     # convergence: the spec's criterion, applied at this batch.
                     comp_ok[g] = (
-                        sim >= settings.tau
+                        (sim >= settings.tau) & exact
                         if consecutive
                         else torch.zeros_like(sim, dtype=torch.bool)
                     )
