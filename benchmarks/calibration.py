@@ -218,6 +218,31 @@ def machine() -> str:
     )
 
 
+def header(title: str, model: str) -> list[str]:
+    """A results section's heading: title, the command that ran (this script's own
+    arguments), the machine and the model line."""
+    script = Path(sys.argv[0]).name
+    cmd = f"python benchmarks/{script} {shlex.join(sys.argv[1:])}".rstrip()
+    return [f"### {title}", "", f"- command: `{cmd}`", f"- machine: {machine()}", model, ""]
+
+
+def model_line(args, extra: str) -> str:
+    return (
+        f"- model: Llama-style, {args.layers} layers, hidden {args.hidden}, intermediate "
+        f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}, {args.dtype}, "
+        f"{args.device}; batches {args.batch} x {args.seq} Zipf tokens; r={args.r}, "
+        f"rho={args.rho}, tau={args.tau}; {extra}"
+    )
+
+
+def publish(lines: list[str], out: str | Path) -> None:
+    """Print a results section and append it to ``out``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with Path(out).open("a") as f:
+        f.write("\n" + text)
+
+
 def parser(**kwargs) -> argparse.ArgumentParser:
     """The model, data and settings options (shared with the other benchmark scripts)."""
     p = argparse.ArgumentParser(**kwargs)
@@ -279,17 +304,9 @@ def main() -> None:
                     ids.setdefault(n, next(iter(ids.values())))
             r["sims"] = exact_similarities(args, r["ranks"], r["components"], ids)
 
-    cmd = "python benchmarks/calibration.py " + shlex.join(argv)
+    title = args.title or "Calibration: evagraph vs PEFT"
     lines = [
-        f"### {args.title or 'Calibration: evagraph vs PEFT'}",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {machine()}",
-        f"- model: Llama-style, {args.layers} layers, hidden {args.hidden}, intermediate "
-        f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}, {args.dtype}, "
-        f"{args.device}; batches {args.batch} x {args.seq} Zipf tokens; r={args.r}, "
-        f"rho={args.rho}, tau={args.tau}; targets: {', '.join(TARGETS)}",
-        "",
+        *header(title, model_line(args, f"targets: {', '.join(TARGETS)}")),
         "| method | wall s | forward passes | s / forward | x plain forwards | peak MB "
         "| mean subspace sim. to exact PCA | converged |",
         "|---|---|---|---|---|---|---|---|",
@@ -315,11 +332,7 @@ def main() -> None:
             f"peak memory {ours['peak_mb']:.0f} MB vs {theirs['peak_mb']:.0f} MB, "
             f"per-layer ranks equal for {equal}/{len(ours['ranks'])} layers.",
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    with out.open("a") as f:
-        f.write("\n" + text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

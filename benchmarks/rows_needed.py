@@ -23,7 +23,6 @@ layers with a rank. Appends its table to ``--out`` (default benchmarks/results.m
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import TARGETS, build, machine, parser, run_worker  # noqa: E402
+from calibration import TARGETS, build, header, model_line, parser, publish, run_worker  # noqa: E402
 
 from evagraph.passes.allocate import allocate  # noqa: E402
 
@@ -162,18 +161,9 @@ def main() -> None:
     }
     below = [t for t, _, s in rows if s < quality["peft"]]
 
-    cmd = "python benchmarks/rows_needed.py " + shlex.join(sys.argv[1:])
+    ref_note = f"reference: exact PCA of {args.reference_batches} held-out minibatches"
     lines = [
-        "### Rows needed for components as good as PEFT's",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {machine()}",
-        f"- model: Llama-style, {args.layers} layers, hidden {args.hidden}, intermediate "
-        f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}, {args.dtype}, "
-        f"{args.device}; batches {args.batch} x {args.seq} Zipf tokens; r={args.r}, "
-        f"rho={args.rho}, tau={args.tau}; reference: exact PCA of "
-        f"{args.reference_batches} held-out minibatches",
-        "",
+        *header("Rows needed for components as good as PEFT's", model_line(args, ref_note)),
         "| components | minibatches | time | mean subspace sim. to the held-out PCA |",
         "|---|---|---|---|",
     ]
@@ -203,10 +193,7 @@ def main() -> None:
             f"on top: at most {peft_s / (floor + capture_s):.1f}x"
         )
     lines += ["", f"- {verdict}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with Path(args.out).open("a") as f:
-        f.write("\n" + text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ sizes run at the reference depth; depths at the first hidden size of the depth s
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import machine, run_worker  # noqa: E402
+from calibration import header, publish, run_worker  # noqa: E402
 
 
 def point(hidden: int, layers: int, args: argparse.Namespace) -> dict:
@@ -58,15 +57,13 @@ def main() -> None:
             seen.add((hidden, layers))
             rows.append(point(hidden, layers, args))
 
-    lines = [
-        "### Scaling: calibration time vs hidden size and depth",
-        "",
-        f"- command: `python benchmarks/scaling.py {shlex.join(sys.argv[1:])}`".rstrip(),
-        f"- machine: {machine()}",
+    model = (
         "- model: Llama-style, intermediate = 2 x hidden, heads = hidden / 64, vocab 8000, "
         f"{args.dtype}, {args.device}; batches 8 x 128 Zipf tokens; r=16, rho=2, tau=0.99; "
-        "all seven projection types",
-        "",
+        "all seven projection types"
+    )
+    lines = [
+        *header("Scaling: calibration time vs hidden size and depth", model),
         "| hidden | layers | plain s / forward | evagraph s (forwards) | evagraph x plain "
         "| PEFT s (forwards) | PEFT x plain | PEFT / evagraph |",
         "|---|---|---|---|---|---|---|---|",
@@ -80,10 +77,7 @@ def main() -> None:
             f"| {q['seconds']:.1f} ({q['forwards']}) | {q['seconds'] / (per * q['forwards']):.2f} "
             f"| {q['seconds'] / e['seconds']:.1f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with Path(args.out).open("a") as f:
-        f.write("\n" + text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
