@@ -1,15 +1,19 @@
-"""Helpers shared by language.py and vision.py: seeding, the LoRA baselines' initialisation,
-the step-0 gradient norm of B, trainable parameter counts and smoothing."""
+"""Helpers shared by language.py and vision.py: the options and the results file they share,
+seeding, the LoRA baselines' initialisation, the step-0 gradient norm of B, trainable
+parameter counts and smoothing."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import os
 import platform
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +30,48 @@ METHODS = {
     "eva_rho2": "EVA, rho=2 (ranks redistributed, at most 2r)",
     "orth": "control: random orthonormal A, rank r everywhere (same row norm as EVA)",
 }
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def parser(doc: str, experiment: str, **defaults) -> argparse.ArgumentParser:
+    """The options both experiments take; ``defaults`` sets each experiment's values."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, help="fine-tuning steps")
+    p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--rank", type=int, help="LoRA budget r")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--tau", type=float, default=0.99)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--calib-batches", type=int, help="most EVA calibration batches")
+    p.add_argument("--eval-at", type=int, nargs="+")
+    p.add_argument("--pretrain-steps", type=int)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
+    p.add_argument("--out", type=Path, help=f"default: {experiment}.json next to this")
+    p.set_defaults(**defaults)
+    return p
+
+
+def write_results(experiment: str, args: argparse.Namespace, results: dict, timer: Timer,
+                  **sections) -> None:  # fmt: skip
+    """Write ``<experiment>.json`` (``-quick`` with --quick, or --out): the settings, the
+    experiment's own ``sections``, the machine and the per-seed results."""
+    path = args.out or HERE / f"{experiment}{'-quick' if args.quick else ''}.json"
+    out = {
+        "experiment": experiment,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "methods": {m: METHODS[m] for m in args.methods},
+        **sections,
+        "machine": machine(),
+        "results": results,
+        "wall_s": timer(),
+    }
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path} ({timer()} s)")
 
 
 def seed_all(seed: int) -> None:

@@ -25,19 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
-    METHODS,
+    HERE,
     Timer,
     b_grad_norm,
     check_against_peft,
     compare_methods,
-    machine,
+    parser,
     seed_all,
+    write_results,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import evagraph
 
-HERE = Path(__file__).resolve().parent
 BOS, EOS, PAD = 256, 257, 258  # byte-level tokenizer: ids 0..255 are the bytes themselves
 VOCAB = 259
 TARGETS = ["*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "*up_proj", "*down_proj"]
@@ -277,34 +277,22 @@ def run_seed(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--rank", type=int, default=8, help="LoRA budget r")
-    p.add_argument("--alpha", type=float, default=8.0)
-    p.add_argument("--tau", type=float, default=0.99)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=16)
+    p = parser(
+        __doc__, "language", steps=300, rank=8, alpha=8.0, batch=16, calib_batches=64,
+        eval_at=[0, 25, 50, 100, 200, 300], pretrain_steps=800,
+    )  # fmt: skip
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--calib-batches", type=int, default=64, help="most EVA calibration batches")
-    p.add_argument("--eval-at", type=int, nargs="+", default=[0, 25, 50, 100, 200, 300])
     p.add_argument("--heldout-windows", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=352)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--pretrain-steps", type=int, default=800)
     p.add_argument("--pretrain-batch", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
-    p.add_argument("--out", type=Path, default=None, help="default: language.json next to this")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.pretrain_steps = args.seeds[:1], 30, 60
         args.calib_batches, args.heldout_windows, args.eval_at = 8, 16, [0, 10, 20]
-    out_path = args.out or HERE / ("language-quick.json" if args.quick else "language.json")
     torch.set_num_threads(args.threads)
     timer = Timer()
 
@@ -340,12 +328,13 @@ def main() -> None:
     for seed in args.seeds:
         results[str(seed)] = run_seed(base, train_stream, held, seed, args)
 
-    out = {
-        "experiment": "language",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "methods": {m: METHODS[m] for m in args.methods},
-        "corpus": corpus,
-        "model": {
+    write_results(
+        "language",
+        args,
+        results,
+        timer,
+        corpus=corpus,
+        model={
             "params": sum(p.numel() for p in base.parameters()),
             "config": {
                 "hidden": args.hidden,
@@ -356,14 +345,9 @@ def main() -> None:
                 "seq": args.seq,
             },  # fmt: skip
         },
-        "pretrain": pre_meta,
-        "peft_check": peft_check,
-        "machine": machine(),
-        "results": results,
-        "wall_s": timer(),
-    }
-    out_path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {out_path} ({timer()} s)")
+        pretrain=pre_meta,
+        peft_check=peft_check,
+    )
 
 
 if __name__ == "__main__":

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
-    METHODS,
     Timer,
     b_grad_norm,
     check_against_peft,
     compare_methods,
-    machine,
+    parser,
     seed_all,
+    write_results,
 )
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -36,7 +34,6 @@ from torch import nn
 
 import evagraph
 
-HERE = Path(__file__).resolve().parent
 TARGETS = ["conv1", "conv2", "conv3", "fc"]  # fc sits after pooling, so name it explicitly
 
 
@@ -174,25 +171,20 @@ def run_seed(pretrained: nn.Module, data: dict, seed: int, args: argparse.Namesp
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    p.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--rank", type=int, default=4, help="LoRA budget r (conv1 has only 9 inputs)")
-    p.add_argument("--alpha", type=float, default=4.0)
-    p.add_argument("--tau", type=float, default=0.99)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--calib-batches", type=int, default=14, help="most EVA calibration batches")
-    p.add_argument("--eval-at", type=int, nargs="+", default=[0, 10, 25, 50, 100, 150])
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
-    p.add_argument("--out", type=Path, default=None, help="default: vision.json next to this")
+    p = parser(
+        __doc__,
+        "vision",
+        steps=200,
+        rank=4,
+        alpha=4.0,
+        batch=32,
+        calib_batches=14,
+        eval_at=[0, 10, 25, 50, 100, 150],
+        pretrain_steps=600,
+    )  # fmt: skip  (rank 4: conv1 has only 9 inputs)
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.pretrain_steps, args.eval_at = args.seeds[:1], 30, 50, [0, 10]
-    out_path = args.out or HERE / ("vision-quick.json" if args.quick else "vision.json")
     torch.set_num_threads(args.threads)
     timer = Timer()
 
@@ -204,20 +196,16 @@ def main() -> None:
     print("PEFT structure check:", peft_check)
 
     results = {str(s): run_seed(pre["model"], data, s, args) for s in args.seeds}
-    out = {
-        "experiment": "vision",
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "methods": {m: METHODS[m] for m in args.methods},
-        "data": {k: len(v[0]) for k, v in data.items()},
-        "model": {"params": sum(p.numel() for p in pre["model"].parameters())},
-        "pretrain": {"train_accuracy": pre["train_accuracy"], "steps": args.pretrain_steps},
-        "peft_check": peft_check,
-        "machine": machine(),
-        "results": results,
-        "wall_s": timer(),
-    }
-    out_path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {out_path} ({timer()} s)")
+    write_results(
+        "vision",
+        args,
+        results,
+        timer,
+        data={k: len(v[0]) for k, v in data.items()},
+        model={"params": sum(p.numel() for p in pre["model"].parameters())},
+        pretrain={"train_accuracy": pre["train_accuracy"], "steps": args.pretrain_steps},
+        peft_check=peft_check,
+    )
 
 
 if __name__ == "__main__":
