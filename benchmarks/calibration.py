@@ -188,14 +188,25 @@ def exact_similarities(args, ranks: dict, components: dict, batch_ids: dict) -> 
     for h in handles:
         h.remove()
     for n in names:
-        rows, s, xtx = grams[n]
-        mean = s / rows
-        cov = (xtx - rows * torch.outer(mean, mean)) / (rows - 1)
-        evecs = torch.linalg.eigh(cov).eigenvectors.flip(1)[:, : ranks[n]]
-        a = torch.tensor(components[n], dtype=torch.float64).to(evecs.device)
-        qa, _ = torch.linalg.qr(a.T)
-        sims[n] = float(torch.linalg.svdvals(qa.T @ evecs).pow(2).mean())
+        reference, _ = exact_pca(*grams[n], ranks[n])
+        sims[n] = similarity(torch.tensor(components[n]).to(reference.device), reference)
     return sims
+
+
+def exact_pca(rows: int, total: torch.Tensor, xtx: torch.Tensor, k: int):
+    """Top-k components (rows) and explained-variance ratios of the rows whose count, sum and
+    ``x^T x`` (float64) are given: the exact PCA methods are compared with."""
+    mean = total / rows
+    cov = (xtx - rows * torch.outer(mean, mean)) / (rows - 1)
+    ev, vecs = torch.linalg.eigh(cov)
+    return vecs.flip(1)[:, :k].T, ev.flip(0)[:k] / ev.sum()
+
+
+def similarity(components: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the spans of two sets of rows
+    (``reference`` orthonormal): 1.0 for the same subspace."""
+    q, _ = torch.linalg.qr(components.double().T)
+    return float(torch.linalg.svdvals(q.T @ reference.T).pow(2).mean())
 
 
 def machine() -> str:

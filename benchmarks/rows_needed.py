@@ -30,7 +30,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import TARGETS, build, header, model_line, parser, publish, run_worker  # noqa: E402
+from calibration import (  # noqa: E402
+    TARGETS,
+    build,
+    exact_pca,
+    header,
+    model_line,
+    parser,
+    publish,
+    run_worker,
+    similarity,
+)
 
 from evagraph.passes.allocate import allocate  # noqa: E402
 
@@ -72,12 +82,7 @@ def streamed_pca(args, data_seed: int, at: list[int], k: int) -> dict[int, dict]
         for i, b in enumerate(batches[: max(at)]):
             model(**b)
             if i + 1 in at:
-                pcs = {}
-                for g, (n, s, xtx) in sums.items():
-                    mean = s / n
-                    cov = (xtx - n * torch.outer(mean, mean)) / (n - 1)
-                    ev, vecs = torch.linalg.eigh(cov)
-                    pcs[g] = (vecs.flip(1)[:, :k].T, ev.flip(0)[:k] / ev.sum())
+                pcs = {g: exact_pca(*acc, k) for g, acc in sums.items()}
                 out[i + 1] = {m: pcs[owner[m]] for m in names}
     for h in handles:
         h.remove()
@@ -106,11 +111,6 @@ def fixed_costs(args, n: int = 20) -> tuple[float, float, float]:
     t = time.perf_counter()
     capture(model, batches[0])
     return times[0], times[1], time.perf_counter() - t
-
-
-def similarity(components: torch.Tensor, reference: torch.Tensor) -> float:
-    q, _ = torch.linalg.qr(components.double().T)
-    return float(torch.linalg.svdvals(q.T @ reference.T).pow(2).mean())
 
 
 def mean_similarity(components: dict, ranks: dict, reference: dict) -> float:
