@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,29 @@ def write_results(experiment: str, args: argparse.Namespace, results: dict, time
     }
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path} ({timer()} s)")
+
+
+def eva_transform(
+    base: nn.Module, calib: list, args: argparse.Namespace, rho: float, targets: list[str]
+) -> tuple[nn.Module, dict]:
+    """``evagraph.transform`` with the experiment's settings; its ConvergenceWarnings are
+    recorded (not raised) in the returned info, with the calibration's time, steps and ranks."""
+    timer = Timer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", evagraph.ConvergenceWarning)
+        adapted, report = evagraph.transform(
+            base, calib, budget=args.rank, rho=rho, alpha=args.alpha, targets=targets,
+            tau=args.tau, progress=False,
+        )  # fmt: skip
+    info = {
+        "calibration_wall_s": timer(),
+        "calibration_batches": report.steps,
+        "unconverged": report.unconverged,
+        "warnings": [str(w.message) for w in caught],
+        "ranks": report.ranks,
+        "capture": report.capture,
+    }
+    return adapted, info
 
 
 def seed_all(seed: int) -> None:

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import sysconfig
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,12 @@ from common import (
     b_grad_norm,
     check_against_peft,
     compare_methods,
+    eva_transform,
     parser,
     seed_all,
     write_results,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
-
-import evagraph
 
 BOS, EOS, PAD = 256, 257, 258  # byte-level tokenizer: ids 0..255 are the bytes themselves
 VOCAB = 259
@@ -221,22 +219,7 @@ def finetune(
 def eva(
     base: torch.nn.Module, calib: list[dict], args: argparse.Namespace, rho: float
 ) -> tuple[torch.nn.Module, dict]:
-    timer = Timer()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", evagraph.ConvergenceWarning)
-        adapted, report = evagraph.transform(
-            base, calib, budget=args.rank, rho=rho, alpha=args.alpha, targets=TARGETS,
-            tau=args.tau, progress=False,
-        )  # fmt: skip
-    info = {
-        "calibration_wall_s": timer(),
-        "calibration_batches": report.steps,
-        "unconverged": report.unconverged,
-        "warnings": [str(w.message) for w in caught],
-        "ranks": report.ranks,
-        "capture": report.capture,
-    }
-    return adapted, info
+    return eva_transform(base, calib, args, rho, TARGETS)
 
 
 def run_seed(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from common import (
     b_grad_norm,
     check_against_peft,
     compare_methods,
+    eva_transform,
     parser,
     seed_all,
     write_results,
@@ -31,8 +31,6 @@ from common import (
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-
-import evagraph
 
 TARGETS = ["conv1", "conv2", "conv3", "fc"]  # fc sits after pooling, so name it explicitly
 
@@ -124,22 +122,8 @@ def finetune(model: nn.Module, data: dict, order: torch.Tensor, args: argparse.N
 
 
 def eva(base: nn.Module, calib: list[torch.Tensor], args: argparse.Namespace, rho: float):
-    timer = Timer()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", evagraph.ConvergenceWarning)
-        adapted, report = evagraph.transform(
-            base, calib, budget=args.rank, rho=rho, alpha=args.alpha, targets=TARGETS,
-            tau=args.tau, progress=False,
-        )  # fmt: skip
+    adapted, info = eva_transform(base, calib, args, rho, TARGETS)
     adapted.head.requires_grad_(True)  # the new head is trained fully in every method
-    info = {
-        "calibration_wall_s": timer(),
-        "calibration_batches": report.steps,
-        "unconverged": report.unconverged,
-        "warnings": [str(w.message) for w in caught],
-        "ranks": report.ranks,
-        "capture": report.capture,
-    }
     return adapted, info
 
 
