@@ -187,6 +187,7 @@ def calibrate(
     min_batches: int = 1,
     use_label_mask: bool = True,
     label_mask_value: int = -100,
+    statistic: str = "auto",
 ) -> EvaState:
     """Run the calibration only: the statistics ``adapt`` turns into adapters (see transform).
 
@@ -195,7 +196,7 @@ def calibrate(
     settings = EvaSettings(
         budget=budget, rho=rho, tau=tau, max_steps=max_steps, min_batches=min_batches,
         targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
-        use_label_mask=use_label_mask, label_mask_value=label_mask_value,
+        use_label_mask=use_label_mask, label_mask_value=label_mask_value, statistic=statistic,
     )  # fmt: skip
     work = model
     if device is not None and torch.device(device) != _model_device(model):
@@ -251,6 +252,7 @@ def transform(
     adjust_scaling_factors: bool = True,
     use_label_mask: bool = True,
     label_mask_value: int = -100,
+    statistic: str = "auto",
     inplace: bool = False,
     return_state: bool = False,
 ) -> tuple[nn.Module, Report] | tuple[nn.Module, Report, EvaState]:
@@ -268,7 +270,7 @@ def transform(
         adjust_scaling_factors=adjust_scaling_factors, whiten=whiten, dropout=dropout,
         max_steps=max_steps, min_batches=min_batches,
         targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
-        use_label_mask=use_label_mask, label_mask_value=label_mask_value,
+        use_label_mask=use_label_mask, label_mask_value=label_mask_value, statistic=statistic,
     )  # fmt: skip
     work = model if inplace else copy.deepcopy(model)
     if device is not None:

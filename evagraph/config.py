@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
+from .stats import KINDS
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class EvaSettings:
     targets / exclude: glob patterns on qualified layer names (see ``select_targets``).
     use_label_mask / label_mask_value: rows whose ``labels`` equal the value are left out
         (as PEFT's EvaConfig), where the batch's labels line up with the rows.
+    statistic: "exact" (a d x d second moment: the exact PCA of the rows seen), "lowrank" (a
+        rank-2k incremental SVD: O(d k) memory) or "auto" (exact for rows up to 8k wide).
     """
 
     budget: int = 8
@@ -38,6 +41,7 @@ class EvaSettings:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     use_label_mask: bool = True
     label_mask_value: int = -100
+    statistic: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
@@ -52,6 +56,10 @@ class EvaSettings:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
+        if self.statistic not in KINDS:
+            raise ConfigError(
+                f"statistic must be one of {', '.join(KINDS)}, got {self.statistic!r}"
+            )
         if self.min_batches < 1:
             raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import evagraph
 from evagraph.passes.allocate import allocate
-from evagraph.passes.incremental_svd import StreamingPCA
+from evagraph.stats import ExactCovariance
 
 
 def check_sound(model, adapted, report, *inputs):
@@ -277,19 +277,19 @@ def test_module_registered_under_two_names_is_one_layer():
 
 def test_noise_variances_are_exactly_zero():
     g = torch.Generator().manual_seed(0)
-    pca = StreamingPCA(32, 8, torch.device("cpu"))
+    pca = ExactCovariance(32, 8, "cpu")
     basis = torch.randn(2, 32, generator=g)
     for _ in range(4):
         pca.update(torch.randn(50, 2, generator=g) @ basis + 5.0)
-    c = pca.decompose(precise=True)
+    c = pca.finalize()
     assert (c.explained_variance[:2] > 0).all() and (c.explained_variance[2:] == 0).all()
     # values one rounding step apart: no variance float32 inputs can carry
-    pca = StreamingPCA(4, 2, torch.device("cpu"))
+    pca = ExactCovariance(4, 2, "cpu")
     level = torch.tensor([1.5, -300.0, 7.0, 0.1])
     for _ in range(3):
         jitter = torch.rand(20, 4, generator=g) < 0.5
         pca.update(torch.where(jitter, torch.nextafter(level, level + 1), level))
-    c = pca.decompose(precise=True)
+    c = pca.finalize()
     assert (c.explained_variance == 0).all() and (c.explained_variance_ratio == 0).all()
 
 

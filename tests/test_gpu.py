@@ -6,19 +6,21 @@ from conftest import SharedMLP, SmallCNN, correlated
 
 import evagraph
 from evagraph.lora import LoraAdapter
-from evagraph.passes.incremental_svd import StreamingPCA
+from evagraph.stats import ExactCovariance, IncrementalSVD, flush_all
 
 pytestmark = pytest.mark.gpu
 
 
-def test_streaming_pca_on_cuda_matches_cpu():
+@pytest.mark.parametrize("cls", [ExactCovariance, IncrementalSVD])
+def test_statistics_on_cuda_match_cpu(cls):
     x = correlated(3000, 64, rank=8)
     results = []
     for device in ("cpu", "cuda"):
-        pca = StreamingPCA(64, 6, torch.device(device))
+        pca = cls(64, 6, device)
         for chunk in x.to(device).split(700):
             pca.update(chunk)
-        results.append(pca.decompose())
+            flush_all([pca])
+        results.append(pca.finalize())
     cpu, gpu = results
     assert gpu.components.device.type == "cuda"
     torch.testing.assert_close(

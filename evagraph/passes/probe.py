@@ -67,14 +67,23 @@ def activation_rows(
     return rows, None
 
 
+class ProbeFailure(Exception):
+    """An exception raised by evagraph's own code inside a probe (its ``__cause__``), kept
+    apart from the model's exceptions, which the calibration reports as the data's."""
+
+
 class Probe(nn.Module):
     """Identity on its input; feeds the input's rows to ``sinks`` while ``active``."""
 
     def __init__(
-        self, kind: str, conv: ConvSpec | None, label_mask_value: int | None = None
+        self,
+        kind: str,
+        conv: ConvSpec | None,
+        label_mask_value: int | None = None,
+        dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.kind, self.conv = kind, conv
+        self.kind, self.conv, self.dim = kind, conv, dim
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
@@ -91,10 +100,16 @@ class Probe(nn.Module):
             if use_labels and (mask is None or labels.shape == mask.shape):
                 keep = labels != self.label_mask_value
                 mask = keep if mask is None else mask.bool() & keep
-            with torch.no_grad():
-                rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
-                for sink in self.sinks:
-                    sink(rows, weights)
+            try:
+                with torch.no_grad():
+                    rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
+                    # Rows of another width: the layer after the probe raises the model's own
+                    # error for data that does not fit it; the statistics must not raise first.
+                    if self.dim is None or rows.shape[-1] == self.dim:
+                        for sink in self.sinks:
+                            sink(rows, weights)
+            except Exception as err:
+                raise ProbeFailure from err
         return x
 
 
@@ -133,6 +148,7 @@ def insert_probes(
     targets = set(selection.targets)
 
     consumers: dict[tuple, list[str]] = {}  # (input node, kind, conv) -> calling nodes
+    widths: dict[tuple, int] = {}  # the same key -> row width
     groups: dict[str, list[str]] = {}
     group_keys: dict[str, list[tuple]] = {}
     for gid, members in layer_graph.groups.items():
@@ -146,13 +162,14 @@ def insert_probes(
             layer = layer_graph.layers[m]
             for node_name, inp in zip(layer.nodes, layer.inputs):
                 consumers.setdefault((inp, layer.kind, layer.conv), []).append(node_name)
+                widths[(inp, layer.kind, layer.conv)] = layer.in_features
 
     probes: dict[str, Probe] = {}
     probe_of_key: dict[tuple, str] = {}
     for i, (key, calls) in enumerate(consumers.items()):
         inp, kind, conv = key
         name = f"evagraph_probe_{i}"
-        probe = Probe(kind, conv, label_mask_value)
+        probe = Probe(kind, conv, label_mask_value, widths[key])
         probes[name], probe_of_key[key] = probe, name
         gm.add_submodule(name, probe)
         first_call = nodes[min(calls, key=order.__getitem__)]

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import EvaSettings
 from ..lora import LoraAdapter, LoraLayer
-from .incremental_svd import Components
+from ..stats import Components
 from .layer_graph import Layer, LayerGraph
 
 

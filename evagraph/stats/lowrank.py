@@ -1,0 +1,211 @@
+"""The low-rank statistic: a streaming incremental SVD of rank ``q = 2k`` for wide layers.
+
+``IncrementalSVD(dim, k, device)`` keeps the mean, the row count, the total variance
+(exact) and a rank-``q`` factor ``diag(s) V`` of the centred rows seen so far: O(d q)
+memory instead of the exact statistic's O(d^2). Each update absorbs a batch as in
+sklearn's ``IncrementalPCA`` (Ross et al. 2008: the old factor, the batch's centred rows and
+a mean-correction row, re-decomposed and truncated to ``q``), but in O(N d q) rather than an
+SVD of the whole stacked matrix (Brand 2006): the batch's rows are split into their part in
+``span(V)`` and a residual, whose dominant directions are found by a randomized range finder
+with two power iterations (Halko et al. 2011) on ``q`` columns. Only a ``2q x 2q`` matrix is
+eigendecomposed (float64), and it can be deferred and batched across statistics
+(``flush``), so that a GPU pays one small solve per batch instead of one per layer.
+
+Why these numbers (measured on a random-init Llama, hidden 1024, 150 minibatches of 4 x 128
+Zipf tokens, k = 16; mean squared principal-angle cosine of the top 16 against the exact PCA
+of the same rows, for q / residual columns / power iterations):
+PEFT's IncrementalPCA (rank k) 0.81-0.87; q = 2k, 2k columns, 1 iteration 0.95-0.98;
+2 iterations 0.96-0.98; an exact residual (no range finder) 0.97-0.98; q = 4k 0.99. The
+sketch is ``2k`` wide so that the statistics stay within 2x PEFT's memory (which keeps k).
+The top-k of the sketch are the components; their variances are the sketch's singular
+values, and ratios are over the exact total variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .base import Components, components, explained, masked_rows, power_of_two_scale, row_count
+
+POWER_ITERATIONS = 2
+
+
+@dataclass
+class _Pending:
+    """An absorbed batch whose small eigenproblem is not solved yet (see ``flush``)."""
+
+    gram: torch.Tensor  # (q0 + c, q0 + c) float64: the stacked factor's Gram in the new basis
+    basis: torch.Tensor  # (c, d) float32: the new orthonormal directions beside V
+
+
+class IncrementalSVD:
+    """Rank-``2k`` streaming PCA of rows of width ``dim`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        dim: int,
+        k: int,
+        device: torch.device | str,
+        *,
+        rank: int | None = None,
+        defer: bool | None = None,
+    ) -> None:
+        self.dim, self.k = dim, min(k, dim)
+        self.rank = min(rank or 2 * self.k, dim)  # q
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.total = torch.zeros((), dtype=torch.float64, device=device)  # sum |x - mean|^2
+        self.V = torch.zeros(0, dim, device=device)  # orthonormal rows
+        self.sigma = torch.zeros(0, dtype=torch.float64, device=device)  # true units
+        self._gen = torch.Generator(device=device).manual_seed(0)
+        self._pending: _Pending | None = None
+        # On a GPU the small eigenproblem waits for ``flush_all`` (one host sync per batch);
+        # on the CPU it is solved at once, so no second factor is ever held.
+        self.defer = torch.device(device).type != "cpu" if defer is None else defer
+
+    # -- absorbing data ---------------------------------------------------------------------
+
+    def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        x = masked_rows(rows, weights)
+        n = row_count(rows, weights)
+        # Scale first (exact, a power of two), so sums and products stay in float32's range.
+        scale = power_of_two_scale(x.abs().amax())
+        x = x * scale if x is rows else x.mul_(scale)
+        centre = x.sum(0) / n.clamp_min(1).float()
+        x.sub_(centre)
+        if weights is not None:
+            x.mul_((weights > 0)[:, None])
+        scale64 = scale.double()
+        self._absorb(x, scale64, n, centre.double() / scale64, x.pow(2).sum().double() / scale64**2)
+
+    def merge(self, other: IncrementalSVD) -> None:
+        """Add ``other``'s rows, as represented by its factor (exact where its rows have rank
+        at most q, as are the mean, count and total variance always)."""
+        other.flush()
+        factor = other.sigma.float()[:, None] * other.V
+        scale = power_of_two_scale(factor.abs().amax())
+        self._absorb(factor * scale, scale.double(), other.count, other.mean, other.total)
+
+    def _absorb(
+        self,
+        rows: torch.Tensor,
+        scale: torch.Tensor,
+        n_new: torch.Tensor,
+        mean_new: torch.Tensor,
+        total_new: torch.Tensor,
+    ) -> None:
+        """Absorb centred ``rows`` (float32, ``scale`` times true units) of ``n_new`` rows whose
+        mean is ``mean_new`` and total squared deviation ``total_new`` (float64, true units)."""
+        self.flush()
+        n_old, V = self.count, self.V
+        n = n_old + n_new
+        # The mean-correction row of the stacked matrix (sklearn's IncrementalPCA).
+        corr = (n_old * n_new / n.clamp_min(1)).sqrt() * (self.mean - mean_new)
+        self.total = self.total + total_new + corr.pow(2).sum()
+        self.mean = self.mean + (n_new / n.clamp_min(1)) * (mean_new - self.mean)
+        self.count = n
+
+        # New directions: the dominant part of the rows outside span(V), and the correction.
+        q0 = V.shape[0]
+        # The first batch fills the whole sketch: oversample its range as well.
+        width = min(self.rank if q0 else 2 * self.rank, self.dim - q0)
+        coef = rows @ V.T  # (m, q0)
+        basis = torch.zeros(self.dim, 0, device=V.device)
+        if width > 0:
+
+            def residual(y: torch.Tensor) -> torch.Tensor:  # R^T R y, R = rows - coef V
+                z = rows @ y - coef @ (V @ y)
+                return rows.T @ z - V.T @ (coef.T @ z)
+
+            y = residual(torch.randn(self.dim, width, device=V.device, generator=self._gen))
+            for _ in range(POWER_ITERATIONS - 1):
+                y = residual(torch.linalg.qr(y).Q)
+            unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
+            y = torch.cat([y, unit[:, None]], 1)
+            basis = torch.linalg.qr(y).Q
+            basis = torch.linalg.qr(basis - V.T @ (V @ basis)).Q[:, : self.dim - q0]
+
+        # The stacked matrix in the basis [V; basis^T], whose Gram is small: (q0 + c)^2.
+        coords = torch.cat([coef, rows @ basis - coef @ (V @ basis)], 1).double() / scale
+        corr_coords = torch.cat([V.double() @ corr, basis.T.double() @ corr])
+        gram = coords.T @ coords + torch.outer(corr_coords, corr_coords)
+        gram[:q0, :q0] += torch.diag(self.sigma.pow(2))
+        # NaN/Inf rows poison the mean and total, which ``finite`` reports; the solve must
+        # not fail before the caller gets to ask.
+        gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
+        self._pending = _Pending(gram, basis.T.contiguous())
+        if not self.defer:
+            self.flush()
+
+    # -- solving ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Solve the pending small eigenproblem now (``flush_all`` batches many)."""
+        if self._pending is not None:
+            evals, evecs = torch.linalg.eigh(self._pending.gram)
+            self._solved(evals, evecs)
+
+    def _solved(self, evals: torch.Tensor, evecs: torch.Tensor) -> None:
+        pending, self._pending = self._pending, None
+        top = min(self.rank, evals.shape[0])
+        evals, evecs = evals.flip(0)[:top], evecs.flip(1)[:, :top]
+        V = evecs.T.float() @ torch.cat([self.V, pending.basis])
+        # Re-orthonormalise (float32 drift over thousands of updates), keeping each direction.
+        q, r = torch.linalg.qr(V.T)
+        self.V = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T.contiguous()
+        self.sigma = evals.clamp_min(0).sqrt()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _top(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(self.k, self.V.shape[0])
+        return self.V[:k], self.sigma[:k].pow(2) / (self.count - 1).clamp_min(1)
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Current top-k components (k x d) and explained-variance ratios, or None before data."""
+        self.flush()
+        if self.V.shape[0] == 0:
+            return None
+        vecs, ev = self._top()
+        return vecs, explained(ev, vecs, self.mean, self._variance())[1]
+
+    def _variance(self) -> torch.Tensor:
+        return self.total / (self.count - 1).clamp_min(1)
+
+    def finalize(self) -> Components | None:
+        """The sketch's top-k components; None before two rows."""
+        self.flush()
+        if self.V.shape[0] == 0 or float(self.count) < 2:
+            return None
+        vecs, ev = self._top()
+        return components(vecs, ev, self.mean, self.count, self._variance())
+
+    def finite(self) -> torch.Tensor:
+        """False once NaN or Inf reached the statistic (one device tensor, no sync)."""
+        return torch.isfinite(self.mean).all() & torch.isfinite(self.total)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the buffers (e.g. off the GPU while the group is converged)."""
+        self.flush()
+        for name in ("count", "mean", "total", "V", "sigma"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self._gen.device != self.V.device:  # a generator lives on one device
+            seed = int(torch.randint(2**62, (), device=self._gen.device, generator=self._gen))
+            self._gen = torch.Generator(device=self.V.device).manual_seed(seed)
+
+
+def flush_all(stats: Iterable[object]) -> None:
+    """Solve the pending eigenproblems of several statistics, batched by size: one small
+    ``eigh`` call (and on a GPU one host sync) for all layers of a batch, not one each."""
+    by_size: dict[tuple, list[IncrementalSVD]] = {}
+    for stat in stats:
+        if isinstance(stat, IncrementalSVD) and stat._pending is not None:
+            gram = stat._pending.gram
+            by_size.setdefault((gram.shape[0], gram.device), []).append(stat)
+    for same in by_size.values():
+        evals, evecs = torch.linalg.eigh(torch.stack([s._pending.gram for s in same]))
+        for stat, ev, vecs in zip(same, evals, evecs):
+            stat._solved(ev, vecs)
