@@ -30,7 +30,8 @@ import torch
 
 from .base import Components, components, explained, masked_rows, power_of_two_scale, row_count
 
-POWER_ITERATIONS = 2
+POWER_ITERATIONS = 1
+_REORTHONORMALISE = 16  # solves between QRs of V: drift stays below 1e-6
 
 
 @dataclass
@@ -62,6 +63,7 @@ class IncrementalSVD:
         self.sigma = torch.zeros(0, dtype=torch.float64, device=device)  # true units
         self._gen = torch.Generator(device=device).manual_seed(0)
         self._pending: _Pending | None = None
+        self._solves = 0
         # On a GPU the small eigenproblem waits for ``flush_all`` (one host sync per batch);
         # on the CPU it is solved at once, so no second factor is ever held.
         self.defer = torch.device(device).type != "cpu" if defer is None else defer
@@ -108,28 +110,30 @@ class IncrementalSVD:
         self.mean = self.mean + (n_new / n.clamp_min(1)) * (mean_new - self.mean)
         self.count = n
 
-        # New directions: the dominant part of the rows outside span(V), and the correction.
+        # New directions: the dominant part of the rows outside span(V) (a randomized range
+        # finder on the residual R = rows - coef V), and the mean correction.
         q0 = V.shape[0]
         # The first batch fills the whole sketch: oversample its range as well.
         width = min(self.rank if q0 else 2 * self.rank, self.dim - q0)
-        coef = rows @ V.T  # (m, q0)
-        basis = torch.zeros(self.dim, 0, device=V.device)
         if width > 0:
-
-            def residual(y: torch.Tensor) -> torch.Tensor:  # R^T R y, R = rows - coef V
-                z = rows @ y - coef @ (V @ y)
-                return rows.T @ z - V.T @ (coef.T @ z)
-
-            y = residual(torch.randn(self.dim, width, device=V.device, generator=self._gen))
+            probe = torch.randn(self.dim, width, device=V.device, generator=self._gen)
+            both = rows @ torch.cat([V.T, probe], 1)  # one pass over the rows for both
+            coef = both[:, :q0]
+            z = both[:, q0:] - coef @ (V @ probe)  # R probe
+            y = rows.T @ z - V.T @ (coef.T @ z)  # R^T R probe
             for _ in range(POWER_ITERATIONS - 1):
-                y = residual(torch.linalg.qr(y).Q)
+                y = torch.linalg.qr(y).Q
+                z = rows @ y - coef @ (V @ y)
+                y = rows.T @ z - V.T @ (coef.T @ z)
             unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
-            y = torch.cat([y, unit[:, None]], 1)
-            basis = torch.linalg.qr(y).Q
-            basis = torch.linalg.qr(basis - V.T @ (V @ basis)).Q[:, : self.dim - q0]
+            # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
+            # where y is rank-deficient (a batch of fewer rows than the sketch).
+            basis = torch.linalg.qr(torch.cat([V.T, y, unit[:, None]], 1)).Q[:, q0 : self.dim]
+        else:
+            coef, basis = rows @ V.T, torch.zeros(self.dim, 0, device=V.device)
 
         # The stacked matrix in the basis [V; basis^T], whose Gram is small: (q0 + c)^2.
-        coords = torch.cat([coef, rows @ basis - coef @ (V @ basis)], 1).double() / scale
+        coords = torch.cat([coef, rows @ basis], 1).double() / scale
         corr_coords = torch.cat([V.double() @ corr, basis.T.double() @ corr])
         gram = coords.T @ coords + torch.outer(corr_coords, corr_coords)
         gram[:q0, :q0] += torch.diag(self.sigma.pow(2))
@@ -153,9 +157,11 @@ class IncrementalSVD:
         top = min(self.rank, evals.shape[0])
         evals, evecs = evals.flip(0)[:top], evecs.flip(1)[:, :top]
         V = evecs.T.float() @ torch.cat([self.V, pending.basis])
-        # Re-orthonormalise (float32 drift over thousands of updates), keeping each direction.
-        q, r = torch.linalg.qr(V.T)
-        self.V = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T.contiguous()
+        self._solves += 1
+        if self._solves % _REORTHONORMALISE == 0:  # float32 drift, keeping each direction
+            q, r = torch.linalg.qr(V.T)
+            V = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
+        self.V = V.contiguous()
         self.sigma = evals.clamp_min(0).sqrt()
 
     # -- reading ----------------------------------------------------------------------------
