@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, OutputError
+from .pt2 import load_exported_program
 
 
 def load_model(
@@ -26,10 +32,12 @@ def load_model(
 ) -> tuple[nn.Module, str]:
     """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
 
-    MODEL is a ``.pt2`` torch.export archive (a graph of ATen ops: no code from the file
-    runs), a local Hugging Face model directory (``save_pretrained``; safetensors weights), a
-    timm model name (random init, or ``checkpoint``: a local state dict), or a whole-module
-    pickle, which executes code while loading and so is refused unless ``allow_pickle``.
+    MODEL is a ``.pt2`` torch.export archive (a graph of ATen ops, read by
+    :func:`evagraph.pt2.load_exported_program`: no code from the file runs), a local Hugging
+    Face model directory (``save_pretrained``; safetensors weights), a timm model name (random
+    init, or ``checkpoint``: a local state dict), or a whole-module pickle, which executes
+    code while loading and so is refused unless ``allow_pickle`` (which also lets a ``.pt2``
+    hold pickles the safe unpickler refuses).
     HF directories that ship their own modelling code (``auto_map``) need
     ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``.
     """
@@ -45,10 +53,12 @@ def load_model(
             f"model not found: {spec} is neither a file, a directory, nor a timm model name"
         )
     if path.suffix == ".pt2":
+        program = load_exported_program(path, allow_pickle=allow_pickle)
         try:
-            return torch.export.load(str(path)).module(), "pt2"
+            return program.module(), "pt2"
         except Exception as err:
-            raise ModelLoadError(f"cannot load torch.export archive {path}: {err}") from err
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ModelLoadError(f"cannot load torch.export archive {path}: {reason}") from err
     return _load_pickle(path, allow_pickle), "pickle"
 
 
@@ -146,38 +156,155 @@ def _load_timm(name: str, checkpoint: str | Path | None) -> nn.Module:
     return model.eval()
 
 
+# Temporary and replaced output directories are named after the process that made them, so a
+# later compile can remove those a killed process left (.OUT.tmp-HOST-PID-xxxxxxxx).
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+_LEFTOVER = r"\.{name}\.(?:tmp|old)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[A-Za-z0-9_]+"
+
+
 @contextmanager
 def atomic_directory(target: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``target`` only if the block succeeds.
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds.
 
-    Refuses a ``target`` that exists and is not empty unless ``force``. On any error (or
-    KeyboardInterrupt) the temporary directory is removed and ``target`` is left as it was.
+    Refuses a ``target`` that exists and is not empty unless ``force`` (``FileExistsError``),
+    and with an ``OutputError``: the current directory or one above it (``.``, ``..``), a
+    mount point, and a ``target`` that another process filled while the block ran (without
+    ``force``; its output is left as it was). The final move is one ``rename``, which only
+    succeeds onto a missing or empty directory. A symlinked ``target`` is written where it
+    points. On any error (or KeyboardInterrupt) the temporary directory is removed and
+    ``target`` is left as it was; leftovers of killed processes are removed on the next run.
+    Files and directories get the permissions the user's umask gives.
     """
-    target = Path(target)
+    shown = Path(target)
+    target = Path(os.path.realpath(shown))  # through symlinks, "." and ".."
+    if target == Path(os.getcwd()) or target in Path(os.getcwd()).parents:
+        raise OutputError(
+            f"output directory {shown} is the current directory or contains it: "
+            "give a new directory"
+        )
+    if os.path.ismount(target):
+        raise OutputError(
+            f"output directory {shown} is a mount point, which cannot be replaced: "
+            "give a directory inside it"
+        )
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise FileExistsError(f"output {target} exists and is not an empty directory (use --force)")
+        raise FileExistsError(f"output {shown} exists and is not an empty directory (use --force)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        _remove_leftovers(target)
+        tmp = Path(tempfile.mkdtemp(prefix=_owned_name(target, "tmp"), dir=target.parent))
     except OSError as err:
-        blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in shown.parents if p.exists() and not p.is_dir()), None)
         reason = f"{blocker} is a file" if blocker else f"{err.strerror or err} ({err.filename})"
-        raise OutputError(f"cannot write output directory {target}: {reason}") from err
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
+        raise OutputError(f"cannot write output directory {shown}: {reason}") from err
     try:
         yield tmp
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            if backup.is_dir():
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                backup.unlink()
-        else:
-            os.replace(tmp, target)
+        try:
+            _apply_umask(tmp)
+        except OSError as err:
+            raise OutputError(f"cannot set permissions in {tmp}: {err.strerror or err}") from err
+        _move_into_place(tmp, target, shown, force)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _move_into_place(tmp: Path, target: Path, shown: Path, force: bool) -> None:
+    """rename(tmp, target); with ``force`` whatever is at ``target`` is moved aside first."""
+    backups: list[Path] = []
+    placed = False
+    try:
+        for _ in range(3):  # with force, another run may put its output back in between
+            if force and os.path.lexists(target):
+                backup = target.with_name(f"{_owned_name(target, 'old')}{secrets.token_hex(4)}")
+                try:
+                    os.rename(target, backup)
+                    backups.append(backup)
+                except FileNotFoundError:  # moved away by another run meanwhile
+                    pass
+            try:
+                os.rename(tmp, target)  # atomic; fails unless target is missing or empty
+                placed = True
+                return
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR) or not force:
+                    raise
+        raise OutputError(f"cannot replace output {shown}: other processes keep writing it")
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise OutputError(
+                f"output {shown} was written by another process meanwhile; left it as it is "
+                "(use --force to replace it)"
+            ) from err
+        if err.errno in (errno.EBUSY, errno.EXDEV):
+            reason = "it is a mount point or on another file system"
+        else:
+            reason = err.strerror or str(err)
+        raise OutputError(f"cannot move the output into {shown}: {reason}") from err
+    finally:
+        if not placed and backups and not os.path.lexists(target):
+            # Failed or interrupted between the two renames: put the previous output back.
+            with contextlib.suppress(OSError):
+                os.rename(backups.pop(), target)
+        for backup in backups:
+            _remove(backup)
+
+
+def _owned_name(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{_HOST}-{os.getpid()}-"
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the temporary/replaced directories of ``target`` that dead processes left."""
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(target.name)))
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            _remove(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; an absurd PID
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _umask() -> int:
+    # /proc avoids setting the umask to read it, which would race with other threads.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the permissions the user's umask gives new files.
+
+    Writers differ (mkdtemp makes 0700, safetensors writes 0600): without this, some outputs
+    would be private and others not.
+    """
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)

@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT, SharedMLP, evagraph_cmd
 from safetensors.torch import load_file, save_file
 
+from evagraph.pt2 import load_exported_program
+
 # compile draws its report: report.html, and report.png where matplotlib is installed
 PICTURES = ["report.html"] + (["report.png"] if importlib.util.find_spec("matplotlib") else [])
 
@@ -53,8 +55,8 @@ def test_compile_bundled_example_writes_three_outputs(example, tmp_path):
     assert sum(ranks.values()) == 4 * len(ranks) and "head" in report["skipped"]
     adapter = load_file(str(out / "adapter.safetensors"))
     assert set(adapter) == {f"{n}.lora_{m}.weight" for n, r in ranks.items() if r for m in "AB"}
-    original = torch.export.load(str(example / "tiny_cnn.pt2")).module()
-    adapted = torch.export.load(str(out / "model.pt2")).module()
+    original = load_exported_program(example / "tiny_cnn.pt2").module()
+    adapted = load_exported_program(out / "model.pt2").module()
     x = load_file(str(example / "calib.safetensors"))["x"][:8]
     torch.testing.assert_close(adapted(x), original(x), atol=1e-5, rtol=1e-5)
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # no temp left
@@ -189,7 +191,7 @@ def test_compile_hf_directory_to_pt2(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["capture"] == "export" and "lm_head" in report["skipped"]
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
-    adapted = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    adapted = load_exported_program(tmp_path / "out" / "model.pt2").module()
     x = {"input_ids": ids[:3, :9], "attention_mask": mask[:3, :9]}
     with torch.no_grad():
         torch.testing.assert_close(adapted(**x).logits, base(**x).logits, atol=1e-4, rtol=1e-4)
