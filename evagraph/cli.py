@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import pickle
 import random
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 import click
 
-from .errors import ConfigError, ConvergenceWarning, EvagraphError
+from .errors import ConfigError, ConvergenceWarning, EvagraphError, OutputError
 
 
 def _patterns(values: tuple[str, ...]) -> list[str]:
@@ -213,20 +219,27 @@ def _compile(
     import torch
 
     from .api import adapt, transform
-    from .artifacts import export, save_adapter
+    from .artifacts import save_adapter
     from .config import EvaSettings
-    from .data import load_calibration, to_device
+    from .data import load_calibration, resolve_device, to_device
     from .io import atomic_directory, load_model
+    from .passes.capture import _first_line, export_program
     from .render import render_report
     from .state import EvaState
 
     settings["adjust_scaling_factors"] = not no_adjust_scaling
     settings["use_label_mask"] = not no_label_mask
-    # Validate settings before any slow loading.
+    # Validate settings, device and flags before any slow loading.
     EvaSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    device = resolve_device(device)
+    if checkpoint is not None and Path(model).exists():
+        kind = "directory" if Path(model).is_dir() else "file"
+        raise ConfigError(
+            f"--checkpoint is for a timm model name, but {model} is a {kind}: "
+            "its weights are loaded from there"
+        )
     random.seed(seed)
     torch.manual_seed(seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
         batches = load_calibration(data, batch_size) if data is not None else None
         module, kind = load_model(
@@ -245,8 +258,6 @@ def _compile(
                     module, batches, device=device, progress=not quiet, inplace=True,
                     return_state=True, **settings,
                 )  # fmt: skip
-            eva_state.save(tmp / "eva_state.safetensors")
-            written.append("eva_state.safetensors")
         else:
             keys = ("budget", "rho", "alpha", "whiten", "dropout", "adjust_scaling_factors")
             module.to(device)
@@ -255,26 +266,111 @@ def _compile(
                 module, EvaState.load(state), example=example, inplace=True,
                 **{k: settings[k] for k in keys},
             )  # fmt: skip
-        save_adapter(adapted, tmp, report.settings)
-        report.save(tmp / "report.json")
-        written += [path.name for path in render_report(report, tmp)]
-        if fmt == "pt2":
-            export(adapted, to_device(batches[0], device), tmp / "model.pt2")
-            written.append("model.pt2")
-        elif fmt == "pickle":
-            torch.save(adapted, tmp / "model.pt")
-            written.append("model.pt")
-        elif fmt == "peft":
-            from .peft import save_peft
+            eva_state = None
+        # Traced before writing, so a disk error below is only ever about the disk.
+        program = export_program(adapted, to_device(batches[0], device)) if fmt == "pt2" else None
+        with _disk_errors(output):
+            if eva_state is not None:
+                eva_state.save(tmp / "eva_state.safetensors")
+                written.append("eva_state.safetensors")
+            save_adapter(adapted, tmp, report.settings)
+            report.save(tmp / "report.json")
+            written += [path.name for path in render_report(report, tmp)]
+            if program is not None:
+                with _zip_target(tmp / "model.pt2") as f:
+                    torch.export.save(program, f)
+                written.append("model.pt2")
+            elif fmt == "pickle":
+                with _zip_target(tmp / "model.pt") as f:
+                    try:
+                        torch.save(adapted, f)
+                    except (pickle.PicklingError, AttributeError, TypeError) as err:
+                        raise ConfigError(  # e.g. a model loaded from a .pt2 (local lambdas)
+                            f"--format pickle cannot save this model: {_first_line(err)}"
+                        ) from err
+                written.append("model.pt")
+            elif fmt == "peft":
+                from .peft import save_peft
 
-            save_peft(adapted, tmp)
-            written += ["adapter_config.json", "adapter_model.safetensors"]
+                save_peft(adapted, tmp)
+                written += ["adapter_config.json", "adapter_model.safetensors"]
     n_adapted = sum(1 for layer in report.layers if layer.rank)
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+@contextlib.contextmanager
+def _disk_errors(output: str) -> Iterator[None]:
+    """A write that fails (disk full, quota, read-only) -> one-line ``OutputError``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        name = f" ({Path(err.filename).name})" if err.filename else ""
+        raise OutputError(f"cannot write output {output}{name}: {err.strerror or err}") from err
+    except SafetensorError as err:
+        # safetensors reports the OS error as text: "...: I/O error: No space left on device"
+        _, io_error, reason = str(err).partition("I/O error: ")
+        if not io_error:
+            raise
+        raise OutputError(f"cannot write output {output}: {reason}") from err
+
+
+class _FirstWriteError(io.RawIOBase):
+    """A file for torch's zip writer (``torch.save``, ``torch.export.save``) that never raises.
+
+    Given a path, that C++ writer turns a failed write (ENOSPC) into a meaningless
+    "unexpected pos" error, then writes again from its destructor, where the error aborts the
+    process (exit 134). Here the first ``OSError`` is kept, later writes are dropped, and
+    ``_zip_target`` raises the real error once torch is done.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as err:
+                self.error = err
+        return memoryview(data).nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.error is None:
+            try:
+                return self.file.seek(offset, whence)
+            except OSError as err:
+                self.error = err
+        return 0
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+@contextlib.contextmanager
+def _zip_target(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for torch's zip writer; raise the first ``OSError`` any write hit."""
+    with open(path, "wb") as file:
+        guarded = _FirstWriteError(file)
+        yield guarded  # type: ignore[misc]
+        if guarded.error is None:
+            file.flush()  # a full disk may show only here
+    if guarded.error is not None:
+        raise guarded.error
 
 
 @main.command("report")
@@ -303,8 +399,8 @@ def report_cmd(outdir: str) -> None:
         raise click.ClickException(f"no report.json in {outdir} (evagraph compile writes one)")
     try:
         report = Report.load(path)
-    except (OSError, ValueError) as err:
-        raise click.ClickException(f"cannot read {path}: {err}") from err
+    except EvagraphError as err:
+        raise click.ClickException(str(err)) from err
     click.echo(report_table(report))
     try:
         written = render_report(report, outdir)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .passes.capture import _first_line
 
 
 def call_model(model: torch.nn.Module, batch: Any) -> Any:
@@ -22,11 +25,40 @@ def call_model(model: torch.nn.Module, batch: Any) -> Any:
 
 def batch_failed(index: int, err: Exception) -> DataError:
     """The error for a batch the model could not run: the first line of what it raised."""
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else ""
-    return DataError(
-        f"the model failed on calibration batch {index}: {type(err).__name__}: {first}"
-    )
+    return DataError(f"the model failed on calibration batch {index}: {_first_line(err)}")
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``spec`` as a device this machine has (None: cuda if available, else cpu).
+
+    Raises ``ConfigError`` naming the device, so a typo fails before any slow loading.
+    """
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device {str(spec)!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    available = getattr(backend, "is_available", None)
+    if not callable(available):  # meta, lazy ...: no data can be run there
+        raise ConfigError(f"device {str(spec)!r} cannot run a model on data (use cpu or cuda)")
+    if not available():
+        raise ConfigError(
+            f"device {str(spec)!r} is not available on this machine "
+            f"(torch.{device.type}.is_available() is False)"
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ConfigError(
+            f"device {str(spec)!r} does not exist: this machine has {count()} "
+            f"{device.type} device(s)"
+        )
+    return device
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -48,6 +80,8 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"calibration data file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"calibration data {path} is an empty file (0 bytes)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -55,8 +89,17 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
             data: Any = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # The safe unpickler names the class it refused; its own text runs to many lines.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found is None:
+            raise DataError(f"cannot read calibration data {path}: {_first_line(err)}") from err
+        raise DataError(
+            f"calibration data {path} holds pickled Python objects ({found.group(1)}), not "
+            "only tensors; they are not loaded, as unpickling them runs code from the file"
+        ) from err
     except Exception as err:
-        raise DataError(f"cannot read calibration data {path}: {err}") from err
+        raise DataError(f"cannot read calibration data {path}: {_first_line(err)}") from err
     if isinstance(data, Mapping) and len(data) == 1:
         data = next(iter(data.values()))
     if isinstance(data, torch.Tensor):
@@ -69,14 +112,20 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
         tensors, keyed = dict(data), True
     else:
         raise DataError(f"{path} must hold a tensor or a non-empty dict of tensors")
-    sizes = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
-    n = min(sizes.values(), default=0)
+    scalars = [k for k, v in tensors.items() if v.dim() == 0]
+    if scalars:
+        what = f"tensor {scalars[0]!r}" if keyed else "its tensor"
+        raise DataError(f"{path}: {what} is a scalar (0-dim): it has no sample dimension")
+    sizes = {k: v.shape[0] for k, v in tensors.items()}
+    n = min(sizes.values())
     if n == 0:
         raise DataError(f"{path} holds no samples (a first dimension of 0)")
     if len(set(sizes.values())) != 1:
         raise DataError(f"{path}: tensors need the same first dimension (samples), got {sizes}")
     batches = []
     for start in range(0, n, batch_size):
-        part = {k: v[start : start + batch_size] for k, v in tensors.items()}
+        # Copies, not views: a view would carry the whole file's storage into anything that
+        # serialises a batch (an exported .pt2 keeps its example batch).
+        part = {k: v[start : start + batch_size].clone() for k, v in tensors.items()}
         batches.append(part if keyed else part[""])
     return batches

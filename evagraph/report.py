@@ -6,6 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .errors import ModelLoadError
+
+
+class ReportLoadError(ModelLoadError, ValueError):
+    """A file is not a report evagraph wrote (also a ValueError, which ``load`` raised before)."""
+
 
 @dataclass
 class LayerReport:
@@ -62,15 +68,22 @@ class Report:
     def load(cls, path: str | Path) -> Report:
         """Read a ``report.json`` written by ``save``.
 
-        Raises ValueError naming what is wrong if the file is not JSON or not a report.
-        Unknown keys (and the derived ``converged`` / ``total_rank``) are ignored.
+        Raises ``ReportLoadError`` (a ``ModelLoadError``) naming the file and what is wrong if
+        it cannot be read, is not JSON or is not a report. Unknown keys (and the derived
+        ``converged`` / ``total_rank``) are ignored.
         """
+
+        def bad(reason: str) -> ReportLoadError:
+            return ReportLoadError(f"cannot read report {path}: {reason}")
+
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not valid JSON ({err})") from err
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise bad(err.strerror or str(err)) from err
+        except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep
+            raise bad(f"not valid JSON ({err})") from err
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-            raise ValueError("no 'layers' list: not an evagraph report")
+            raise bad("no 'layers' list: not an evagraph report")
         layer_keys = {f.name for f in fields(LayerReport)}
         report_keys = {f.name for f in fields(cls)}
         try:
@@ -81,7 +94,7 @@ class Report:
             kwargs = {k: v for k, v in data.items() if k in report_keys and k != "layers"}
             report = cls(layers=layers, **kwargs)
         except (TypeError, AttributeError) as err:  # a missing key, or a layer not an object
-            raise ValueError(f"not an evagraph report: {err}") from err
+            raise bad(f"not an evagraph report ({err})") from err
         # The renderers do arithmetic on these: catch a hand-edited file here, by name.
         for layer in report.layers:
             ints = (layer.rank, layer.in_features, layer.out_features, layer.depth)
@@ -92,9 +105,14 @@ class Report:
                 and all(isinstance(v, (int, float)) for v in ratios)
                 and isinstance(layer.steps_to_converge, (int, type(None)))
             ):
-                raise ValueError(f"layer {layer.name!r} has a field of the wrong type")
-        if not isinstance(report.steps, int) or not isinstance(report.skipped, dict):
-            raise ValueError("'steps' or 'skipped' has the wrong type")
+                raise bad(f"layer {layer.name!r} has a field of the wrong type")
+        if not isinstance(report.steps, int):
+            raise bad("'steps' must be an integer")
+        for name in ("settings", "skipped", "groups", "rows", "batches"):
+            if not isinstance(getattr(report, name), dict):
+                raise bad(f"{name!r} must be an object")
+        if not isinstance(report.unconverged, list):
+            raise bad("'unconverged' must be a list")
         return report
 
     def render(self, outdir: str | Path) -> list[Path]:

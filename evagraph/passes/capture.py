@@ -66,10 +66,18 @@ def _concrete_args(model: nn.Module, example: Any) -> dict[str, Any] | None:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    return type(err).__name__ + (f": {text.splitlines()[0]}" if text else "")
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+# Frames from these installed packages are not the user's. Compared by real path, not by a
+# name: a user's checkout may itself live in a folder called "evagraph" (git's default).
+_LIBRARY_DIRS = tuple(
+    os.path.join(os.path.dirname(path), "")  # trailing separator: torch/ but not torchvision/
+    for path in (
+        os.path.realpath(torch.__file__),
+        os.path.dirname(os.path.realpath(__file__)),  # evagraph/passes -> evagraph
+    )
+)
 
 
 def _user_frame(err: BaseException) -> str:
@@ -77,7 +85,7 @@ def _user_frame(err: BaseException) -> str:
     frames = [
         f
         for f in traceback.extract_tb(err.__traceback__)
-        if not f.filename.startswith(_TORCH_DIR) and "/evagraph/" not in f.filename
+        if not os.path.realpath(f.filename).startswith(_LIBRARY_DIRS)
     ]
     if not frames:
         return ""

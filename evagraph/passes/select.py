@@ -9,7 +9,7 @@ that names a head explicitly selects it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -23,8 +23,29 @@ class Selection:
     skipped: dict[str, str]  # layer name -> why it gets no adapter
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(name, p) for p in patterns)
+def patterns(value: str | Iterable[str] | None, what: str = "targets") -> tuple[str, ...] | None:
+    """The user's ``targets`` / ``exclude`` as a tuple of glob patterns (None stays None).
+
+    A string is one pattern: ``tuple("stem")`` would silently make it four one-letter ones.
+    Raises ``ConfigError`` naming ``what`` for anything but None, a str or strs.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"{what} must be a glob pattern or a list of them, got {type(value).__name__}"
+        )
+    found = tuple(value)
+    for p in found:
+        if not isinstance(p, str):
+            raise ConfigError(f"{what} patterns must be strings, got {p!r:.40}")
+    return found
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in globs)
 
 
 def select_targets(
@@ -34,8 +55,8 @@ def select_targets(
 ) -> Selection:
     """Choose target layers; raise ``ConfigError`` if a pattern matches nothing or none remain."""
     names = list(layer_graph.layers)
-    for kind, patterns in (("targets", targets or ()), ("exclude", exclude)):
-        for p in patterns:
+    for kind, given in (("targets", targets or ()), ("exclude", exclude)):
+        for p in given:
             if not any(fnmatchcase(n, p) for n in names):
                 raise ConfigError(
                     f"{kind} pattern {p!r} matches no adaptable layer "
