@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ModelLoadError
-from .lora import LoraAdapter, adapter_state_dict
-from .passes.capture import capture, export_program
-from .passes.layer_graph import LayerGraph, _module_layer, build_layer_graph
+from .io import disk_errors, zip_target
+from .lora import LoraAdapter, adapter_state_dict, refuse_adapted
+from .passes.capture import capture, export_program, is_hf_conv1d
+from .passes.layer_graph import ConvSpec, Layer, LayerGraph, _module_layer, build_layer_graph
 from .passes.rewrite import rewrite
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
@@ -34,7 +38,9 @@ def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
     sequence and image dimensions stay dynamic where the model allows.
     """
     path = Path(path)
-    torch.export.save(export_program(adapted, example_inputs), str(path))
+    program = export_program(adapted, example_inputs)  # traced first: errors below are the disk's
+    with disk_errors(str(path)), zip_target(path) as f:
+        torch.export.save(program, f)
     return path
 
 
@@ -80,31 +86,16 @@ def save_adapter(model: nn.Module, directory: str | Path, settings: dict | None 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _adapter_from(entry: dict, weights: dict[str, torch.Tensor]) -> LoraAdapter:
-    from .passes.layer_graph import ConvSpec
-
-    name = entry["name"]
-    A, B = weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"]
-    conv = None
-    if entry["conv"] is not None:
-        c = entry["conv"]
-        padding = c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"])
-        conv = ConvSpec(
-            tuple(c["kernel_size"]),
-            tuple(c["stride"]),
-            padding,
-            tuple(c["dilation"]),
-            padding_mode=c["padding_mode"],
-        )
+def _adapter_from(entry: _Entry, A: torch.Tensor, B: torch.Tensor) -> LoraAdapter:
     adapter = LoraAdapter.build(
         A.reshape(A.shape[0], -1),
         B.shape[0],
-        conv,
-        entry["scaling"],
-        entry["dropout"],
-        name,
-        entry.get("base_weight", ""),
-        entry.get("weight_transposed", False),
+        entry.conv,
+        entry.scaling,
+        entry.dropout,
+        entry.name,
+        entry.base_weight,
+        entry.weight_transposed,
     )
     with torch.no_grad():
         adapter.lora_B.weight.copy_(B)
@@ -118,26 +109,354 @@ def apply_adapter(
 
     Layers are found by name: modules are wrapped, as ``transform`` does. When a layer is an
     op in a graph rather than a module (a loaded ``.pt2``), the graph is rewritten; a model
-    that is not a GraphModule then needs ``example`` (one batch) to be captured.
+    that is not a GraphModule then needs ``example`` (one batch) to be captured. A model that
+    already carries adapters, or whose layers differ from the adapter's (kind, widths, conv
+    geometry), is refused.
     """
+    refuse_adapted(model)
     adapters = load_adapters(path)
     work = model if inplace else copy.deepcopy(model)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     adapters = {name: a.to(device) for name, a in adapters.items()}
-    return attach_adapters(work, adapters, example, source=str(path))
+    return attach_adapters(work, adapters, example, source=f"adapter {path}")
 
 
 def load_adapters(path: str | Path) -> dict[str, LoraAdapter]:
-    """The adapters saved in directory ``path`` (by ``save_adapter``), by layer name, on CPU."""
+    """The adapters saved in directory ``path`` (by ``save_adapter``), by layer name, on CPU.
+
+    Raises ``ModelLoadError`` naming the file and the layer for anything malformed: see
+    ``_read_manifest``. Whether they fit a model is ``check_adapters``' business.
+    """
     path = Path(path)
+    manifest_file = path / MANIFEST
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        weights = load_file(str(path / WEIGHTS))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read adapter from {path}: {err}") from err
-    if manifest.get("format") != _FORMAT:
-        raise ModelLoadError(f"{path / MANIFEST} is not an evagraph adapter manifest")
-    return {e["name"]: _adapter_from(e, weights) for e in manifest["layers"]}
+        text = manifest_file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"cannot read adapter from {path}: {_first_line(err)}") from err
+    entries = _read_manifest(load_json(text, str(manifest_file)), str(manifest_file))
+    weights, _ = read_safetensors(path / WEIGHTS, "adapter weights")
+    return _adapters_from(entries, weights, str(path / WEIGHTS))
+
+
+# --- Validation of saved artefacts (adapters here; EVA states in state.py use the helpers).
+# Files are untrusted input: every malformed value becomes a ModelLoadError naming the file
+# and the entry, never a KeyError/TypeError from deep inside.
+
+
+@dataclass
+class _Entry:
+    """One manifest entry, its JSON types checked."""
+
+    name: str
+    kind: str
+    conv: ConvSpec | None
+    base_weight: str
+    weight_transposed: bool
+    rank: int
+    scaling: float
+    dropout: float
+    A_shape: list[int]
+    B_shape: list[int]
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_json(text: str, source: str) -> Any:
+    """Parse ``text``; duplicate keys (which json would resolve silently) are an error."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise ModelLoadError(f"{source}: duplicate entry {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{source} is not valid JSON: {_first_line(err)}") from err
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of a safetensors file; any failure is a ModelLoadError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # SafetensorError, OSError, ...: all the file's fault
+        raise ModelLoadError(f"cannot read {what} {path}: {_first_line(err)}") from err
+    return tensors, metadata
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What a JSON value must be, by the words the error uses.
+_VALUE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "an object": lambda v: isinstance(v, dict),
+    "a list": lambda v: isinstance(v, list),
+    "a string": lambda v: isinstance(v, str),
+    "a non-empty string": lambda v: isinstance(v, str) and bool(v),
+    "null or a string": lambda v: v is None or isinstance(v, str),
+    "a boolean": lambda v: isinstance(v, bool),
+    "an integer >= 0": lambda v: _is_int(v) and v >= 0,
+    "an integer >= 1": lambda v: _is_int(v) and v >= 1,
+    "null or an integer >= 0": lambda v: v is None or (_is_int(v) and v >= 0),
+    "a finite number": _is_number,
+    "a finite number > 0": lambda v: _is_number(v) and v > 0,
+    "a finite number >= 1": lambda v: _is_number(v) and v >= 1,
+    "a finite number in (0, 1]": lambda v: _is_number(v) and 0 < v <= 1,
+    "a finite number in [0, 1)": lambda v: _is_number(v) and 0 <= v < 1,
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers >= 1": lambda v: (
+        isinstance(v, list) and all(_is_int(x) and x >= 1 for x in v)
+    ),
+    "'linear' or 'conv'": lambda v: v in ("linear", "conv"),
+    "a list of [start, stop) runs": lambda v: (
+        isinstance(v, list)
+        and all(
+            isinstance(r, list) and len(r) == 2 and all(_is_int(i) for i in r) and 0 <= r[0] <= r[1]
+            for r in v
+        )
+    ),
+}
+_MISSING = object()
+
+
+def expect(d: dict, key: str, what: str, source: str, where: str, default: Any = _MISSING) -> Any:
+    """``d[key]``, which must be ``what`` (a key of ``_VALUE_CHECKS``); else ModelLoadError."""
+    if key not in d:
+        if default is not _MISSING:
+            return default
+        raise ModelLoadError(f"{source}: {where}: missing {key!r}")
+    value = d[key]
+    if not _VALUE_CHECKS[what](value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ModelLoadError(f"{source}: {where}: {key!r} must be {what}, got {shown}")
+    return value
+
+
+def parse_conv(d: Any, source: str, where: str) -> ConvSpec:
+    """A ConvSpec from its JSON form (as ``_describe`` and ``asdict(ConvSpec)`` write it)."""
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{source}: {where}: 'conv' must be an object, got {d!r:.40}")
+    kernel = expect(d, "kernel_size", "a list of integers >= 1", source, where)
+    n = len(kernel)
+    padding = d.get("padding")
+    if not (padding in ("same", "valid") or isinstance(padding, list)
+            and all(_is_int(p) and p >= 0 for p in padding)):  # fmt: skip
+        raise ModelLoadError(
+            f"{source}: {where}: conv 'padding' must be 'same', 'valid' or a list of integers "
+            f">= 0, got {padding!r:.40}"
+        )
+    spec = ConvSpec(
+        kernel_size=tuple(kernel),
+        stride=tuple(expect(d, "stride", "a list of integers >= 1", source, where)),
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dilation=tuple(expect(d, "dilation", "a list of integers >= 1", source, where)),
+        groups=expect(d, "groups", "an integer >= 1", source, where, default=1),
+        padding_mode=expect(d, "padding_mode", "a string", source, where, default="zeros"),
+    )
+    lengths = {len(spec.stride), len(spec.dilation)}
+    if not isinstance(padding, str):
+        lengths.add(len(padding))
+    if not 1 <= n <= 3 or lengths != {n}:
+        raise ModelLoadError(
+            f"{source}: {where}: conv geometry of mixed or unsupported dimensions: {d!r:.80}"
+        )
+    if spec.groups != 1:
+        raise ModelLoadError(f"{source}: {where}: grouped convolution (groups={spec.groups})")
+    if spec.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise ModelLoadError(f"{source}: {where}: unknown padding_mode {spec.padding_mode!r:.40}")
+    if spec.padding == "same" and any(s != 1 for s in spec.stride):
+        raise ModelLoadError(f"{source}: {where}: padding 'same' with stride {spec.stride}")
+    return spec
+
+
+def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
+    """The entries of ``adapter.json``, each checked for types and internal consistency."""
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ModelLoadError(f"{source} is not an evagraph adapter manifest")
+    expect(manifest, "settings", "an object", source, "manifest", default={})
+    entries: dict[str, _Entry] = {}
+    for i, e in enumerate(expect(manifest, "layers", "a list", source, "manifest")):
+        if not isinstance(e, dict):
+            raise ModelLoadError(f"{source}: layers[{i}] must be an object, got {e!r:.40}")
+        name = expect(e, "name", "a non-empty string", source, f"layers[{i}]")
+        where = f"layer {name}"
+        if name in entries:
+            raise ModelLoadError(f"{source}: {where}: duplicate entry")
+        kind = expect(e, "kind", "'linear' or 'conv'", source, where)
+        conv = None if kind == "linear" else parse_conv(e.get("conv"), source, where)
+        if kind == "linear" and e.get("conv") is not None:
+            raise ModelLoadError(f"{source}: {where}: a linear layer with conv geometry")
+        transposed = expect(e, "weight_transposed", "a boolean", source, where, default=False)
+        if transposed and conv is not None:
+            raise ModelLoadError(f"{source}: {where}: a conv layer cannot be weight_transposed")
+        expect(e, "alpha", "a finite number", source, where, default=0.0)
+        A_shape = expect(e, "lora_A_shape", "a list of integers >= 1", source, where)
+        B_shape = expect(e, "lora_B_shape", "a list of integers >= 1", source, where)
+        base = expect(e, "base_weight", "a string", source, where, default="") or f"{name}.weight"
+        entries[name] = _Entry(
+            name,
+            kind,
+            conv,
+            base,
+            transposed,
+            rank=expect(e, "rank", "an integer >= 1", source, where),
+            scaling=float(expect(e, "scaling", "a finite number > 0", source, where)),
+            dropout=float(expect(e, "dropout", "a finite number in [0, 1)", source, where, 0.0)),
+            A_shape=A_shape,
+            B_shape=B_shape,
+        )
+    return list(entries.values())
+
+
+def _adapters_from(
+    entries: list[_Entry], weights: dict[str, torch.Tensor], source: str
+) -> dict[str, LoraAdapter]:
+    """Adapters from validated entries and the weights file: shapes against the manifest's
+    rank, kind and kernel, rank <= input width, finite values, no tensor left over."""
+    weights = dict(weights)
+    adapters = {}
+    for entry in entries:
+        rank, where = entry.rank, f"{source}: layer {entry.name}"
+        try:
+            A = weights.pop(f"{entry.name}.lora_A.weight")
+            B = weights.pop(f"{entry.name}.lora_B.weight")
+        except KeyError as err:
+            raise ModelLoadError(f"{where}: missing tensor {err.args[0]}") from None
+        for t, tensor, saved in (("lora_A", A, entry.A_shape), ("lora_B", B, entry.B_shape)):
+            if list(tensor.shape) != saved:
+                raise ModelLoadError(
+                    f"{where}: {t} has shape {tuple(tensor.shape)} but the manifest says "
+                    f"{tuple(saved)}"
+                )
+            if not tensor.is_floating_point():
+                raise ModelLoadError(f"{where}: {t} has dtype {tensor.dtype}, not a float type")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ModelLoadError(f"{where}: {t} holds NaN or Inf")
+        kernel = entry.conv.kernel_size if entry.conv is not None else ()
+        ones = (1,) * len(kernel)
+        if A.dim() != 2 + len(kernel) or A.shape[0] != rank or tuple(A.shape[2:]) != kernel:
+            raise ModelLoadError(
+                f"{where}: lora_A has shape {tuple(A.shape)}, expected (rank {rank}, in"
+                f"{', ' if kernel else ''}{', '.join(map(str, kernel))}) for a {entry.kind} layer"
+            )
+        if B.dim() != 2 + len(kernel) or B.shape[1] != rank or tuple(B.shape[2:]) != ones:
+            raise ModelLoadError(
+                f"{where}: lora_B has shape {tuple(B.shape)}, expected (out, rank {rank}"
+                f"{''.join(', 1' for _ in ones)})"
+            )
+        width = A[0].numel()
+        if rank > width:
+            raise ModelLoadError(f"{where}: rank {rank} exceeds the layer's input width {width}")
+        adapters[entry.name] = _adapter_from(entry, A, B)
+    if weights:
+        raise ModelLoadError(
+            f"{source}: tensor(s) {', '.join(sorted(weights)[:3])} belong to no layer of the "
+            "manifest"
+        )
+    return adapters
+
+
+def _describe_layer(layer: Layer) -> str:
+    text = f"{layer.kind} {layer.in_features} -> {layer.out_features}"
+    if layer.weight_transposed:
+        text += " stored (in, out)"
+    if layer.conv is not None:
+        c = layer.conv
+        text += (
+            f" (kernel {c.kernel_size}, stride {c.stride}, padding {c.padding}, dilation "
+            f"{c.dilation}, groups {c.groups}, padding_mode {c.padding_mode})"
+        )
+    return text
+
+
+def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
+    """Raise ModelLoadError unless ``model`` has ``layer`` as ``source`` saw it.
+
+    A linear/conv module at the layer's name must match in kind, widths, weight layout and
+    conv geometry. A layer that is an op on a parameter (a loaded ``.pt2``: ``Layer.module``
+    is None) is checked by its weight's shape, which fixes the widths and the kernel; its
+    stride, padding and dilation live in the graph and are not checked.
+    """
+    try:
+        module = model.get_submodule(layer.name)
+    except AttributeError:
+        module = None
+    found = _module_layer(module) if module is not None else None
+    if found is not None:
+        kind, conv = found
+        w = module.weight
+        if is_hf_conv1d(module):
+            in_f, out_f, transposed = w.shape[0], w.shape[1], True
+        elif kind == "linear":
+            in_f, out_f, transposed = w.shape[1], w.shape[0], False
+        else:
+            in_f, out_f, transposed = w.shape[1] * math.prod(conv.kernel_size), w.shape[0], False
+        actual = Layer(layer.name, kind, "", in_f, out_f, f"{layer.name}.weight", conv=conv,
+                       weight_transposed=transposed)  # fmt: skip
+        if (actual.kind, actual.in_features, actual.out_features, actual.conv, transposed) != (
+            layer.kind, layer.in_features, layer.out_features, layer.conv,
+            layer.weight_transposed,
+        ):  # fmt: skip
+            raise ModelLoadError(
+                f"layer {layer.name}: {source} has {_describe_layer(layer)} but the model's "
+                f"{type(module).__name__} is {_describe_layer(actual)}"
+            )
+        if layer.weight != actual.weight:
+            raise ModelLoadError(
+                f"layer {layer.name}: {source} names its weight {layer.weight}, but the "
+                f"model's is {actual.weight}"
+            )
+        return
+    try:
+        weight = model.get_parameter(layer.weight)
+    except AttributeError:
+        raise ModelLoadError(
+            f"layer {layer.name}: in {source}, but the model has no such linear/conv layer "
+            f"(no module {layer.name} nor parameter {layer.weight})"
+        ) from None
+    if layer.conv is not None:  # in_features = in_channels x kernel, by construction
+        kernel = layer.conv.kernel_size
+        expected = (layer.out_features, layer.in_features // math.prod(kernel), *kernel)
+    elif layer.weight_transposed:
+        expected = (layer.in_features, layer.out_features)
+    else:
+        expected = (layer.out_features, layer.in_features)
+    if tuple(weight.shape) != expected:
+        raise ModelLoadError(
+            f"layer {layer.name}: {source} has {_describe_layer(layer)} (weight "
+            f"{expected}) but the model's weight {layer.weight} has shape {tuple(weight.shape)}"
+        )
+
+
+def _adapter_layer(adapter: LoraAdapter) -> Layer:
+    """The layer an adapter was built for, read off its A and B."""
+    found = _module_layer(adapter.lora_A)
+    conv = found[1] if found else None
+    A, B = adapter.lora_A.weight, adapter.lora_B.weight
+    kind = "linear" if conv is None else "conv"
+    return Layer(adapter.layer_name, kind, "", A[0].numel(), B.shape[0], adapter.base_weight,
+                 conv=conv, weight_transposed=adapter.weight_transposed)  # fmt: skip
+
+
+def check_adapters(model: nn.Module, adapters: dict[str, LoraAdapter], source: str) -> None:
+    """Raise ModelLoadError unless every adapter fits its layer of ``model`` (``check_layer``)."""
+    for adapter in adapters.values():
+        check_layer(model, _adapter_layer(adapter), source)
 
 
 def attach_adapters(
@@ -152,9 +471,12 @@ def attach_adapters(
     With ``layer_graph`` (the capture the adapters were computed on) the rewrite pass
     decides how; without, modules named like the layers are wrapped, and otherwise the
     model is captured (``example`` needed unless it is a GraphModule) and its graph rewritten.
+    Adapters from elsewhere (no ``layer_graph``) are checked against their layers first
+    (``check_adapters``); ``source`` names where they came from in the error.
     """
     if layer_graph is not None:
         return rewrite(work, adapters, layer_graph)
+    check_adapters(work, adapters, source or "the adapters")
 
     def wrappable(name: str) -> bool:
         try:

@@ -9,10 +9,12 @@ exactly the patch vectors the base kernel sees.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .passes.layer_graph import ConvSpec
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -125,3 +127,37 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{module.layer_name}.lora_A.weight"] = module.lora_A.weight.detach()
             state[f"{module.layer_name}.lora_B.weight"] = module.lora_B.weight.detach()
     return state
+
+
+def refuse_adapted(model: nn.Module) -> None:
+    """Raise ``ConfigError`` if ``model`` already carries LoRA adapters, evagraph's or PEFT's.
+
+    Adapting such a model would put new adapters on the old ones' ``lora_A``/``lora_B``
+    layers (they are linear/conv layers too) and calibrate through the old adapters. A
+    ``.pt2`` exported from an adapted model keeps no adapter classes, only the parameter
+    names, so those are checked too.
+    """
+    peft_types: tuple[type, ...] = ()
+    if "peft" in sys.modules:  # PEFT objects can only exist if peft was imported
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+        peft_types = (PeftModel, BaseTuner, BaseTunerLayer)
+    for name, module in model.named_modules():
+        where = f" (at {name})" if name else ""
+        if isinstance(module, (LoraLayer, LoraAdapter)):
+            raise ConfigError(
+                f"the model already carries evagraph LoRA adapters{where}: pass the base model, "
+                "or fold the adapters in first with evagraph.merge"
+            )
+        if peft_types and isinstance(module, peft_types):
+            raise ConfigError(
+                f"the model already carries PEFT adapters{where}: pass the base model, "
+                "or fold the adapters in first with PEFT's merge_and_unload()"
+            )
+    for name, _ in model.named_parameters():
+        if {"lora_A", "lora_B"} & set(name.split(".")):
+            raise ConfigError(
+                f"the model already carries LoRA weights ({name}): pass the base model, "
+                "or export a merged one (evagraph.merge) instead"
+            )

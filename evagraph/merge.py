@@ -5,7 +5,9 @@ weight (``W += scale * B A``; transposed for HF Conv1D; reshaped to a kernel for
 is exact because B is 1x1 and A has the base conv's geometry) and the LoRA modules removed:
 the model's own class, identical outputs. ``unmerge`` takes such a merged model and the
 adapters (the adapted model, or a directory from ``save_adapter``), subtracts the deltas and
-splices the adapters back in, so training can go on.
+splices the adapters back in, so training can go on. ``merge`` marks its result with the
+adapters it folded in (attribute ``MERGED``), so that ``unmerge`` can refuse a model that
+never held them: subtracting deltas from a base model would silently corrupt it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .artifacts import attach_adapters, load_adapters
+from .artifacts import attach_adapters, check_adapters, load_adapters
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer
+from .lora import LoraAdapter, LoraLayer, refuse_adapted
+
+# Attribute of a merged model: the names of the layers whose adapters were folded into it.
+MERGED = "evagraph_merged"
 
 
 @torch.no_grad()
@@ -46,6 +51,7 @@ def merge(model: nn.Module) -> nn.Module:
     """A plain copy of ``model`` with every LoRA adapter folded into its base weight."""
     merged = copy.deepcopy(model)
     found, folded = False, {}
+    names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
     unwrapped: set[int] = set()
     for name, module in list(merged.named_modules(remove_duplicate=False)):
@@ -54,6 +60,7 @@ def merge(model: nn.Module) -> nn.Module:
             if id(module) not in unwrapped:
                 _fold(module.base_layer.weight, module.lora, +1.0, folded)
                 unwrapped.add(id(module))
+                names.add(module.lora.layer_name)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.base_layer)
     if isinstance(merged, fx.GraphModule):  # adapters spliced into a graph
@@ -65,6 +72,7 @@ def merge(model: nn.Module) -> nn.Module:
                 continue
             found = True
             _fold(merged.get_parameter(adapter.base_weight), adapter, +1.0, folded)
+            names.add(adapter.layer_name)
             for add in list(node.users):  # y + lora(x)  ->  y
                 if add.target is operator.add:
                     add.replace_all_uses_with(add.args[0])
@@ -75,26 +83,63 @@ def merge(model: nn.Module) -> nn.Module:
     if not found:
         raise ConfigError("the model has no evagraph LoRA adapters to merge")
     merged.requires_grad_(True)
+    setattr(merged, MERGED, sorted(names))
     return merged
 
 
-def unmerge(merged: nn.Module, adapters: nn.Module | str | Path, example=None) -> nn.Module:
+def unmerge(
+    merged: nn.Module,
+    adapters: nn.Module | str | Path,
+    example=None,
+    *,
+    assume_merged: bool = False,
+) -> nn.Module:
     """Undo ``merge``: subtract the adapters' deltas from a copy of ``merged``, re-splice them.
 
     ``adapters``: the adapted model the merge came from, or a ``save_adapter`` directory.
     ``example``: one batch, needed only when ``merged`` is a model that must be captured to
     find layers that are graph ops.
+
+    ``merged`` must come from ``merge`` with these same adapters: ``merge`` records them on
+    its result (attribute ``evagraph_merged``), and a model without that record, still
+    carrying adapters, or merged with other adapters is refused with ``ConfigError``. The
+    record lives only on the Python object, so a merged model that was saved and reloaded
+    (``save_pretrained``, a state dict, a ``.pt2``; also a deep copy of a GraphModule, which
+    keeps only its graph's attributes) has lost it: pass ``assume_merged=True`` to vouch that
+    it does hold exactly these adapters' deltas. Every adapter must also fit its layer of
+    ``merged`` (``ModelLoadError`` otherwise).
     """
+    refuse_adapted(merged)
     if isinstance(adapters, nn.Module):
         found = {
             m.layer_name: copy.deepcopy(m) for m in adapters.modules() if isinstance(m, LoraAdapter)
         }
+        source = "the adapted model"
+        if not found:
+            raise ConfigError("the model given as adapters has no evagraph LoRA adapters")
     else:
         found = load_adapters(adapters)
+        source = f"adapter {adapters}"
+    record = getattr(merged, MERGED, None)
+    if not assume_merged:
+        if record is None:
+            raise ConfigError(
+                "the model was not made by evagraph.merge: unmerging would subtract deltas it "
+                "never held. If it is a merged model that was saved and reloaded, pass "
+                "assume_merged=True"
+            )
+        if set(record) != set(found):
+            diff = sorted(set(record) ^ set(found))[:3]
+            raise ConfigError(
+                f"the model was merged with other adapters than {source} (they differ in "
+                f"layer(s) {', '.join(diff)})"
+            )
+    check_adapters(merged, found, source)  # before any weight is changed
     work = copy.deepcopy(merged)
+    work.__dict__.pop(MERGED, None)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     folded: dict[int, str] = {}
     for adapter in found.values():
         adapter.to(device)
         _fold(work.get_parameter(adapter.base_weight), adapter, -1.0, folded)
-    return attach_adapters(work, found, example, source="the adapters")
+    return attach_adapters(work, found, example, source=source)

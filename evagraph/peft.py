@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer
+from .lora import LoraAdapter, LoraLayer, refuse_adapted
 from .passes.layer_graph import _module_layer
 
 
@@ -118,11 +118,12 @@ def from_peft_eva_state_dict(
     and the scale follows PEFT's (``budget`` is PEFT's ``r``). Returns an adapted copy of
     ``model`` (PEFT's ``prefix`` is stripped from the names).
     """
-    from .config import EvaSettings
+    from .config import AdapterSettings
     from .passes.capture import is_hf_conv1d
     from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
 
-    settings = EvaSettings(
+    refuse_adapted(model)
+    settings = AdapterSettings(
         budget=budget, alpha=alpha, adjust_scaling_factors=adjust_scaling_factors, dropout=dropout
     )
     work = copy.deepcopy(model)

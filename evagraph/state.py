@@ -9,16 +9,21 @@ allocation is the only step that changes. Also converts to PEFT's ``eva_state_di
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import nn
 
+from .artifacts import check_layer, expect, load_json, parse_conv, read_safetensors
 from .errors import ConfigError, ModelLoadError
 from .passes.allocate import allocate
-from .passes.incremental_svd import Components
-from .passes.layer_graph import ConvSpec, Layer
+from .passes.layer_graph import Layer
+from .stats import Components
 
 _FORMAT = "evagraph-state/1"
 _TENSORS = ("components", "explained_variance", "explained_variance_ratio", "singular_values",
@@ -35,6 +40,7 @@ class EvaState:
     flags at the end. converged / converged_at: per layer, for the calibration's allotment.
     batches: id -> consumed minibatches ([start, stop) runs). skipped: layers left out and why.
     depth: layer -> depth in the layer graph. capture: "fx", "export" or "graph".
+    source: where the state came from, for error messages (not saved).
     """
 
     settings: dict
@@ -50,6 +56,7 @@ class EvaState:
     skipped: dict[str, str] = field(default_factory=dict)
     depth: dict[str, int] = field(default_factory=dict)
     capture: str = "fx"
+    source: str = field(default="the EVA state", repr=False, compare=False)
 
     @property
     def max_components(self) -> int:
@@ -64,6 +71,10 @@ class EvaState:
 
     def ranks(self, budget: int, rho: float) -> dict[str, int]:
         """The allocation for ``budget`` and ``rho`` on these statistics."""
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+            raise ConfigError(f"budget must be a positive integer, got {budget!r}")
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 1 <= rho < math.inf:
+            raise ConfigError(f"rho must be a finite number >= 1, got {rho!r}")
         if round(budget * rho) > self.max_components:
             raise ConfigError(
                 f"budget {budget} x rho {rho} needs {round(budget * rho)} components per layer "
@@ -100,43 +111,23 @@ class EvaState:
 
     @classmethod
     def load(cls, path: str | Path) -> EvaState:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("evagraph_state", "{}"))
-            tensors = load_file(str(path))
-        except Exception as err:
-            raise ModelLoadError(f"cannot read EVA state {path}: {err}") from err
-        if meta.get("format") != _FORMAT:
+        """Read a state written by ``save``; anything malformed is a ``ModelLoadError`` naming
+        the file and the entry (see ``_state_from``)."""
+        tensors, metadata = read_safetensors(path, "EVA state")
+        source = f"EVA state {path}"
+        if "evagraph_state" not in metadata:
             raise ModelLoadError(f"{path} is not an evagraph EVA state file")
-        layers = {}
-        for name, d in meta["layers"].items():
-            conv = d.pop("conv")
-            if conv is not None:
-                conv = ConvSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in conv.items()})  # fmt: skip
-            layers[name] = Layer(**d, conv=conv)
-        components = {
-            g: Components(**{t: tensors[f"{g}.{t}"] for t in _TENSORS[:-1]}, n_rows=n)
-            for g, n in meta["n_rows"].items()
-        }
-        flags = {g: tensors[f"{g}.converged"].bool() for g in meta["n_rows"]}
-        return cls(
-            settings=meta["settings"],
-            layers=layers,
-            layer_group=meta["layer_group"],
-            components=components,
-            component_converged=flags,
-            converged=meta["converged"],
-            converged_at=meta["converged_at"],
-            batches=meta["batches"],
-            steps=meta["steps"],
-            unconverged=meta["unconverged"],
-            skipped=meta["skipped"],
-            depth=meta["depth"],
-            capture=meta["capture"],
-        )
+        return _state_from(load_json(metadata["evagraph_state"], source), tensors, source)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ModelLoadError`` unless every target layer of this state is a layer of
+        ``model`` of the same kind, widths and conv geometry (``artifacts.check_layer``).
+
+        Statistics from another model would otherwise give adapters that fail at the first
+        forward, or silently adapt other layers than the ones calibrated.
+        """
+        for layer in self.layers.values():
+            check_layer(model, layer, self.source)
 
     def to_peft(
         self,
@@ -151,8 +142,8 @@ class EvaState:
         ``prefix`` is where the base model's modules sit inside a PeftModel. PEFT's EVA has
         no convolutions, so conv layers are left out.
         """
-        budget = budget or self.settings["budget"]
-        rho = rho or self.settings["rho"]
+        budget = self.settings["budget"] if budget is None else budget
+        rho = self.settings["rho"] if rho is None else rho
         out = {}
         for layer, rank in self.ranks(budget, rho).items():
             if self.layers[layer].kind != "linear":
@@ -163,3 +154,171 @@ class EvaState:
                 A = A / c.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
             out[prefix + layer] = A.clone()
         return out
+
+
+# Layer's fields as saved (asdict), by what each must be; the first five are required.
+_LAYER_FIELDS = {
+    "name": "a string", "kind": "'linear' or 'conv'", "in_features": "an integer >= 1",
+    "out_features": "an integer >= 1", "weight": "a non-empty string", "op": "a string",
+    "nodes": "a list of strings", "inputs": "a list of strings", "module": "null or a string",
+    "weight_transposed": "a boolean",
+}  # fmt: skip
+_REQUIRED = ("name", "kind", "in_features", "out_features", "weight")
+
+
+def _layer_from(d: Any, name: str, source: str) -> Layer:
+    where = f"layer {name}"
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{source}: {where} must be an object, got {d!r:.40}")
+    unknown = set(d) - {f.name for f in fields(Layer)}
+    if unknown:
+        raise ModelLoadError(f"{source}: {where}: unknown key(s) {sorted(unknown)}")
+    for key, what in _LAYER_FIELDS.items():
+        expect(d, key, what, source, where, **({} if key in _REQUIRED else {"default": None}))
+    if d["name"] != name:
+        raise ModelLoadError(f"{source}: {where}: entry is named {d['name']!r:.40}")
+    conv = d.get("conv")
+    if (d["kind"] == "conv") != (conv is not None):
+        raise ModelLoadError(f"{source}: {where}: conv geometry must be given for conv only")
+    if conv is not None:
+        conv = parse_conv(conv, source, where)
+        if d["in_features"] % math.prod(conv.kernel_size):
+            raise ModelLoadError(
+                f"{source}: {where}: in_features {d['in_features']} is not a multiple of the "
+                f"kernel size {conv.kernel_size}"
+            )
+    return Layer(**{**d, "conv": conv})
+
+
+def _tensor(
+    tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], source: str
+) -> torch.Tensor:
+    """``tensors[key]`` (removed from the dict), of ``shape``, a finite float."""
+    if key not in tensors:
+        raise ModelLoadError(f"{source}: missing tensor {key}")
+    t = tensors.pop(key)
+    if tuple(t.shape) != shape:
+        raise ModelLoadError(f"{source}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+    if not t.is_floating_point():
+        raise ModelLoadError(f"{source}: tensor {key} has dtype {t.dtype}, not a float type")
+    if not bool(torch.isfinite(t).all()):
+        raise ModelLoadError(f"{source}: tensor {key} holds NaN or Inf")
+    return t
+
+
+def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> EvaState:
+    """The EvaState a file holds, every value checked: JSON types, each group's tensors
+    against its layers' width and the state's k, finiteness, and every cross-reference
+    (layer -> group, group -> layers, per-layer and per-group records)."""
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ModelLoadError(f"{source} is not an evagraph EVA state file")
+    settings = expect(meta, "settings", "an object", source, "settings")
+    expect(settings, "budget", "an integer >= 1", source, "settings")
+    expect(settings, "rho", "a finite number >= 1", source, "settings")
+    expect(settings, "tau", "a finite number in (0, 1]", source, "settings", default=None)
+    max_components = round(settings["budget"] * settings["rho"])
+
+    raw_layers = expect(meta, "layers", "an object", source, "layers")
+    layers = {name: _layer_from(d, name, source) for name, d in raw_layers.items()}
+    if not layers:
+        raise ModelLoadError(f"{source}: holds no target layer")
+
+    def per_layer(key: str, what: str) -> dict:
+        d = expect(meta, key, "an object", source, key)
+        if set(d) != set(layers):
+            diff = sorted(set(d) ^ set(layers))[:3]
+            raise ModelLoadError(f"{source}: {key} does not cover the target layers ({diff})")
+        for name in d:
+            expect(d, name, what, source, key)
+        return d
+
+    layer_group = per_layer("layer_group", "a string")
+    converged = per_layer("converged", "a boolean")
+    converged_at = per_layer("converged_at", "null or an integer >= 0")
+    n_rows = expect(meta, "n_rows", "an object", source, "n_rows")
+    for g in n_rows:
+        expect(n_rows, g, "an integer >= 0", source, "n_rows")
+    groups: dict[str, list[str]] = {}
+    for name, g in layer_group.items():
+        if g not in n_rows:
+            raise ModelLoadError(f"{source}: layer {name} points to unknown group {g!r:.40}")
+        groups.setdefault(g, []).append(name)
+    if set(n_rows) - set(groups):
+        raise ModelLoadError(
+            f"{source}: group(s) {', '.join(sorted(set(n_rows) - set(groups))[:3])} have no layer"
+        )
+
+    components, flags = {}, {}
+    for g, members in groups.items():
+        first = layers[members[0]]
+        for name in members[1:]:  # one decomposition: every member sees the same rows
+            if (layers[name].in_features, layers[name].conv) != (first.in_features, first.conv):
+                raise ModelLoadError(
+                    f"{source}: group {g}: layers {first.name} and {name} read rows of "
+                    "different width or geometry, so they cannot share one decomposition"
+                )
+        d = first.in_features
+        if f"{g}.components" not in tensors:
+            raise ModelLoadError(f"{source}: missing tensor {g}.components")
+        k = tensors[f"{g}.components"].shape[0] if tensors[f"{g}.components"].dim() else 0
+        if not 1 <= k <= min(d, max_components):
+            raise ModelLoadError(
+                f"{source}: group {g} holds {k} components; layers {', '.join(members)} of "
+                f"width {d} with budget x rho = {max_components} allow 1 to "
+                f"{min(d, max_components)}"
+            )
+        c = Components(
+            components=_tensor(tensors, f"{g}.components", (k, d), source),
+            explained_variance=_tensor(tensors, f"{g}.explained_variance", (k,), source),
+            explained_variance_ratio=_tensor(
+                tensors, f"{g}.explained_variance_ratio", (k,), source
+            ),
+            singular_values=_tensor(tensors, f"{g}.singular_values", (k,), source),
+            mean=_tensor(tensors, f"{g}.mean", (d,), source),
+            n_rows=n_rows[g],
+        )
+        ratio = c.explained_variance_ratio
+        if (c.explained_variance < 0).any() or (c.singular_values < 0).any() or (ratio < 0).any():
+            raise ModelLoadError(f"{source}: group {g}: negative variances")
+        if float(ratio.sum()) > 1 + 1e-3:
+            raise ModelLoadError(f"{source}: group {g}: explained-variance ratios sum to > 1")
+        flag = tensors.pop(f"{g}.converged", None)
+        if flag is None or tuple(flag.shape) != (k,) or not bool(((flag == 0) | (flag == 1)).all()):
+            raise ModelLoadError(f"{source}: tensor {g}.converged must be {k} flags (0 or 1)")
+        components[g], flags[g] = c, flag.bool()
+    if tensors:
+        raise ModelLoadError(
+            f"{source}: tensor(s) {', '.join(sorted(tensors)[:3])} belong to no group"
+        )
+
+    batches = expect(meta, "batches", "an object", source, "batches")
+    for g in batches:
+        if g not in groups:
+            raise ModelLoadError(f"{source}: batches names unknown group {g!r:.40}")
+        expect(batches, g, "a list of [start, stop) runs", source, "batches")
+    unconverged = expect(meta, "unconverged", "a list of strings", source, "unconverged")
+    if set(unconverged) - set(layers):
+        unknown = sorted(set(unconverged) - set(layers))[:3]
+        raise ModelLoadError(f"{source}: unconverged names unknown layer(s) {unknown}")
+    skipped = expect(meta, "skipped", "an object", source, "skipped")
+    for name in skipped:
+        expect(skipped, name, "a string", source, "skipped")
+    depth = expect(meta, "depth", "an object", source, "depth")
+    for name in depth:
+        expect(depth, name, "an integer >= 0", source, "depth")
+    return EvaState(
+        settings=settings,
+        layers=layers,
+        layer_group=layer_group,
+        components=components,
+        component_converged=flags,
+        converged=converged,
+        converged_at=converged_at,
+        batches=batches,
+        steps=expect(meta, "steps", "an integer >= 0", source, "steps"),
+        unconverged=unconverged,
+        skipped=skipped,
+        depth=depth,
+        capture=expect(meta, "capture", "a string", source, "capture"),
+        source=source,
+    )
