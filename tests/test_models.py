@@ -9,6 +9,7 @@ import evagraph
 from evagraph.lora import LoraAdapter
 from evagraph.passes.layer_graph import _module_layer
 from evagraph.passes.probe import activation_rows
+from evagraph.stats import ExactCovariance, make_statistic
 
 T = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -166,7 +167,10 @@ def check_components(model, adapted, report, batches):
         r = min(layer.rank, len(x) - 1)
         captured = (x @ A[:r].T).pow(2).sum()
         best = torch.linalg.svdvals(x)[:r].pow(2).sum()
-        assert captured >= best * (1 - 1e-3) - 1e-6, layer.name
+        # the exact statistic's components are the PCA; the low-rank sketch's within 1% of it
+        k = len(layer.explained_variance_ratio)
+        exact = isinstance(make_statistic("auto", layer.in_features, k, "cpu"), ExactCovariance)
+        assert captured >= best * (1 - (1e-3 if exact else 1e-2)) - 1e-6, layer.name
 
 
 @pytest.mark.slow

