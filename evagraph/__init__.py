@@ -3,12 +3,13 @@
 Public API: ``transform`` (= ``calibrate``, giving an ``EvaState``, then ``adapt``),
 ``export``, ``save_adapter``, ``apply_adapter``, ``merge``, ``unmerge``, ``save_peft``,
 ``to_peft``, ``from_peft_eva_state_dict``, ``adapter_state_dict``, ``Report`` /
-``LayerReport``, ``EvaSettings``, and the exceptions in ``evagraph.errors``.
+``LayerReport``, ``CalibrationSettings`` / ``AdapterSettings`` (the settings, by name), and
+the exceptions in ``evagraph.errors``.
 """
 
 from .api import adapt, calibrate, transform
 from .artifacts import apply_adapter, export, save_adapter
-from .config import EvaSettings
+from .config import AdapterSettings, CalibrationSettings
 from .errors import (
     CaptureError,
     ConfigError,
@@ -17,6 +18,7 @@ from .errors import (
     EvagraphError,
     ModelLoadError,
     OutputError,
+    ReportLoadError,
 )
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
 from .merge import merge, unmerge
@@ -27,11 +29,12 @@ from .state import EvaState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSettings",
+    "CalibrationSettings",
     "CaptureError",
     "ConfigError",
     "ConvergenceWarning",
     "DataError",
-    "EvaSettings",
     "EvaState",
     "EvagraphError",
     "LayerReport",
@@ -39,6 +42,7 @@ __all__ = [
     "LoraLayer",
     "ModelLoadError",
     "OutputError",
+    "ReportLoadError",
     "Report",
     "adapt",
     "adapter_state_dict",

@@ -1,21 +1,27 @@
 """The pipeline as three calls: ``calibrate`` (model -> statistics), ``adapt`` (statistics ->
-adapted model) and ``transform`` (both)."""
+adapted model) and ``transform`` (both).
+
+Their settings are keyword arguments named as the fields of ``CalibrationSettings`` (what the
+statistics depend on) and ``AdapterSettings`` (what turns them into adapters), in
+``evagraph.config``; each is validated there and reported from where it came from.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .artifacts import attach_adapters
-from .config import EvaSettings
-from .data import batch_failed, call_model, to_device
+from .config import AdapterSettings, CalibrationSettings, settings_from
+from .data import batch_failed, call_model, resolve_device, to_device
 from .errors import CaptureError, DataError
+from .lora import refuse_adapted
 from .passes import incremental_svd
 from .passes.capture import capture
 from .passes.layer_graph import LayerGraph, build_layer_graph
@@ -49,7 +55,7 @@ def _check_batch_fits(model: nn.Module, batch: Any, forward_fn: Callable | None)
 def _calibrate(
     work: nn.Module,
     dataloader: Iterable[Any],
-    settings: EvaSettings,
+    settings: CalibrationSettings,
     forward_fn: Callable[[nn.Module, Any], Any] | None,
     progress: bool,
 ) -> tuple[EvaState, LayerGraph]:
@@ -70,6 +76,10 @@ def _calibrate(
         except CaptureError:
             _check_batch_fits(work, first, forward_fn)
             raise
+        if captured.method == "graph":
+            # A loaded .pt2 checks its input shapes in a hook of its own module, which the
+            # probed copy of its graph does not carry: run that check once, on the model.
+            _check_batch_fits(work, first, forward_fn)
         if forward_fn is not None and captured.method == "export":
             raise CaptureError(
                 "forward_fn needs a model torch.fx can trace; torch.export captures the model "
@@ -113,7 +123,7 @@ def _calibrate(
 def _adapt(
     work: nn.Module,
     state: EvaState,
-    settings: EvaSettings,
+    settings: AdapterSettings,
     layer_graph: LayerGraph | None = None,
     example: Any = None,
 ) -> tuple[nn.Module, Report]:
@@ -121,7 +131,7 @@ def _adapt(
     per_layer = {m: state.components[g] for m, g in state.layer_group.items()}
     adapters = init_adapters(work, state.layers, ranks, per_layer, settings)
     was_training = work.training
-    adapted = attach_adapters(work, adapters, example, "the EVA state", layer_graph)
+    adapted = attach_adapters(work, adapters, example, state.source, layer_graph)
     _set_training(adapted, was_training)
 
     layers = []
@@ -157,7 +167,7 @@ def _adapt(
         )
     graph_mode = any(state.layers[n].module is None for n in adapters)
     report = Report(
-        settings={**state.settings, **settings.to_dict()},
+        settings={"calibration": dict(state.settings), "adapter": settings.to_dict()},
         layers=layers,
         skipped=skipped,
         groups=state.groups,
@@ -175,106 +185,76 @@ def calibrate(
     model: nn.Module,
     dataloader: Iterable[Any],
     *,
-    budget: int = 8,
-    rho: float = 2.0,
-    tau: float = 0.99,
-    targets: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
     device: str | torch.device | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
-    max_steps: int | None = None,
-    min_batches: int = 1,
-    use_label_mask: bool = True,
-    label_mask_value: int = -100,
-    statistic: str = "auto",
+    **settings: Any,
 ) -> EvaState:
     """Run the calibration only: the statistics ``adapt`` turns into adapters (see transform).
 
-    The model is not modified (if ``device`` differs from the model's, a copy is moved).
+    ``settings``: the fields of ``CalibrationSettings`` (budget, rho, tau, targets, exclude,
+    max_steps, min_batches, use_label_mask, label_mask_value, statistic). The model is not
+    modified (if ``device`` differs from the model's, a copy is moved).
     """
-    settings = EvaSettings(
-        budget=budget, rho=rho, tau=tau, max_steps=max_steps, min_batches=min_batches,
-        targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
-        use_label_mask=use_label_mask, label_mask_value=label_mask_value, statistic=statistic,
-    )  # fmt: skip
+    refuse_adapted(model)
+    (calibration,) = settings_from(settings, CalibrationSettings)
     work = model
-    if device is not None and torch.device(device) != _model_device(model):
+    if device is not None and resolve_device(device) != _model_device(model):
         work = copy.deepcopy(model).to(device)
-    return _calibrate(work, dataloader, settings, forward_fn, progress)[0]
+    return _calibrate(work, dataloader, calibration, forward_fn, progress)[0]
 
 
 def adapt(
     model: nn.Module,
     state: EvaState,
     *,
-    budget: int | None = None,
-    rho: float | None = None,
-    alpha: float = 8.0,
-    whiten: bool = False,
-    dropout: float = 0.0,
-    adjust_scaling_factors: bool = True,
     example: Any = None,
     inplace: bool = False,
+    **settings: Any,
 ) -> tuple[nn.Module, Report]:
     """Adapters from saved statistics: allocation and initialisation only, no data needed.
 
-    ``budget`` and ``rho`` default to the calibration's; ``round(budget * rho)`` may not exceed
-    the components the state holds. ``example`` (one batch) is needed only if a layer is an
-    op in a graph and the model is not a GraphModule.
+    ``settings``: the fields of ``AdapterSettings`` (budget, rho, alpha,
+    adjust_scaling_factors, whiten, dropout); budget and rho default to the calibration's,
+    and ``round(budget * rho)`` may not exceed the components the state holds. The state's
+    layers must be the model's (same names, kinds and shapes). ``example`` (one batch) is
+    needed only if a layer is an op in a graph and the model is not a GraphModule.
     """
-    settings = EvaSettings(
-        budget=budget or state.settings["budget"], rho=rho or state.settings["rho"],
-        tau=state.settings["tau"], alpha=alpha, whiten=whiten, dropout=dropout,
-        adjust_scaling_factors=adjust_scaling_factors,
-    )  # fmt: skip
+    refuse_adapted(model)
+    defaults = {k: state.settings[k] for k in ("budget", "rho") if k in state.settings}
+    (adapter,) = settings_from(settings, AdapterSettings, defaults=defaults)
+    state.check_model(model)
     work = model if inplace else copy.deepcopy(model)
-    return _adapt(work, state, settings, example=example)
+    return _adapt(work, state, adapter, example=example)
 
 
 def transform(
     model: nn.Module,
     dataloader: Iterable[Any],
     *,
-    budget: int = 8,
-    rho: float = 2.0,
-    tau: float = 0.99,
-    alpha: float = 8.0,
-    targets: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
     device: str | torch.device | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
-    max_steps: int | None = None,
-    min_batches: int = 1,
-    whiten: bool = False,
-    dropout: float = 0.0,
-    adjust_scaling_factors: bool = True,
-    use_label_mask: bool = True,
-    label_mask_value: int = -100,
-    statistic: str = "auto",
     inplace: bool = False,
     return_state: bool = False,
+    **settings: Any,
 ) -> tuple[nn.Module, Report] | tuple[nn.Module, Report, EvaState]:
     """Return ``model`` with EVA-initialised LoRA adapters, and a report of what was done.
 
     ``dataloader`` yields calibration batches: a tensor, a tuple/list of positional inputs, or
     a dict of keyword inputs (``forward_fn(model, batch)`` overrides how a batch is called).
-    See ``EvaSettings`` for budget, rho, tau, alpha, targets, exclude and the other options.
-    The model is copied first unless ``inplace``; calibration runs in eval mode on ``device``
-    (default: where the model is), and the adapted model is returned there. With
-    ``return_state`` the statistics (``EvaState``) come back as a third value.
+    ``settings``: the fields of ``CalibrationSettings`` and ``AdapterSettings`` (budget, rho,
+    tau, alpha, targets, exclude, ...; see ``evagraph.config``). The model is copied first
+    unless ``inplace``; calibration runs in eval mode on ``device`` (default: where the model
+    is), and the adapted model is returned there. With ``return_state`` the statistics
+    (``EvaState``) come back as a third value.
     """
-    settings = EvaSettings(
-        budget=budget, rho=rho, tau=tau, alpha=alpha,
-        adjust_scaling_factors=adjust_scaling_factors, whiten=whiten, dropout=dropout,
-        max_steps=max_steps, min_batches=min_batches,
-        targets=tuple(targets) if targets is not None else None, exclude=tuple(exclude),
-        use_label_mask=use_label_mask, label_mask_value=label_mask_value, statistic=statistic,
-    )  # fmt: skip
+    refuse_adapted(model)
+    calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
+    device = resolve_device(device) if device is not None else None
     work = model if inplace else copy.deepcopy(model)
     if device is not None:
         work.to(device)
-    state, layer_graph = _calibrate(work, dataloader, settings, forward_fn, progress)
-    adapted, report = _adapt(work, state, settings, layer_graph)
+    state, layer_graph = _calibrate(work, dataloader, calibration, forward_fn, progress)
+    adapted, report = _adapt(work, state, adapter, layer_graph)
     return (adapted, report, state) if return_state else (adapted, report)

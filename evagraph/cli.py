@@ -2,24 +2,65 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pickle
 import random
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from types import UnionType
+from typing import Union, get_args, get_origin, get_type_hints
 
 import click
+from click.core import ParameterSource
 
-from .errors import ConfigError, ConvergenceWarning, EvagraphError, OutputError
+from .errors import ConfigError, ConvergenceWarning, EvagraphError
 
 
-def _patterns(values: tuple[str, ...]) -> list[str]:
-    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip()) or None
+
+
+def _setting_fields() -> list:
+    """The settings on the command line: the fields of both settings dataclasses (budget and
+    rho, fields of both, once), where each setting's name, type, default and help live."""
+    from dataclasses import fields
+
+    from .config import AdapterSettings, CalibrationSettings
+
+    found: dict[str, object] = {}
+    for cls in (CalibrationSettings, AdapterSettings):
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in found and f.metadata.get("cli") is not False:
+                f.type = hints[f.name]  # resolved, for the option's type
+                found[f.name] = f
+    return list(found.values())
+
+
+def _settings_options(command):
+    """Add one option per setting (see ``_setting_fields``)."""
+    for f in reversed(_setting_fields()):
+        flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+        text = f.metadata["help"]
+        optional = get_origin(f.type) in (Union, UnionType)
+        kind = next(t for t in get_args(f.type) if t is not type(None)) if optional else f.type
+        if kind is bool:
+            option = click.option(
+                flag, f.name, is_flag=True, flag_value=not f.default, default=f.default, help=text
+            )
+        elif get_origin(kind) is tuple:
+            option = click.option(
+                flag, f.name, multiple=True, callback=_split_patterns, metavar="PATTERN", help=text
+            )
+        else:
+            choices = f.metadata.get("choices")
+            option = click.option(
+                flag, f.name, type=click.Choice(choices) if choices else kind, default=f.default,
+                show_default=f.default is not None, help=text,
+            )  # fmt: skip
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,41 +92,7 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="Directory for the adapted model, adapter.safetensors and report.json/.html.",
 )
-@click.option(
-    "--budget",
-    default=8,
-    show_default=True,
-    type=int,
-    help="Average LoRA rank per target layer (r); the global budget is r x layers.",
-)
-@click.option(
-    "--rho",
-    default=2.0,
-    show_default=True,
-    type=float,
-    help="Rank redistribution: a layer may take up to round(r x rho); 1 = uniform.",
-)
-@click.option(
-    "--tau",
-    default=0.99,
-    show_default=True,
-    type=float,
-    help="Cosine similarity at which components count as converged, in (0, 1].",
-)
-@click.option("--alpha", default=8.0, show_default=True, type=float, help="LoRA alpha.")
-@click.option(
-    "--no-adjust-scaling",
-    is_flag=True,
-    help="Scale adapters by alpha/rank instead of alpha/r (the authors' variant).",
-)
-@click.option(
-    "--no-label-mask",
-    "no_label_mask",
-    is_flag=True,
-    help="Keep rows whose labels are -100 (by default they are left out, as in PEFT).",
-)
-@click.option("--whiten", is_flag=True, help="Divide A's rows by sqrt of their singular values.")
-@click.option("--dropout", default=0.0, show_default=True, type=float, help="LoRA dropout.")
+@_settings_options
 @click.option(
     "--batch-size",
     default=8,
@@ -99,25 +106,6 @@ def main() -> None:
     help="Where calibration runs: cpu, cuda, cuda:1 ... [default: cuda if available, else cpu]",
 )
 @click.option(
-    "--targets",
-    multiple=True,
-    help="Glob(s) of layer names to adapt, e.g. '*.q_proj' (repeatable or comma-separated).",
-)
-@click.option("--exclude", multiple=True, help="Glob(s) of layer names never to adapt.")
-@click.option(
-    "--max-steps",
-    default=None,
-    type=int,
-    help="Bound on calibration minibatches; unconverged layers are reported.",
-)
-@click.option(
-    "--min-batches",
-    default=1,
-    show_default=True,
-    type=int,
-    help="Minibatches a layer must see before it may count as converged.",
-)
-@click.option(
     "--fail-unconverged",
     is_flag=True,
     help="Exit with an error (writing nothing) if calibration ends before every adapted "
@@ -127,7 +115,8 @@ def main() -> None:
 @click.option(
     "--allow-pickle",
     is_flag=True,
-    help="Allow MODEL to be a whole-module pickle (runs code from the file).",
+    help="Allow MODEL to be a whole-module pickle, or a .pt2 archive with pickled, custom or "
+    "opaque objects (loading them runs code from the file).",
 )
 @click.option(
     "--trust-remote-code",
@@ -161,7 +150,8 @@ def main() -> None:
     help="Weights for a timm MODEL name (.safetensors or a torch state dict).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def compile_cmd(**opts) -> None:
+@click.pass_context
+def compile_cmd(ctx: click.Context, **opts) -> None:
     """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR.
 
     MODEL is a .pt2 torch.export archive, a local Hugging Face model directory
@@ -183,8 +173,12 @@ def compile_cmd(**opts) -> None:
         raise click.BadParameter("must be positive", param_hint="--batch-size")
     if opts["data"] is None and opts["state"] is None:
         raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
-    opts["targets"] = _patterns(opts["targets"]) or None
-    opts["exclude"] = _patterns(opts["exclude"])
+    # Settings the user gave: the others keep their defaults, or the saved state's (--state).
+    opts["settings"] = {}
+    for f in _setting_fields():
+        value = opts.pop(f.name)
+        if ctx.get_parameter_source(f.name) != ParameterSource.DEFAULT:
+            opts["settings"][f.name] = value
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -212,32 +206,36 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
-    force, quiet, no_adjust_scaling, no_label_mask, fail_unconverged, trust_remote_code,
-    **settings
+    force, quiet, fail_unconverged, trust_remote_code, settings,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
+    from dataclasses import fields
+
     import torch
 
     from .api import adapt, transform
     from .artifacts import save_adapter
-    from .config import EvaSettings
+    from .config import AdapterSettings, CalibrationSettings, settings_from
     from .data import load_calibration, resolve_device, to_device
-    from .io import atomic_directory, load_model
+    from .io import atomic_directory, check_checkpoint, disk_errors, load_model, zip_target
     from .passes.capture import _first_line, export_program
     from .render import render_report
     from .state import EvaState
 
-    settings["adjust_scaling_factors"] = not no_adjust_scaling
-    settings["use_label_mask"] = not no_label_mask
     # Validate settings, device and flags before any slow loading.
-    EvaSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    if state is not None:  # from saved statistics, only the adapter's settings apply
+        fixed = sorted(set(settings) - {f.name for f in fields(AdapterSettings)})
+        if fixed:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in fixed)
+            raise ConfigError(
+                f"{flags}: calibration setting(s), fixed by the saved statistics (--state); "
+                "calibrate again (--data) to change them"
+            )
+        settings_from(settings, AdapterSettings)
+    else:
+        settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device)
-    if checkpoint is not None and Path(model).exists():
-        kind = "directory" if Path(model).is_dir() else "file"
-        raise ConfigError(
-            f"--checkpoint is for a timm model name, but {model} is a {kind}: "
-            "its weights are loaded from there"
-        )
+    check_checkpoint(model, checkpoint)
     random.seed(seed)
     torch.manual_seed(seed)
     with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
@@ -259,17 +257,15 @@ def _compile(
                     return_state=True, **settings,
                 )  # fmt: skip
         else:
-            keys = ("budget", "rho", "alpha", "whiten", "dropout", "adjust_scaling_factors")
             module.to(device)
             example = to_device(batches[0], device) if batches else None
             adapted, report = adapt(
-                module, EvaState.load(state), example=example, inplace=True,
-                **{k: settings[k] for k in keys},
-            )  # fmt: skip
+                module, EvaState.load(state), example=example, inplace=True, **settings
+            )
             eva_state = None
         # Traced before writing, so a disk error below is only ever about the disk.
         program = export_program(adapted, to_device(batches[0], device)) if fmt == "pt2" else None
-        with _disk_errors(output):
+        with disk_errors(output):
             if eva_state is not None:
                 eva_state.save(tmp / "eva_state.safetensors")
                 written.append("eva_state.safetensors")
@@ -277,11 +273,11 @@ def _compile(
             report.save(tmp / "report.json")
             written += [path.name for path in render_report(report, tmp)]
             if program is not None:
-                with _zip_target(tmp / "model.pt2") as f:
+                with zip_target(tmp / "model.pt2") as f:
                     torch.export.save(program, f)
                 written.append("model.pt2")
             elif fmt == "pickle":
-                with _zip_target(tmp / "model.pt") as f:
+                with zip_target(tmp / "model.pt") as f:
                     try:
                         torch.save(adapted, f)
                     except (pickle.PicklingError, AttributeError, TypeError) as err:
@@ -302,77 +298,6 @@ def _compile(
     )
 
 
-@contextlib.contextmanager
-def _disk_errors(output: str) -> Iterator[None]:
-    """A write that fails (disk full, quota, read-only) -> one-line ``OutputError``."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as err:
-        name = f" ({Path(err.filename).name})" if err.filename else ""
-        raise OutputError(f"cannot write output {output}{name}: {err.strerror or err}") from err
-    except SafetensorError as err:
-        # safetensors reports the OS error as text: "...: I/O error: No space left on device"
-        _, io_error, reason = str(err).partition("I/O error: ")
-        if not io_error:
-            raise
-        raise OutputError(f"cannot write output {output}: {reason}") from err
-
-
-class _FirstWriteError(io.RawIOBase):
-    """A file for torch's zip writer (``torch.save``, ``torch.export.save``) that never raises.
-
-    Given a path, that C++ writer turns a failed write (ENOSPC) into a meaningless
-    "unexpected pos" error, then writes again from its destructor, where the error aborts the
-    process (exit 134). Here the first ``OSError`` is kept, later writes are dropped, and
-    ``_zip_target`` raises the real error once torch is done.
-    """
-
-    def __init__(self, file: BinaryIO) -> None:
-        super().__init__()
-        self.file, self.error = file, None
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        if self.error is None:
-            try:
-                self.file.write(data)
-            except OSError as err:
-                self.error = err
-        return memoryview(data).nbytes
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if self.error is None:
-            try:
-                return self.file.seek(offset, whence)
-            except OSError as err:
-                self.error = err
-        return 0
-
-    def tell(self) -> int:
-        return self.file.tell()
-
-
-@contextlib.contextmanager
-def _zip_target(path: Path) -> Iterator[BinaryIO]:
-    """Open ``path`` for torch's zip writer; raise the first ``OSError`` any write hit."""
-    with open(path, "wb") as file:
-        guarded = _FirstWriteError(file)
-        yield guarded  # type: ignore[misc]
-        if guarded.error is None:
-            file.flush()  # a full disk may show only here
-    if guarded.error is not None:
-        raise guarded.error
-
-
 @main.command("report")
 @click.argument("outdir", type=click.Path(file_okay=False))
 def report_cmd(outdir: str) -> None:
@@ -389,7 +314,6 @@ def report_cmd(outdir: str) -> None:
       evagraph compile model.pt2 --data calib.safetensors -o out/
       evagraph report out/
     """
-    from pathlib import Path
 
     from .render import render_report, report_table
     from .report import Report

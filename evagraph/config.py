@@ -1,67 +1,70 @@
-"""Settings shared by the passes, validated once at the entry points."""
+"""Settings, each defined once: what the statistics depend on, and what turns them into adapters.
+
+``CalibrationSettings`` (budget, rho, tau, targets, ...: what ``calibrate`` needs and the saved
+statistics record) and ``AdapterSettings`` (budget, rho, alpha, ...: what ``adapt`` needs) are
+validated on construction. The Python API takes their fields as keyword arguments
+(``settings_from``) and the command line derives its options from them (each field's
+``metadata["help"]``), so a setting's name, default, check and help live here only.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .errors import ConfigError
 from .stats import KINDS
 
 
-@dataclass(frozen=True)
-class EvaSettings:
-    """What EVA computes; see the README for each field's meaning.
+def patterns(value: str | Iterable[str] | None, what: str = "targets") -> tuple[str, ...] | None:
+    """The user's ``targets`` / ``exclude`` as a tuple of glob patterns (None stays None).
 
-    budget: average rank per target layer (r); the global budget is ``budget * L``.
-    rho: each layer may take at most ``round(budget * rho)`` ranks; 1 means uniform ranks.
-    tau: cosine similarity at which a component counts as converged.
-    alpha: LoRA alpha; the scale is ``alpha / budget`` with ``adjust_scaling_factors``
-        (PEFT's default), else ``alpha / rank``.
-    whiten: divide each row of A by the square root of its singular value.
-    dropout: LoRA dropout probability on the adapter's input.
-    max_steps: bound on calibration minibatches (None: until the data runs out).
-    min_batches: minibatches a layer must see before it may count as converged.
-    targets / exclude: glob patterns on qualified layer names (see ``select_targets``).
-    use_label_mask / label_mask_value: rows whose ``labels`` equal the value are left out
-        (as PEFT's EvaConfig), where the batch's labels line up with the rows.
-    statistic: "exact" (a d x d second moment: the exact PCA of the rows seen), "lowrank" (a
-        rank-2k incremental SVD: O(d k) memory) or "auto" (exact for rows up to 8k wide).
+    A string is one pattern: ``tuple("stem")`` would silently make it four one-letter ones.
+    Raises ``ConfigError`` naming ``what`` for anything but None, a str or strs.
     """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"{what} must be a glob pattern or a list of them, got {type(value).__name__}"
+        )
+    found = tuple(value)
+    for p in found:
+        if not isinstance(p, str):
+            raise ConfigError(f"{what} patterns must be strings, got {p!r:.40}")
+    return found
 
-    budget: int = 8
-    rho: float = 2.0
-    tau: float = 0.99
-    alpha: float = 8.0
-    adjust_scaling_factors: bool = True
-    whiten: bool = False
-    dropout: float = 0.0
-    max_steps: int | None = None
-    min_batches: int = 1
-    targets: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-    use_label_mask: bool = True
-    label_mask_value: int = -100
-    statistic: str = "auto"
+
+def _setting(default: Any, help: str, **cli: Any) -> Any:
+    """A settings field: its default, its help text, and how the CLI spells it (``flag``:
+    the option's name when not ``--field-name``; ``cli=False``: not on the command line)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    budget: int = _setting(
+        8, "Average LoRA rank per target layer (r); the global budget is r x layers."
+    )
+    rho: float = _setting(
+        2.0, "Rank redistribution: a layer may take up to round(r x rho); 1 = uniform."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
             raise ConfigError(f"budget must be a positive integer, got {self.budget!r}")
-        if not self.rho >= 1:
+        if _finite("rho", self.rho) < 1:
             raise ConfigError(f"rho must be >= 1, got {self.rho!r}")
-        if not 0 < self.tau <= 1:
-            raise ConfigError(f"tau must be in (0, 1], got {self.tau!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
-        if self.statistic not in KINDS:
-            raise ConfigError(
-                f"statistic must be one of {', '.join(KINDS)}, got {self.statistic!r}"
-            )
-        if self.min_batches < 1:
-            raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
 
     @property
     def max_components(self) -> int:
@@ -70,6 +73,97 @@ class EvaSettings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["targets"] = list(self.targets) if self.targets is not None else None
-        d["exclude"] = list(self.exclude)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings(_Ranks):
+    """What the statistics depend on: ``calibrate``'s settings, saved with an ``EvaState``."""
+
+    tau: float = _setting(
+        0.99, "Cosine similarity at which components count as converged, in (0, 1]."
+    )
+    targets: tuple[str, ...] | None = _setting(
+        None,
+        "Glob(s) of layer names to adapt, e.g. '*.q_proj' (repeatable or comma-separated). "
+        "[default: every linear/conv layer but the model's head]",
+    )
+    exclude: tuple[str, ...] = _setting((), "Glob(s) of layer names never to adapt.")
+    max_steps: int | None = _setting(
+        None, "Bound on calibration minibatches; unconverged layers are reported."
+    )
+    min_batches: int = _setting(1, "Minibatches a layer must see before it may count as converged.")
+    use_label_mask: bool = _setting(
+        True,
+        "Keep rows whose labels are -100 (by default they are left out, as in PEFT).",
+        flag="--no-label-mask",
+    )
+    label_mask_value: int = _setting(-100, "The label value of rows left out.", cli=False)
+    statistic: str = _setting(
+        "auto",
+        "exact: a d x d second moment per decomposition (the exact PCA of the rows seen); "
+        "lowrank: a rank-2k incremental SVD (O(d k) memory and work); auto: exact for rows "
+        "up to 8k wide, lowrank beyond.",
+        choices=KINDS,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "targets", patterns(self.targets, "targets"))
+        object.__setattr__(self, "exclude", patterns(self.exclude, "exclude") or ())
+        if not 0 < _finite("tau", self.tau) <= 1:
+            raise ConfigError(f"tau must be in (0, 1], got {self.tau!r}")
+        for name in ("max_steps", "min_batches", "label_mask_value"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
+        if self.min_batches < 1:
+            raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
+        if self.statistic not in KINDS:
+            raise ConfigError(
+                f"statistic must be one of {', '.join(KINDS)}, got {self.statistic!r}"
+            )
+
+
+@dataclass(frozen=True)
+class AdapterSettings(_Ranks):
+    """What turns statistics into adapters: ``adapt``'s settings (allocation and init)."""
+
+    alpha: float = _setting(8.0, "LoRA alpha.")
+    adjust_scaling_factors: bool = _setting(
+        True,
+        "Scale adapters by alpha/rank instead of alpha/r (the authors' variant).",
+        flag="--no-adjust-scaling",
+    )
+    whiten: bool = _setting(False, "Divide A's rows by sqrt of their singular values.")
+    dropout: float = _setting(0.0, "LoRA dropout.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _finite("alpha", self.alpha) > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= _finite("dropout", self.dropout) < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def settings_from(
+    options: dict[str, Any], *classes: type, defaults: dict[str, Any] | None = None
+) -> tuple[Any, ...]:
+    """One settings object per class in ``classes``, from keyword ``options`` over
+    ``defaults`` (a field in several classes, as budget and rho, goes to each).
+
+    Raises ``ConfigError`` naming an option that is no field of ``classes``.
+    """
+    names = {f.name for cls in classes for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)}; the settings here are "
+            f"{', '.join(sorted(names))}"
+        )
+    given = {**(defaults or {}), **options}
+    return tuple(
+        cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given}) for cls in classes
+    )

@@ -21,6 +21,11 @@ class ModelLoadError(EvagraphError):
     """A model file could not be loaded (or would need an explicit opt-in to be loaded)."""
 
 
+class ReportLoadError(ModelLoadError, ValueError):
+    """A file is not a report evagraph wrote (also a ValueError, which ``Report.load`` raised
+    before)."""
+
+
 class OutputError(EvagraphError, OSError):
     """The output location cannot be written (not a directory, no permission, read-only)."""
 

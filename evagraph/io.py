@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ def load_model(
     HF directories that ship their own modelling code (``auto_map``) need
     ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``.
     """
+    check_checkpoint(spec, checkpoint)
     path = Path(spec)
     if path.is_dir():
         return _load_hf(path, allow_pickle, trust_remote_code), "hf"
@@ -60,6 +63,17 @@ def load_model(
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ModelLoadError(f"cannot load torch.export archive {path}: {reason}") from err
     return _load_pickle(path, allow_pickle), "pickle"
+
+
+def check_checkpoint(spec: str | Path, checkpoint: str | Path | None) -> None:
+    """Refuse ``checkpoint`` for a MODEL that is a file or directory (it has its own weights):
+    silently ignoring it would adapt other weights than the user meant."""
+    if checkpoint is not None and Path(spec).exists():
+        kind = "directory" if Path(spec).is_dir() else "file"
+        raise ModelLoadError(
+            f"a checkpoint is for a timm model name, but {spec} is a {kind}: its weights are "
+            "loaded from there"
+        )
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
@@ -85,7 +99,10 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         except Exception as err2:
             raise ModelLoadError(f"cannot unpickle {path}: {err2}") from err2
     except Exception as err:
-        raise ModelLoadError(f"cannot read {path}: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if path.stat().st_size == 0:
+            reason = "it is an empty file (0 bytes)"
+        raise ModelLoadError(f"cannot read {path}: {reason}") from err
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(
             f"{path} holds a {type(obj).__name__}, not a model (a state_dict has no "
@@ -308,3 +325,77 @@ def _apply_umask(root: Path) -> None:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~umask)
+
+
+# -- writing: torch's zip writer and safetensors on a full disk ------------------------
+
+
+@contextlib.contextmanager
+def disk_errors(output: str) -> Iterator[None]:
+    """A write that fails (disk full, quota, read-only) -> one-line ``OutputError``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        name = f" ({Path(err.filename).name})" if err.filename else ""
+        raise OutputError(f"cannot write output {output}{name}: {err.strerror or err}") from err
+    except SafetensorError as err:
+        # safetensors reports the OS error as text: "...: I/O error: No space left on device"
+        _, io_error, reason = str(err).partition("I/O error: ")
+        if not io_error:
+            raise
+        raise OutputError(f"cannot write output {output}: {reason}") from err
+
+
+class _FirstWriteError(io.RawIOBase):
+    """A file for torch's zip writer (``torch.save``, ``torch.export.save``) that never raises.
+
+    Given a path, that C++ writer turns a failed write (ENOSPC) into a meaningless
+    "unexpected pos" error, then writes again from its destructor, where the error aborts the
+    process (exit 134). Here the first ``OSError`` is kept, later writes are dropped, and
+    ``zip_target`` raises the real error once torch is done.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as err:
+                self.error = err
+        return memoryview(data).nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.error is None:
+            try:
+                return self.file.seek(offset, whence)
+            except OSError as err:
+                self.error = err
+        return 0
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+@contextlib.contextmanager
+def zip_target(path: Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for torch's zip writer; raise the first ``OSError`` any write hit."""
+    with open(path, "wb") as file:
+        guarded = _FirstWriteError(file)
+        yield guarded  # type: ignore[misc]
+        if guarded.error is None:
+            file.flush()  # a full disk may show only here
+    if guarded.error is not None:
+        raise guarded.error

@@ -88,9 +88,20 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _settings(report: Report) -> dict:
+    """The report's settings, flat: the adapter's, then the calibration's it does not repeat
+    (reports before the split kept one flat dict)."""
+    nested = [report.settings.get(k) for k in ("adapter", "calibration")]
+    if not all(isinstance(d, dict) for d in nested):
+        return dict(report.settings)
+    adapter, calibration = nested
+    return {**adapter, **{k: v for k, v in calibration.items() if k not in adapter}}
+
+
 def _budget_and_cap(report: Report) -> tuple[int, int]:
     """The average rank r and the per-layer cap round(r x rho) (0 where the settings lack them)."""
-    budget, rho = report.settings.get("budget"), report.settings.get("rho")
+    settings = _settings(report)
+    budget, rho = settings.get("budget"), settings.get("rho")
     if not isinstance(budget, int):
         return 0, 0
     return budget, round(budget * rho) if isinstance(rho, (int, float)) else budget
@@ -339,7 +350,7 @@ def _html(report: Report) -> str:
         if bad
         else '<span class="ok">all layers converged</span>'
     )
-    settings = dict(report.settings, capture=report.capture, rewrite=report.rewrite)
+    settings = dict(_settings(report), capture=report.capture, rewrite=report.rewrite)
     settings_rows = [[k, "-" if v is None else str(v)] for k, v in settings.items()]
     layer_rows = [
         [
@@ -455,7 +466,9 @@ def _png(report: Report, path: Path) -> None:
     ax_steps.set_xlabel("minibatch")
 
     header = _summary(report, rows)
-    settings = ", ".join(f"{key}={v}" for key, v in report.settings.items() if v not in (None, []))
+    settings = ", ".join(
+        f"{key}={v}" for key, v in _settings(report).items() if v not in (None, [])
+    )
     fig.suptitle(f"evagraph report: {header}\n{settings}", fontsize=10)
     skipped = [f"{name} ({why})" for name, why in report.skipped.items()]
     if skipped:

@@ -6,11 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import ModelLoadError
-
-
-class ReportLoadError(ModelLoadError, ValueError):
-    """A file is not a report evagraph wrote (also a ValueError, which ``load`` raised before)."""
+from .errors import ReportLoadError
 
 
 @dataclass

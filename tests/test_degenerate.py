@@ -307,3 +307,24 @@ def test_no_warning_beyond_convergence_for_degenerate_layers():
         warnings.simplefilter("error")
         _, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
     assert report.converged and report.steps < 40 and report.ranks["b"] == 0
+
+
+@pytest.mark.parametrize("factor", [1e20, 1e-30])
+@pytest.mark.parametrize("statistic", ["exact", "lowrank"])
+def test_badly_scaled_data_gives_the_same_adapters(factor, statistic):
+    # without biases the model is homogeneous: every layer's input scales with the data
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 32, bias=False), nn.ReLU(),
+        nn.Linear(32, 4, bias=False),
+    ).eval()  # fmt: skip
+    batches = [torch.randn(64, 16) for _ in range(6)]
+    run = lambda data: quiet(  # noqa: E731
+        evagraph.transform, model, data, budget=2, progress=False, statistic=statistic
+    )
+    plain, plain_report = run(batches)
+    scaled, scaled_report = run([b * factor for b in batches])
+    assert scaled_report.ranks == plain_report.ranks
+    for name, lora in loras(scaled).items():
+        cos = (lora.lora_A.weight * loras(plain)[name].lora_A.weight).sum(1).abs()
+        assert torch.all(cos > 0.999), name

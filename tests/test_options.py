@@ -142,3 +142,46 @@ def test_attention_mask_and_label_mask_combine():
         b["attention_mask"][1, 6:] = 0
     _, report = quiet(evagraph.transform, model, batches, budget=2, progress=False, max_steps=1)
     assert first_layer_rows(report) == 5 + 3  # sequence 0: 5 labelled; sequence 1: 5 - 2 padded
+
+
+def test_each_setting_reaches_the_report_from_where_it_was_set():
+    batches = list(correlated(64, 16).split(8))
+    state = quiet(
+        evagraph.calibrate, SharedMLP(), batches, budget=2, targets=["q", "k"], max_steps=3,
+        min_batches=2, progress=False,
+    )  # fmt: skip
+    _, report = evagraph.adapt(SharedMLP(), state, budget=1, alpha=4.0)
+    calibration, adapter = report.settings["calibration"], report.settings["adapter"]
+    assert calibration["targets"] == ["q", "k"] and calibration["exclude"] == []
+    assert calibration["max_steps"] == 3 and calibration["min_batches"] == 2
+    assert calibration["budget"] == 2 and calibration["statistic"] == "auto"
+    assert adapter == {
+        "budget": 1, "rho": 2.0, "alpha": 4.0, "adjust_scaling_factors": True, "whiten": False,
+        "dropout": 0.0,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call,settings,words",
+    [
+        ("transform", {"alpha": float("inf")}, "alpha must be a finite number"),
+        ("transform", {"rho": float("inf")}, "rho must be a finite number"),
+        ("transform", {"tau": float("nan")}, "tau must be a finite number"),
+        ("transform", {"budget": 2.0}, "budget must be a positive integer"),
+        ("transform", {"max_steps": 1.5}, "max_steps must be an integer"),
+        ("transform", {"bugdet": 2}, "unknown setting(s) bugdet"),
+        ("calibrate", {"alpha": 2.0}, "unknown setting(s) alpha"),
+        ("adapt", {"tau": 0.9}, "unknown setting(s) tau"),
+        ("adapt", {"budget": 0}, "budget must be a positive integer"),
+        ("adapt", {"rho": 0}, "rho must be >= 1"),
+    ],
+)
+def test_settings_are_checked_by_name_and_value(call, settings, words):
+    batches = list(correlated(32, 16).split(8))
+    model = SharedMLP()
+    with pytest.raises(evagraph.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        if call == "adapt":
+            state = quiet(evagraph.calibrate, model, batches, budget=2, progress=False)
+            evagraph.adapt(model, state, **settings)
+        else:
+            quiet(getattr(evagraph, call), model, batches, progress=False, **settings)

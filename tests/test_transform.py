@@ -43,7 +43,7 @@ def check_adapted(model, adapted, report, batches, budget, x):
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), model(x), atol=1e-5, rtol=1e-5)
     assert sum(report.ranks.values()) == budget * len(report.layers)
-    k = round(budget * report.settings["rho"])
+    k = round(budget * report.settings["adapter"]["rho"])
     assert all(0 <= r <= k for r in report.ranks.values())
     for layer in report.layers:
         if layer.rank == 0:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import EvaSettings
+from ..config import CalibrationSettings
 from ..data import batch_failed
 from ..errors import ConvergenceWarning, DataError, EvagraphError
 from ..stats import Components, Statistic, flush_all, make_statistic
@@ -76,7 +76,9 @@ class _Group:
 class _Calibrator:
     """The loop's state between batches; ``calibrate`` drives it one named step at a time."""
 
-    def __init__(self, probed: ProbedGraph, settings: EvaSettings, device: torch.device) -> None:
+    def __init__(
+        self, probed: ProbedGraph, settings: CalibrationSettings, device: torch.device
+    ) -> None:
         self.probed, self.settings, self.device = probed, settings, device
         k = settings.max_components
         self.groups = {
@@ -192,7 +194,7 @@ class _Calibrator:
 def calibrate(
     probed: ProbedGraph,
     batches: Iterable[Any],
-    settings: EvaSettings,
+    settings: CalibrationSettings,
     forward: Callable[[torch.nn.Module, Any], Any],
     *,
     device: torch.device,

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..config import EvaSettings
+from ..config import AdapterSettings
 from ..lora import LoraAdapter, LoraLayer
 from ..stats import Components
 from .layer_graph import Layer, LayerGraph
@@ -36,7 +36,7 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-def layer_scaling(rank: int, settings: EvaSettings) -> tuple[float, float]:
+def layer_scaling(rank: int, settings: AdapterSettings) -> tuple[float, float]:
     """(alpha for this layer, scale) per the spec's scaling rule."""
     if settings.adjust_scaling_factors:
         alpha = settings.alpha * rank / settings.budget
@@ -55,7 +55,7 @@ def init_adapters(
     layers: Mapping[str, Layer],
     ranks: Mapping[str, int],
     components: Mapping[str, Components],
-    settings: EvaSettings,
+    settings: AdapterSettings,
 ) -> dict[str, LoraAdapter]:
     """EVA initialisation: an adapter per layer with rank > 0 (A = top components, B = 0).
 

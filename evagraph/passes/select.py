@@ -9,7 +9,7 @@ that names a head explicitly selects it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -21,27 +21,6 @@ from .layer_graph import LayerGraph
 class Selection:
     targets: list[str]
     skipped: dict[str, str]  # layer name -> why it gets no adapter
-
-
-def patterns(value: str | Iterable[str] | None, what: str = "targets") -> tuple[str, ...] | None:
-    """The user's ``targets`` / ``exclude`` as a tuple of glob patterns (None stays None).
-
-    A string is one pattern: ``tuple("stem")`` would silently make it four one-letter ones.
-    Raises ``ConfigError`` naming ``what`` for anything but None, a str or strs.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ConfigError(
-            f"{what} must be a glob pattern or a list of them, got {type(value).__name__}"
-        )
-    found = tuple(value)
-    for p in found:
-        if not isinstance(p, str):
-            raise ConfigError(f"{what} patterns must be strings, got {p!r:.40}")
-    return found
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
