@@ -1,12 +1,14 @@
-"""How calibration cost grows: evagraph vs PEFT over hidden size and over depth.
+"""How calibration cost and quality grow with layer width: evagraph vs PEFT, side by side.
 
-    python benchmarks/scaling.py                          # CPU grid below, appends to results.md
-    python benchmarks/scaling.py --hidden 1024,2048,4096 --layers 8,16 --device cuda
+    python benchmarks/scaling.py                    # widths 512,1024,2048,4096, CPU
+    python benchmarks/scaling.py --hidden 2048,4096 --layers 4 --device cuda --dtype bfloat16
 
-Each point runs ``benchmarks/calibration.py``'s workers (each method in its own process, same
-model, data and settings), without the exact-PCA comparison: wall time, forward passes, the
-time of one plain forward pass (measured over evagraph's batches) and the speed-up. Hidden
-sizes run at the reference depth; depths at the first hidden size of the depth sweep.
+Each width runs ``benchmarks/calibration.py``'s comparison (each method in its own process on
+the same model, data and settings; plain forward passes over the same batches; quality
+against the exact PCA of the rows each method saw and of held-out minibatches) on a
+Llama-style model with intermediate = 2.7 x hidden (a multiple of 64), heads = hidden / 64,
+batches of 4 x 128 Zipf tokens, r = 8, rho = 2, tau = 0.99, and appends one table, a row
+per width, to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,68 +18,48 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import header, publish, run_worker  # noqa: E402
+from calibration import compare, header, parser, publish, worker_argv  # noqa: E402
 
 
-def point(hidden: int, layers: int, args: argparse.Namespace) -> dict:
-    argv = [
-        f"--hidden={hidden}",
-        f"--intermediate={2 * hidden}",
-        f"--layers={layers}",
-        f"--heads={max(1, hidden // 64)}",
-        f"--device={args.device}",
-        f"--dtype={args.dtype}",
-        f"--batches={args.batches}",
-    ]
-    row = {"hidden": hidden, "layers": layers}
-    for m in ("evagraph", "peft"):
-        print(f"hidden {hidden}, {layers} layers: {m} ...", file=sys.stderr, flush=True)
-        row[m] = run_worker(m, argv)
-    row["forward"] = run_worker("forward", argv, steps=row["evagraph"]["forwards"])
-    return row
+def point(hidden: int, base: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    args = argparse.Namespace(**vars(base))
+    args.hidden, args.heads = hidden, max(1, hidden // 64)
+    args.intermediate = round(2.7 * hidden / 64) * 64
+    print(f"hidden {hidden} ...", file=sys.stderr, flush=True)
+    return args, compare(args, worker_argv(args))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--hidden", default="128,256,512", help="hidden sizes at --depth-at layers")
-    p.add_argument("--layers", default="2,4,8", help="depths at --width-at hidden")
-    p.add_argument("--depth-at", type=int, default=4, help="depth of the hidden-size sweep")
-    p.add_argument("--width-at", type=int, default=256, help="hidden size of the depth sweep")
-    p.add_argument("--batches", type=int, default=200)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
-    args = p.parse_args()
-
-    grid = [(int(h), args.depth_at) for h in args.hidden.split(",")]
-    grid += [(args.width_at, int(n)) for n in args.layers.split(",")]
-    rows, seen = [], set()
-    for hidden, layers in grid:
-        if (hidden, layers) not in seen:  # the two sweeps may share a point
-            seen.add((hidden, layers))
-            rows.append(point(hidden, layers, args))
+    p = parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.set_defaults(layers=2, batch=4, seq=128, r=8, rho=2.0, vocab=32000)
+    p.add_argument("--widths", default="512,1024,2048,4096", help="hidden sizes to run")
+    base = p.parse_args()
+    rows = [point(int(h), base) for h in base.widths.split(",")]
 
     model = (
-        "- model: Llama-style, intermediate = 2 x hidden, heads = hidden / 64, vocab 8000, "
-        f"{args.dtype}, {args.device}; batches 8 x 128 Zipf tokens; r=16, rho=2, tau=0.99; "
-        "all seven projection types"
+        f"- model: Llama-style, {base.layers} layers, intermediate = 2.7 x hidden, heads = "
+        f"hidden / 64, vocab {base.vocab}, {base.dtype}, {base.device}; batches {base.batch} x "
+        f"{base.seq} Zipf tokens; r={base.r}, rho={base.rho}, tau={base.tau}; all seven "
+        f"projection types; quality against {base.heldout} held-out minibatches"
     )
     lines = [
-        *header("Scaling: calibration time vs hidden size and depth", model),
-        "| hidden | layers | plain s / forward | evagraph s (forwards) | evagraph x plain "
-        "| PEFT s (forwards) | PEFT x plain | PEFT / evagraph |",
-        "|---|---|---|---|---|---|---|---|",
+        *header("Calibration over widths: evagraph vs PEFT", model),
+        "| hidden / inter. | method | wall s | forward passes | plain forwards s | x plain "
+        "| peak MB | sim. to PCA of rows seen | sim. to held-out PCA | PEFT / evagraph |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        e, q, f = r["evagraph"], r["peft"], r["forward"]
-        per = f["seconds"] / f["forwards"]
-        lines.append(
-            f"| {r['hidden']} | {r['layers']} | {per:.3f} "
-            f"| {e['seconds']:.1f} ({e['forwards']}) | {e['seconds'] / (per * e['forwards']):.2f} "
-            f"| {q['seconds']:.1f} ({q['forwards']}) | {q['seconds'] / (per * q['forwards']):.2f} "
-            f"| {q['seconds'] / e['seconds']:.1f}x |"
-        )
-    publish(lines, args.out)
+    for args, res in rows:
+        speedup = res["peft"]["seconds"] / res["evagraph"]["seconds"]
+        for m in ("evagraph", "peft"):
+            r, q = res[m], res[m].get("quality", {})
+            seen, held = (f"{q[k]:.4f}" if k in q else "-" for k in ("seen", "heldout"))
+            lines.append(
+                f"| {args.hidden} / {args.intermediate} | {m} | {r['seconds']:.1f} "
+                f"| {r['forwards']} | {r['plain_seconds']:.1f} "
+                f"| {r['seconds'] / r['plain_seconds']:.2f} | {r['peak_mb']:.0f} | {seen} "
+                f"| {held} | {f'**{speedup:.1f}x**' if m == 'evagraph' else ''} |"
+            )
+    publish(lines, base.out)
 
 
 if __name__ == "__main__":

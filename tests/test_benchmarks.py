@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a tiny model and write their tables (not timed)."""
 
+import re
 import subprocess
 import sys
 
@@ -9,24 +10,62 @@ from conftest import ROOT
 TINY = ["--hidden=32", "--intermediate=64", "--heads=2", "--layers=1", "--vocab=200", "--seq=16"]
 
 
+def run(script: str, *args: str) -> str:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True,
+                   capture_output=True)  # fmt: skip
+    return ""
+
+
 @pytest.mark.slow
 def test_calibration_benchmark_writes_side_by_side_table(tmp_path):
     out = tmp_path / "results.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "calibration.py"), *TINY, "--batches=20"]
-    subprocess.run([*cmd, f"--out={out}"], check=True, capture_output=True)
+    run("calibration.py", *TINY, "--batches=20", "--heldout=5", f"--out={out}")
     text = out.read_text()
-    for row in ("| evagraph |", "| peft |", "| plain forward x"):
+    for row in ("| evagraph |", "| peft |", "| plain forward |"):
         assert row in text
     assert "evagraph vs PEFT" in text and "per-layer ranks equal" in text
+    # both quality figures are measured and are similarities in [0, 1]
+    for method in ("evagraph", "peft"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        sims = [float(v) for v in re.findall(r"\| (0\.\d{4}|1\.0000) ", row)]
+        assert len(sims) == 2, row
 
 
 @pytest.mark.slow
 def test_rows_needed_benchmark_compares_with_held_out_pca(tmp_path):
     out = tmp_path / "results.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "rows_needed.py"), *TINY, "--batches=20"]
-    args = ["--grid=2,5,20", "--reference-batches=10", f"--out={out}"]
-    subprocess.run([*cmd, *args], check=True, capture_output=True)
+    args = ["--batches=20", "--grid=2,5,20", "--reference-batches=10", f"--out={out}"]
+    run("rows_needed.py", *TINY, *args)
     text = out.read_text()
     for row in ("| peft |", "| evagraph |", "| exact PCA of the first 2 |", "first 20 |"):
         assert row in text
     assert "PEFT's components" in text or "every prefix reaches" in text
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_writes_a_row_per_method(tmp_path):
+    out = tmp_path / "results.md"
+    run("scaling.py", "--widths=32", "--vocab=200", "--seq=16", "--batches=12", "--heldout=4",
+        f"--out={out}")  # fmt: skip
+    text = out.read_text()
+    assert "| 32 / 64 | evagraph |" in text and "| 32 / 64 | peft |" in text
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_run_on_any_device(tmp_path):
+    out = tmp_path / "results.md"
+    run("gpu_suite.py", "--smoke", "--batches=12", "--heldout=4", f"--out={out}")
+    text = out.read_text()
+    assert "GPU suite" in text and "| toy: 32 / 64 x 1 | evagraph |" in text
+
+
+def test_memory_projection_matches_the_real_statistics(tmp_path):
+    out = tmp_path / "results.md"
+    run("memory.py", "--check-width=256", f"--out={out}")
+    text = out.read_text()
+    for model in ("Llama-3.2-1B", "Llama-3-8B", "Llama-3-70B"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {model} |"))
+        assert float(re.search(r"\| ([\d.]+)x \|", row).group(1)) <= 2.0  # within 2x PEFT's
+    for kind in ("evagraph", "before", "peft"):
+        formula, measured = re.search(rf"\| {kind} \| ([\d,]+) \| ([\d,]+) \|", text).groups()
+        assert formula == measured

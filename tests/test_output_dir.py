@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import evagraph_cmd
 
 from evagraph import io as evaio
+from evagraph.cli import main
 from evagraph.errors import OutputError
 from evagraph.io import atomic_directory
 
@@ -261,9 +263,12 @@ def test_kill_9_leftover_is_removed_by_the_next_run(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_follow_the_umask(example, tmp_path, umask):
     out = tmp_path / "out"
-    cmd = ["sh", "-c", 'umask "$0" && exec "$@"', f"{umask:03o}", *compile_cmd(example, out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    previous = os.umask(umask)
+    try:
+        result = CliRunner().invoke(main, compile_cmd(example, out)[len(evagraph_cmd()) :])
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.stderr
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert {"adapter.safetensors", "eva_state.safetensors", "report.json"} <= set(modes)
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)

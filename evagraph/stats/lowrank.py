@@ -1,4 +1,5 @@
-"""The low-rank statistic: a streaming incremental SVD of rank ``q = 2k`` for wide layers.
+"""The low-rank statistic: a streaming incremental SVD of rank ``q = 2k`` for wide layers
+(``max(2k, k + 16)``: a small k would leave the tail almost no room).
 
 ``IncrementalSVD(dim, k, device)`` keeps the mean, the row count, the total variance
 (exact) and a rank-``q`` factor ``diag(s) V`` of the centred rows seen so far: O(d q)
@@ -60,7 +61,6 @@ class IncrementalSVD:
         defer: bool | None = None,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
-        # q: 2k, and at least k + 16, where a small k would leave almost no room for the tail
         self.rank = min(rank or max(2 * self.k, self.k + 16), dim)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
