@@ -14,6 +14,7 @@ per width, to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,7 +35,11 @@ def main() -> None:
     p.set_defaults(layers=2, batch=4, seq=128, r=8, rho=2.0, vocab=32000)
     p.add_argument("--widths", default="512,1024,2048,4096", help="hidden sizes to run")
     base = p.parse_args()
-    rows = [point(int(h), base) for h in base.widths.split(",")]
+    rows = []
+    for h in base.widths.split(","):
+        rows.append(point(int(h), base))
+        if base.json:  # each width as it finishes: a long run keeps what it measured
+            Path(base.json).write_text(json.dumps([[vars(a), r] for a, r in rows]))
 
     model = (
         f"- model: Llama-style, {base.layers} layers, intermediate = 2.7 x hidden, heads = "
