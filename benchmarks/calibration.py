@@ -7,13 +7,14 @@ One run times, on the same model, data and settings: (a) evagraph's calibration
 (``evagraph.calibrate``), (b) PEFT's ``get_eva_state_dict`` with its defaults, (c) plain
 forward passes over the same batches, as many as the hungrier method consumed (each method's
 "x plain" divides by the plain passes of the batches it consumed). Each runs in its own
-process, so peak memory (CPU: peak RSS above the process's state after loading model and
-data; CUDA: peak allocated) is its own. Quality, two ways, per layer at the method's own rank
-(mean squared cosine of the principal angles; the mean over layers): against the exact PCA
-of the rows the method saw, and against the exact PCA of ``--heldout`` held-out minibatches
-(other draws of the same data: what the components should be). A table goes to stdout and to
-``--out`` (default benchmarks/results.md) with the machine and the command;
-``benchmarks/scaling.py`` runs this over widths.
+process, so peak memory (CPU: peak RSS above the RSS after loading model and data, the
+kernel's peak counter reset at that point; CUDA: peak allocated) is its own. Quality, two
+ways, per layer at the method's own rank (mean squared cosine of the principal angles; the
+mean over layers): against the exact PCA of the rows the method saw, and against the exact
+PCA of ``--heldout`` held-out minibatches (other draws of the same data: what the
+components should be). A table goes to stdout and to ``--out`` (default
+benchmarks/results.md) with the machine and the command; ``benchmarks/scaling.py`` runs this
+over widths.
 
 Model: Llama-style (``LlamaForCausalLM``, random init, ``use_cache=False``); data: token
 batches drawn from a Zipf-like distribution; targets: all seven projection types.
@@ -22,6 +23,7 @@ batches drawn from a Zipf-like distribution; targets: all seven projection types
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -71,10 +73,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
+
+
+def _start_peak(device) -> int:
+    """Reset the peak memory counter; return the baseline (kB) the peak is measured from.
+
+    CPU: the kernel's peak RSS (VmHWM) is reset to the current RSS (``clear_refs`` 5), so
+    what building the model and data took before does not hide the method's own peak.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return 0
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS")
+    except OSError:  # no /proc: the lifetime peak, which may hide the method's
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_mb(device, rss0_kb):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0_kb) / 1024
+    try:
+        peak = _status_kb("VmHWM")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - rss0_kb) / 1024
 
 
 def worker(args) -> dict:
@@ -82,9 +110,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, batches = build(args)
     _sync(args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _start_peak(args.device)
     out: dict = {}
     if args.worker == "forward":  # per-pass times, batches in the order the methods use them
         times = []
