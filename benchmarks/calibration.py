@@ -222,8 +222,8 @@ def similarity(components: torch.Tensor, reference: torch.Tensor) -> float:
 
 def quality(args, results: dict) -> dict[str, dict[str, float]]:
     """Per method, the mean similarity of its components to the exact PCA of the rows it saw
-    and to the exact PCA of ``args.heldout`` held-out minibatches (one pass over the data:
-    each batch's ``x^T x`` per shared input is computed once and added where it was seen)."""
+    and to the exact PCA of ``args.heldout`` held-out minibatches (each batch's ``x^T x`` per
+    shared input is computed once and added wherever that batch was seen)."""
     methods = [m for m in METHODS if m in results]
     names = sorted({n for m in methods for n, r in results[m]["ranks"].items() if r > 0})
     model, batches = build(args)
@@ -249,65 +249,70 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
     for h in handles:
         h.remove()
 
-    # Accumulators: (set, owner, batch multiset) -> [rows, sum, x^T x] of rows minus a shift
-    # (float32 products per batch, summed in float64); methods that saw the same batches
-    # share one, so memory stays at a few d x d per decomposition.
-    acc: dict[tuple, list] = {}
-    shift: dict[str, torch.Tensor] = {}
-    current: dict = {"batch": None, "held": False}
-
-    def hook(name):
-        def fn(module, inputs):
-            rows = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            rows = rows - shift.setdefault(name, rows.mean(0))
-            gram, total = (rows.T @ rows).double(), rows.sum(0, dtype=torch.float64)
-            keys = {("held", name): 1} if current["held"] else {}
-            for m in methods if not current["held"] else ():
-                for n in (n for n in names if owner[n] == name):
-                    if times := seen[m][n][current["batch"]]:
-                        keys[("seen", name, frozenset(seen[m][n].items()))] = times
-            for key, times in keys.items():
-                a = acc.setdefault(key, [0, 0.0, 0.0])
-                a[0] += times * rows.shape[0]
-                a[1] = a[1] + times * total
-                a[2] = a[2] + times * gram
-
-        return fn
-
+    # Accumulators: key -> [rows, sum, x^T x] of rows minus a shift (float32 products per
+    # batch, summed in place in float64). Keys name a decomposition and a multiset of batches,
+    # so methods that saw the same batches share one; the seen and the held-out rows are two
+    # passes, so at most two sets of d x d sums exist at a time.
     owners = sorted(set(owner.values()))
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in owners]
+    shift: dict[str, torch.Tensor] = {}
+
+    def accumulate(data: list, keys) -> dict[tuple, list]:
+        """Sums over ``data``; ``keys(owner, i)`` -> {key: times} for batch i."""
+        acc: dict[tuple, list] = {}
+        current = [0]
+
+        def hook(name):
+            def fn(module, inputs):
+                rows = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                rows = rows - shift.setdefault(name, rows.mean(0))
+                gram = rows.T @ rows
+                for key, times in keys(name, current[0]).items():
+                    a = acc.setdefault(key, [0, 0.0, torch.zeros_like(gram, dtype=torch.float64)])
+                    a[0] += times * rows.shape[0]
+                    a[1] = a[1] + times * rows.sum(0, dtype=torch.float64)
+                    a[2].add_(gram, alpha=times)
+
+            return fn
+
+        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in owners]
+        with torch.no_grad():
+            for current[0], batch in data:
+                model(**batch)
+        for h in handles:
+            h.remove()
+        return acc
+
+    def seen_keys(name: str, i: int) -> dict[tuple, int]:
+        keys = {}
+        for m in methods:
+            for n in (n for n in names if owner[n] == name):
+                if times := seen[m][n][i]:
+                    keys[("seen", name, frozenset(seen[m][n].items()))] = times
+        return keys
+
+    def mean_similarity(acc: dict[tuple, list], key_of) -> dict[str, float]:
+        refs: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for m in methods:
+            sims = []
+            for n in names:
+                r = results[m]["ranks"].get(n, 0)
+                if not r:
+                    continue
+                key = key_of(m, n)
+                if key not in refs or refs[key].shape[0] < r:
+                    refs[key] = exact_pca(*acc[key], r)[0]
+                sims.append(similarity(torch.tensor(results[m]["components"][n]), refs[key][:r]))
+            out[m] = sum(sims) / len(sims)
+        return out
+
     wanted = sorted({i for m in methods for n in names for i in seen[m][n]})
-    with torch.no_grad():
-        for i in wanted:
-            current.update(batch=i, held=False)
-            model(**batches[i])
-        for b in held_out:
-            current.update(held=True)
-            model(**b)
-    for h in handles:
-        h.remove()
-
-    cache: dict = {}
-
-    def reference(key: tuple, k: int) -> torch.Tensor:
-        if key not in cache or cache[key].shape[0] < k:
-            cache[key] = exact_pca(*acc[key], k)[0]
-        return cache[key][:k]
-
-    out = {}
-    for m in methods:
-        sims = {"seen": [], "heldout": []}
-        for n in names:
-            r = results[m]["ranks"].get(n, 0)
-            if not r:
-                continue
-            comps = torch.tensor(results[m]["components"][n])
-            group = owner[n]
-            key = ("seen", group, frozenset(seen[m][n].items()))
-            sims["seen"].append(similarity(comps, reference(key, r)))
-            sims["heldout"].append(similarity(comps, reference(("held", group), r)))
-        out[m] = {k: sum(v) / len(v) for k, v in sims.items()}
-    return out
+    acc = accumulate([(i, batches[i]) for i in wanted], seen_keys)
+    on_seen = mean_similarity(acc, lambda m, n: ("seen", owner[n], frozenset(seen[m][n].items())))
+    del acc
+    acc = accumulate(list(enumerate(held_out)), lambda name, i: {("held", name): 1})
+    on_held = mean_similarity(acc, lambda m, n: ("held", owner[n]))
+    return {m: {"seen": on_seen[m], "heldout": on_held[m]} for m in methods}
 
 
 def compare(args, argv: list[str]) -> dict:

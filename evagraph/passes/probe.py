@@ -188,18 +188,29 @@ def insert_probes(
 def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
     """The probed graph cut down to what the probes in ``names`` need.
 
-    The output becomes those probes' values and everything they do not depend on is
-    dropped: the LM head, and layers that only feed converged probes. Shares modules (and
-    probes) with ``probed.gm``.
+    Everything those probes do not depend on is dropped: the LM head, and layers that only
+    feed converged probes. The graph returns nothing, so each activation is freed after its
+    last use, as in the model's own forward (returning the probed activations would hold every
+    layer's input until the end: +94 MB at hidden 4096 with 2 layers, growing with depth).
+    Shares modules (and probes) with ``probed.gm``.
     """
     graph = copy.deepcopy(probed.gm.graph)
-    wanted = tuple(n for n in graph.nodes if n.op == "call_module" and n.target in names)
+    keep: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "call_module" and n.target in names]
+    while stack:
+        node = stack.pop()
+        if node not in keep:
+            keep.add(node)
+            stack.extend(node.all_input_nodes)
     output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (wanted,)
+    output.args = ((),)
     info = getattr(graph._codegen, "pytree_info", None)
     if info is not None:  # export graphs unflatten outputs by a spec that no longer applies
         graph._codegen.pytree_info = info._replace(out_spec=None)
+    # Users come after their inputs, and a kept node's inputs are kept: erase back to front.
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and node not in keep:
+            graph.erase_node(node)
     gm = fx.GraphModule(probed.gm, graph, "SlicedProbedGraph")
-    gm.graph.eliminate_dead_code()  # needs an owning module for its purity checks
     gm.recompile()
     return gm

@@ -44,7 +44,8 @@ class ExactCovariance:
         x = x - self.shift  # x may be the activation itself: never modify it
         if weights is not None:
             x.mul_((weights > 0)[:, None])
-        self._rescale(torch.minimum(self.scale, power_of_two_scale(x.abs().amax())))
+        amax = torch.linalg.vector_norm(x, float("inf"))  # no row-sized temporary
+        self._rescale(torch.minimum(self.scale, power_of_two_scale(amax)))
         x.mul_(self.scale)
         self.count += n
         self.sum += x.sum(0)

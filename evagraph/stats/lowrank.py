@@ -80,14 +80,16 @@ class IncrementalSVD:
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
         # Scale first (exact, a power of two), so sums and products stay in float32's range.
-        scale = power_of_two_scale(x.abs().amax())
+        # Reductions through vector_norm: no row-sized temporary besides our one copy.
+        scale = power_of_two_scale(torch.linalg.vector_norm(x, float("inf")))
         x = x * scale if x is rows else x.mul_(scale)
         centre = x.sum(0) / n.clamp_min(1).float()
         x.sub_(centre)
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         scale64 = scale.double()
-        self._absorb(x, scale64, n, centre.double() / scale64, x.pow(2).sum().double() / scale64**2)
+        total = torch.linalg.vector_norm(x).double().square() / scale64**2
+        self._absorb(x, scale64, n, centre.double() / scale64, total)
 
     def merge(self, other: IncrementalSVD) -> None:
         """Add ``other``'s rows, as represented by its factor (exact where its rows have rank
