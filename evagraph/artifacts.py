@@ -23,8 +23,15 @@ from torch import nn
 from .errors import ModelLoadError
 from .io import disk_errors, zip_target
 from .lora import LoraAdapter, adapter_state_dict, refuse_adapted
-from .passes.capture import capture, export_program, is_hf_conv1d
-from .passes.layer_graph import ConvSpec, Layer, LayerGraph, _module_layer, build_layer_graph
+from .passes.capture import capture, export_program
+from .passes.layer_graph import (
+    ConvSpec,
+    Layer,
+    LayerGraph,
+    _layer_of_module,
+    _module_layer,
+    build_layer_graph,
+)
 from .passes.rewrite import rewrite
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
@@ -396,19 +403,10 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
         module = model.get_submodule(layer.name)
     except AttributeError:
         module = None
-    found = _module_layer(module) if module is not None else None
-    if found is not None:
-        kind, conv = found
-        w = module.weight
-        if is_hf_conv1d(module):
-            in_f, out_f, transposed = w.shape[0], w.shape[1], True
-        elif kind == "linear":
-            in_f, out_f, transposed = w.shape[1], w.shape[0], False
-        else:
-            in_f, out_f, transposed = w.shape[1] * math.prod(conv.kernel_size), w.shape[0], False
-        actual = Layer(layer.name, kind, "", in_f, out_f, f"{layer.name}.weight", conv=conv,
-                       weight_transposed=transposed)  # fmt: skip
-        if (actual.kind, actual.in_features, actual.out_features, actual.conv, transposed) != (
+    actual = _layer_of_module(layer.name, module) if module is not None else None
+    if actual is not None:
+        if (actual.kind, actual.in_features, actual.out_features, actual.conv,
+            actual.weight_transposed) != (
             layer.kind, layer.in_features, layer.out_features, layer.conv,
             layer.weight_transposed,
         ):  # fmt: skip

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .lora import LoraAdapter, LoraLayer, refuse_adapted
-from .passes.layer_graph import _module_layer
+from .passes.layer_graph import _layer_of_module, _module_layer
 
 
 def _peft():
@@ -119,7 +119,6 @@ def from_peft_eva_state_dict(
     ``model`` (PEFT's ``prefix`` is stripped from the names).
     """
     from .config import AdapterSettings
-    from .passes.capture import is_hf_conv1d
     from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
 
     refuse_adapted(model)
@@ -138,21 +137,19 @@ def from_peft_eva_state_dict(
             raise ConfigError(
                 f"eva_state_dict names {name}, which the model does not have"
             ) from err
-        found = _module_layer(module)
-        if found is None or found[0] != "linear":
+        layer = _layer_of_module(name, module)
+        if layer is None or layer.kind != "linear":
             raise ConfigError(f"eva_state_dict entry {name} is not a linear layer of the model")
-        transposed = is_hf_conv1d(module)
         weight = module.weight
-        out_features = weight.shape[1] if transposed else weight.shape[0]
         _, scale = layer_scaling(A.shape[0], settings)
         adapters[name] = LoraAdapter.build(
             A.detach().to(device=weight.device, dtype=_adapter_dtype(weight)),
-            out_features,
+            layer.out_features,
             None,
             scale,
             dropout,
             layer_name=name,
             base_weight=f"{name}.weight",
-            weight_transposed=transposed,
+            weight_transposed=layer.weight_transposed,
         )
     return rewrite(work, adapters)

@@ -110,6 +110,8 @@ def _meta(edit):
 
 
 def _tensor(key, value):
+    """Replace (or with None, delete) one tensor of a saved state or adapter."""
+
     def mutate(meta, tensors):
         tensors[key] = value(tensors[key]) if callable(value) else value
         if tensors[key] is None:
@@ -249,16 +251,6 @@ def _entry(layer, **values):
     return mutate
 
 
-def _weight(key, value):
-    def mutate(manifest, weights):
-        weights[key] = value(weights[key]) if callable(value) else value
-        if weights[key] is None:
-            del weights[key]
-        return json.dumps(manifest)
-
-    return mutate
-
-
 def _rank_20(manifest, weights):
     """q at rank 20 > its 16 input features, shapes consistent everywhere else."""
     weights["q.lora_A.weight"] = torch.randn(20, 16)
@@ -290,16 +282,16 @@ ADAPTER_CASES = {
         lambda m, w: json.dumps(m).replace('"format":', '"format": 1, "format":', 1),
         "duplicate entry 'format'",
     ),
-    "missing tensor": (_weight("o.lora_B.weight", None), "layer o: missing tensor o.lora_B"),
-    "extra tensor": (_weight("head.lora_A.weight", torch.zeros(2, 16)), "belong to no layer"),
+    "missing tensor": (_tensor("o.lora_B.weight", None), "layer o: missing tensor o.lora_B"),
+    "extra tensor": (_tensor("head.lora_A.weight", torch.zeros(2, 16)), "belong to no layer"),
     "rank not matching A": (_entry("q", rank=3), "layer q: lora_A has shape"),
     "A not matching the manifest": (
-        _weight("q.lora_A.weight", lambda t: t[:1].contiguous()),
+        _tensor("q.lora_A.weight", lambda t: t[:1].contiguous()),
         "layer q: lora_A has shape (1, 16) but the manifest says",
     ),
-    "NaN in B": (_weight("k.lora_B.weight", _nan), "layer k: lora_B holds NaN or Inf"),
-    "Inf in A": (_weight("k.lora_A.weight", _inf), "layer k: lora_A holds NaN or Inf"),
-    "integer A": (_weight("k.lora_A.weight", lambda t: t.int()), "not a float type"),
+    "NaN in B": (_tensor("k.lora_B.weight", _nan), "layer k: lora_B holds NaN or Inf"),
+    "Inf in A": (_tensor("k.lora_A.weight", _inf), "layer k: lora_A holds NaN or Inf"),
+    "integer A": (_tensor("k.lora_A.weight", lambda t: t.int()), "not a float type"),
     "rank above width": (_rank_20, "layer q: rank 20 exceeds the layer's input width 16"),
     "another format": (lambda m, w: json.dumps({**m, "format": "x"}), "not an evagraph adapter"),
 }

@@ -226,15 +226,12 @@ def _module_layer(m: Any) -> tuple[str, ConvSpec | None] | None:
     return None
 
 
-def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
-    m = gm.get_submodule(node.target)
+def _layer_of_module(name: str, m: Any) -> Layer | None:
+    """The Layer a linear/conv module at ``name`` is (widths from its weight), or None."""
     found = _module_layer(m)
     if found is None:
-        return None, None
+        return None
     kind, spec = found
-    op = type(m).__name__
-    if spec is not None and spec.groups != 1:
-        return None, f"grouped convolution (groups={spec.groups}) is not adapted"
     w = m.weight
     if is_hf_conv1d(m):
         in_f, out_f, transposed = w.shape[0], w.shape[1], True
@@ -242,8 +239,17 @@ def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None,
         in_f, out_f, transposed = w.shape[1], w.shape[0], False
     else:
         in_f, out_f, transposed = w.shape[1] * math.prod(spec.kernel_size), w.shape[0], False
-    layer = Layer(node.target, kind, op, in_f, out_f, f"{node.target}.weight", conv=spec)
-    layer.module, layer.weight_transposed = node.target, transposed
+    layer = Layer(name, kind, type(m).__name__, in_f, out_f, f"{name}.weight", conv=spec)
+    layer.module, layer.weight_transposed = name, transposed
+    return layer
+
+
+def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
+    layer = _layer_of_module(node.target, gm.get_submodule(node.target))
+    if layer is None:
+        return None, None
+    if layer.conv is not None and layer.conv.groups != 1:
+        return None, f"grouped convolution (groups={layer.conv.groups}) is not adapted"
     src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     layer.inputs.append(src.name if isinstance(src, fx.Node) else "")
     return layer, None
