@@ -9,12 +9,15 @@ forward passes over the same batches, as many as the hungrier method consumed (e
 "x plain" divides by the plain passes of the batches it consumed). Each runs in its own
 process, so peak memory (CPU: peak RSS above the RSS after loading model and data, the
 kernel's peak counter reset at that point; CUDA: peak allocated) is its own. Quality, two
-ways, per layer at the method's own rank (mean squared cosine of the principal angles; the
-mean over layers): against the exact PCA of the rows the method saw, and against the exact
-PCA of ``--heldout`` held-out minibatches (other draws of the same data: what the
-components should be). A table goes to stdout and to ``--out`` (default
-benchmarks/results.md) with the machine and the command; ``benchmarks/scaling.py`` runs this
-over widths.
+ways (mean squared cosine of the principal angles per layer; the mean over layers): against
+the exact PCA of the rows the method saw, and against the exact PCA of ``--heldout``
+held-out minibatches (other draws of the same data: what the components should be); each
+at the method's own ranks, and at the ranks both methods gave a layer ("same ranks": the
+leading min(r_evagraph, r_peft) components of each), which compares like with like where
+the two allocations differ; and, as the ceiling for the rows a method consumed, the exact PCA
+of those rows against the held-out PCA at the same ranks. A table goes to stdout and to
+``--out`` (default benchmarks/results.md) with the machine and the command;
+``benchmarks/scaling.py`` runs this over widths.
 
 Model: Llama-style (``LlamaForCausalLM``, random init, ``use_cache=False``); data: token
 batches drawn from a Zipf-like distribution; targets: all seven projection types.
@@ -176,9 +179,9 @@ def worker(args) -> dict:
         out["ranks"] = {k: v.shape[0] for k, v in state.items()}
         out["components"] = {k: v.float().cpu().tolist() for k, v in state.items()}
         # PEFT cycles the data: forward i used batch i - 1 mod n (forward 0 hashes inputs).
-        # Layers sharing a hook (equal inputs) saw what the hook saw.
-        ids = {k: [(i - 1) % len(batches) for i in v] for k, v in seen.items()}
-        out["batch_ids"] = {n: ids.get(n, next(iter(ids.values()))) for n in out["ranks"]}
+        # Only the first of the layers with equal inputs is hooked; ``quality`` gives the
+        # others its batches.
+        out["batch_ids"] = {k: [(i - 1) % len(batches) for i in v] for k, v in seen.items()}
         out["converged"] = True
     out["peak_mb"] = _peak_mb(args.device, rss0)
     return out
@@ -229,7 +232,6 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
     model, batches = build(args)
     held_out = token_batches(args, args.heldout, args.seed + 1)
     model = model.float()
-    seen = {m: {n: Counter(results[m]["batch_ids"][n]) for n in names} for m in methods}
     # Layers that read one tensor (q/k/v, gate/up) share their owner's accumulator; found by
     # the tensors' identity in one forward pass.
     owner: dict[str, str] = {}
@@ -248,6 +250,15 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
         model(**batches[0])
     for h in handles:
         h.remove()
+
+    def batches_seen(m: str, n: str) -> Counter:
+        # Both methods decompose the rows of layers that read one tensor once (evagraph per
+        # group, PEFT in the first such layer's hook), so each saw its owner's batches.
+        ids = results[m]["batch_ids"]
+        first = owner[n] if owner[n] in ids else next(o for o in ids if owner.get(o) == owner[n])
+        return Counter(ids[first])
+
+    seen = {m: {n: batches_seen(m, n) for n in names} for m in methods}
 
     # Accumulators: key -> [rows, sum, x^T x] of rows minus a shift (float32 products per
     # batch, summed in place in float64). Keys name a decomposition and a multiset of batches,
@@ -290,11 +301,17 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
                     keys[("seen", name, frozenset(seen[m][n].items()))] = times
         return keys
 
-    def mean_similarity(acc: dict[tuple, list], key_of) -> dict[str, float]:
-        refs: dict[tuple, torch.Tensor] = {}
+    def common_rank(n: str) -> int:
+        return min(results[o]["ranks"].get(n, 0) for o in methods)
+
+    def mean_similarity(acc: dict[tuple, list], key_of, refs: dict) -> dict[str, tuple]:
+        """Per method: the mean over layers at its own ranks, and at the ranks both methods
+        gave a layer (the leading components of each): a like-for-like comparison, since a
+        layer's trailing components are the least certain and the methods allot differently.
+        ``refs`` collects the exact PCAs, by key."""
         out = {}
         for m in methods:
-            sims = []
+            own, common = [], []
             for n in names:
                 r = results[m]["ranks"].get(n, 0)
                 if not r:
@@ -302,17 +319,38 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
                 key = key_of(m, n)
                 if key not in refs or refs[key].shape[0] < r:
                     refs[key] = exact_pca(*acc[key], r)[0]
-                sims.append(similarity(torch.tensor(results[m]["components"][n]), refs[key][:r]))
-            out[m] = sum(sims) / len(sims)
+                comps = torch.tensor(results[m]["components"][n])
+                own.append(similarity(comps, refs[key][:r]))
+                if c := common_rank(n):
+                    common.append(similarity(comps[:c], refs[key][:c]))
+            out[m] = (sum(own) / len(own), sum(common) / max(1, len(common)))
         return out
 
     wanted = sorted({i for m in methods for n in names for i in seen[m][n]})
     acc = accumulate([(i, batches[i]) for i in wanted], seen_keys)
-    on_seen = mean_similarity(acc, lambda m, n: ("seen", owner[n], frozenset(seen[m][n].items())))
+    seen_key = lambda m, n: ("seen", owner[n], frozenset(seen[m][n].items()))  # noqa: E731
+    held_key = lambda m, n: ("held", owner[n])  # noqa: E731
+    seen_refs, held_refs = {}, {}
+    on_seen = mean_similarity(acc, seen_key, seen_refs)
     del acc
     acc = accumulate(list(enumerate(held_out)), lambda name, i: {("held", name): 1})
-    on_held = mean_similarity(acc, lambda m, n: ("held", owner[n]))
-    return {m: {"seen": on_seen[m], "heldout": on_held[m]} for m in methods}
+    on_held = mean_similarity(acc, held_key, held_refs)
+    out = {}
+    for m in methods:
+        # what the rows the method saw allow: their exact PCA against the held-out one
+        ceiling = [
+            similarity(seen_refs[seen_key(m, n)][:c], held_refs[held_key(m, n)][:c])
+            for n in names
+            if (c := common_rank(n))
+        ]
+        out[m] = {
+            "seen": on_seen[m][0],
+            "heldout": on_held[m][0],
+            "seen_common": on_seen[m][1],
+            "heldout_common": on_held[m][1],
+            "heldout_common_exact": sum(ceiling) / max(1, len(ceiling)),
+        }
+    return out
 
 
 def compare(args, argv: list[str]) -> dict:
@@ -386,6 +424,41 @@ def publish(lines: list[str], out: str | Path) -> None:
         f.write("\n" + text)
 
 
+QUALITY = {
+    "seen": "sim. to PCA of rows seen",
+    "heldout": "sim. to held-out PCA",
+    "seen_common": "same ranks: seen",
+    "heldout_common": "same ranks: held-out",
+    "heldout_common_exact": "same ranks: held-out, exact PCA of the rows seen",
+}
+
+
+def _similarities(result: dict) -> str:
+    q = result.get("quality", {})
+    return " | ".join(f"{q[k]:.4f}" if k in q else "-" for k in QUALITY)
+
+
+def side_by_side(first: str, rows: list[tuple[str, dict]]) -> list[str]:
+    """A table of ``compare`` results, two lines (evagraph, PEFT) per labelled row."""
+    lines = [
+        f"| {first} | method | wall s | forward passes | plain forwards s | x plain | peak MB | "
+        + " | ".join(QUALITY.values())
+        + " | PEFT / evagraph |",
+        "|---|---|---|---|---|---|---|" + "---|" * (len(QUALITY) + 1),
+    ]
+    for label, res in rows:
+        speedup = res["peft"]["seconds"] / res["evagraph"]["seconds"]
+        for m in ("evagraph", "peft"):
+            r = res[m]
+            lines.append(
+                f"| {label} | {m} | {r['seconds']:.1f} | {r['forwards']} "
+                f"| {r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.2f} "
+                f"| {r['peak_mb']:.0f} | {_similarities(r)} "
+                f"| {f'**{speedup:.1f}x**' if m == 'evagraph' else ''} |"
+            )
+    return lines
+
+
 def parser(**kwargs) -> argparse.ArgumentParser:
     """The model, data and settings options (shared with the other benchmark scripts)."""
     p = argparse.ArgumentParser(**kwargs)
@@ -438,20 +511,22 @@ def main() -> None:
     extra = f"targets: {', '.join(TARGETS)}; quality against {args.heldout} held-out minibatches"
     lines = [
         *header(title, model_line(args, extra)),
-        "| method | wall s | forward passes | plain forwards s | x plain forwards | peak MB "
-        "| sim. to exact PCA of rows seen | sim. to held-out PCA | converged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | wall s | forward passes | plain forwards s | x plain forwards | peak MB | "
+        + " | ".join(QUALITY.values())
+        + " | converged |",
+        "|---|---|---|---|---|---|" + "---|" * (len(QUALITY) + 1),
     ]
     for m in (m for m in METHODS if m in results):
         r = results[m]
-        q = r.get("quality", {})
-        seen, held = (f"{q[k]:.4f}" if k in q else "not measured" for k in ("seen", "heldout"))
         lines.append(
             f"| {m} | {r['seconds']:.1f} | {r['forwards']} | {r['plain_seconds']:.1f} "
-            f"| {r['seconds'] / r['plain_seconds']:.2f} | {r['peak_mb']:.0f} | {seen} | {held} "
-            f"| {'yes' if r['converged'] else 'no (bound hit)'} |"
+            f"| {r['seconds'] / r['plain_seconds']:.2f} | {r['peak_mb']:.0f} "
+            f"| {_similarities(r)} | {'yes' if r['converged'] else 'no (bound hit)'} |"
         )
-    lines.append(f"| plain forward | | | | 1.00 | {results['plain_peak_mb']:.0f} | | | |")
+    lines.append(
+        f"| plain forward | | | | 1.00 | {results['plain_peak_mb']:.0f} |"
+        + " |" * (len(QUALITY) + 1)
+    )
     if "evagraph" in results and "peft" in results:
         ours, theirs = results["evagraph"], results["peft"]
         equal = sum(ours["ranks"][n] == theirs["ranks"].get(n) for n in ours["ranks"])

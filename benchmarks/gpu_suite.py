@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import compare, header, parser, publish, worker_argv  # noqa: E402
+from calibration import compare, header, parser, publish, side_by_side, worker_argv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -54,26 +54,17 @@ def main() -> None:
             "GPU suite: evagraph vs PEFT" + (" (smoke run)" if base.smoke else ""),
             f"- {base.dtype}, {base.device}; batches {base.batch} x {base.seq} Zipf tokens, "
             f"vocab {base.vocab}; r={base.r}, rho={base.rho}, tau={base.tau}; quality "
-            f"against {base.heldout} held-out minibatches",
+            f"against {base.heldout} held-out minibatches; peak MB: "
+            "torch.cuda.max_memory_allocated on CUDA",
         ),
-        "| shape | method | wall s | forward passes | x plain forwards | peak allocated MB "
-        "| sim. to PCA of rows seen | sim. to held-out PCA | PEFT / evagraph |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, shape in (SMOKE if base.smoke else SHAPES).items():
         args = argparse.Namespace(**{**vars(base), **shape})
         print(f"{name} ...", file=sys.stderr, flush=True)
-        res = compare(args, worker_argv(args))
-        speedup = res["peft"]["seconds"] / res["evagraph"]["seconds"]
-        for m in ("evagraph", "peft"):
-            r, q = res[m], res[m].get("quality", {})
-            seen, held = (f"{q[k]:.4f}" if k in q else "-" for k in ("seen", "heldout"))
-            lines.append(
-                f"| {name}: {args.hidden} / {args.intermediate} x {args.layers} | {m} "
-                f"| {r['seconds']:.1f} | {r['forwards']} | {r['seconds'] / r['plain_seconds']:.2f} "
-                f"| {r['peak_mb']:.0f} | {seen} | {held} "
-                f"| {f'**{speedup:.1f}x**' if m == 'evagraph' else ''} |"
-            )
+        label = f"{name}: {args.hidden} / {args.intermediate} x {args.layers}"
+        rows.append((label, compare(args, worker_argv(args))))
+    lines += side_by_side("shape", rows)
     publish(lines, base.out)
 
 

@@ -19,7 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import compare, header, parser, publish, worker_argv  # noqa: E402
+from calibration import (  # noqa: E402
+    QUALITY,
+    compare,
+    header,
+    parser,
+    publish,
+    quality,
+    side_by_side,
+    worker_argv,
+)
 
 
 def point(hidden: int, base: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
@@ -30,16 +39,45 @@ def point(hidden: int, base: argparse.Namespace) -> tuple[argparse.Namespace, di
     return args, compare(args, worker_argv(args))
 
 
+def reused(args: argparse.Namespace, res: dict) -> tuple[argparse.Namespace, dict]:
+    """A width measured by an earlier run, with the quality figures it lacks computed."""
+    if not args.no_quality and any(
+        k not in res[m].get("quality", {}) for m in ("evagraph", "peft") for k in QUALITY
+    ):
+        print(f"hidden {args.hidden}: quality ...", file=sys.stderr, flush=True)
+        for m, q in quality(args, res).items():
+            res[m]["quality"] = q
+    return args, res
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    # width-dependent fields and bookkeeping differ between rows of one run
+    skip = {"hidden", "heads", "intermediate", "widths", "resume", "json", "out", "title"}
+    return all(a.get(k) == v for k, v in b.items() if k not in skip)
+
+
 def main() -> None:
     p = parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.set_defaults(layers=2, batch=4, seq=128, r=8, rho=2.0, vocab=32000)
     p.add_argument("--widths", default="512,1024,2048,4096", help="hidden sizes to run")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the widths already in --json that were measured with the same settings "
+        "(computing any quality figures they lack)",
+    )
     base = p.parse_args()
+    done = {}
+    if base.resume and base.json and Path(base.json).exists():
+        for a, r in json.loads(Path(base.json).read_text()):
+            if _same_settings(a, vars(base)):
+                done[a["hidden"]] = (argparse.Namespace(**a), r)
     rows = []
     for h in base.widths.split(","):
-        rows.append(point(int(h), base))
+        rows.append(reused(*done[int(h)]) if int(h) in done else point(int(h), base))
         if base.json:  # each width as it finishes: a long run keeps what it measured
-            Path(base.json).write_text(json.dumps([[vars(a), r] for a, r in rows]))
+            kept = [w for h, w in done.items() if h not in {a.hidden for a, _ in rows}]
+            Path(base.json).write_text(json.dumps([[vars(a), r] for a, r in rows + kept]))
 
     model = (
         f"- model: Llama-style, {base.layers} layers, intermediate = 2.7 x hidden, heads = "
@@ -49,21 +87,10 @@ def main() -> None:
     )
     lines = [
         *header("Calibration over widths: evagraph vs PEFT", model),
-        "| hidden / inter. | method | wall s | forward passes | plain forwards s | x plain "
-        "| peak MB | sim. to PCA of rows seen | sim. to held-out PCA | PEFT / evagraph |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *side_by_side(
+            "hidden / inter.", [(f"{a.hidden} / {a.intermediate}", res) for a, res in rows]
+        ),
     ]
-    for args, res in rows:
-        speedup = res["peft"]["seconds"] / res["evagraph"]["seconds"]
-        for m in ("evagraph", "peft"):
-            r, q = res[m], res[m].get("quality", {})
-            seen, held = (f"{q[k]:.4f}" if k in q else "-" for k in ("seen", "heldout"))
-            lines.append(
-                f"| {args.hidden} / {args.intermediate} | {m} | {r['seconds']:.1f} "
-                f"| {r['forwards']} | {r['plain_seconds']:.1f} "
-                f"| {r['seconds'] / r['plain_seconds']:.2f} | {r['peak_mb']:.0f} | {seen} "
-                f"| {held} | {f'**{speedup:.1f}x**' if m == 'evagraph' else ''} |"
-            )
     publish(lines, base.out)
 
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a tiny model and write their tables (not timed)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -11,9 +12,10 @@ TINY = ["--hidden=32", "--intermediate=64", "--heads=2", "--layers=1", "--vocab=
 
 
 def run(script: str, *args: str) -> str:
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True,
-                   capture_output=True)  # fmt: skip
-    return ""
+    """Run a benchmark script; its stderr (the progress lines)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    return proc.stderr
 
 
 @pytest.mark.slow
@@ -24,11 +26,12 @@ def test_calibration_benchmark_writes_side_by_side_table(tmp_path):
     for row in ("| evagraph |", "| peft |", "| plain forward |"):
         assert row in text
     assert "evagraph vs PEFT" in text and "per-layer ranks equal" in text
-    # both quality figures are measured and are similarities in [0, 1]
+    # five similarities: to the seen and the held-out PCA at own and shared ranks, and the
+    # exact PCA of the rows seen against the held-out one
     for method in ("evagraph", "peft"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
         sims = [float(v) for v in re.findall(r"\| (0\.\d{4}|1\.0000) ", row)]
-        assert len(sims) == 2, row
+        assert len(sims) == 5, row
 
 
 @pytest.mark.slow
@@ -45,10 +48,20 @@ def test_rows_needed_benchmark_compares_with_held_out_pca(tmp_path):
 @pytest.mark.slow
 def test_scaling_benchmark_writes_a_row_per_method(tmp_path):
     out = tmp_path / "results.md"
-    run("scaling.py", "--widths=32", "--vocab=200", "--seq=16", "--batches=12", "--heldout=4",
-        f"--out={out}")  # fmt: skip
+    raw = tmp_path / "raw.json"
+    args = ["--widths=32", "--vocab=200", "--seq=16", "--batches=12", "--heldout=4",
+            f"--out={out}", f"--json={raw}"]  # fmt: skip
+    assert "running evagraph" in run("scaling.py", *args)
     text = out.read_text()
     assert "| 32 / 64 | evagraph |" in text and "| 32 / 64 | peft |" in text
+    # --resume reuses the measured width and computes only the quality it lacks
+    rows = json.loads(raw.read_text())
+    del rows[0][1]["peft"]["quality"]["heldout_common"]
+    raw.write_text(json.dumps(rows))
+    log = run("scaling.py", *args, "--resume")
+    assert "running" not in log and "quality ..." in log
+    assert "heldout_common" in json.loads(raw.read_text())[0][1]["peft"]["quality"]
+    assert out.read_text().count("| 32 / 64 | peft |") == 2
 
 
 @pytest.mark.slow
