@@ -28,7 +28,11 @@ def test_interrupted_compile_leaves_nothing(example, long_data, tmp_path, sig, c
     args = ["--data", str(long_data), "--batch-size", "1"]
     args += ["--min-batches", "100000"]
     cmd = [*evagraph_cmd(), "compile", str(example / "tiny_cnn.pt2"), *args, "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
+    # restore the default so that the test sees what Ctrl-C does, however pytest was started.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)  # fmt: skip
     # Wait until the progress bar has counted a few batches: we are mid-calibration.
     seen, started = bytearray(), threading.Event()
 
