@@ -12,22 +12,27 @@ import contextlib
 import copy
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .artifacts import attach_adapters
-from .config import AdapterSettings, CalibrationSettings, settings_from
+from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
 from .data import batch_failed, call_model, resolve_device, to_device
-from .errors import CaptureError, DataError
+from .errors import CaptureError, ConfigError, DataError
 from .lora import refuse_adapted
+from .onload import Onloader, ShardedCheckpoint, execution_device, has_offloaded_weights
 from .passes import incremental_svd
 from .passes.capture import capture
 from .passes.layer_graph import LayerGraph, build_layer_graph
+from .passes.partition import partition
 from .passes.probe import insert_probes
 from .passes.rewrite import init_adapters, layer_scaling
 from .passes.select import select_targets
+from .passes.sequential import calibrate_sequential
 from .report import LayerReport, Report
 from .state import EvaState
 
@@ -40,6 +45,62 @@ def _set_training(module: nn.Module, mode: bool) -> None:
 
 def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@dataclass
+class _Sequential:
+    """Block-by-block calibration (``passes.sequential``): how it runs.
+
+    max_bytes: bound on the weights resident at once (None: one block at a time). weights: the
+    checkpoint the model's meta-device weights are read from. work_dir / resume / fingerprint:
+    where the activations and progress live, and whether to continue the run saved there.
+    """
+
+    max_bytes: int | None = None
+    weights: ShardedCheckpoint | None = None
+    work_dir: Path | None = None
+    resume: bool = False
+    fingerprint: dict | None = None
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _plan(
+    model: nn.Module,
+    sequential: bool | None,
+    max_memory: str | int | None,
+    weights: str | Path | None,
+    work_dir: str | Path | None,
+    resume: bool,
+    fingerprint: dict | None = None,
+) -> _Sequential | None:
+    """Whole-graph (None) or block-by-block calibration, from the user's arguments and the
+    model: offloaded weights or a model over ``max_memory`` need block by block."""
+    max_bytes = parse_size(max_memory)
+    if resume and work_dir is None:
+        raise ConfigError("resume needs the work_dir the interrupted calibration used")
+    offloaded = has_offloaded_weights(model) or weights is not None
+    if sequential is None:
+        too_big = max_bytes is not None and _weight_bytes(model) > max_bytes
+        sequential = offloaded or too_big
+    elif not sequential and offloaded:
+        raise ConfigError(
+            "the model's weights are not all resident (meta device, accelerate offload or "
+            "a weights checkpoint): only block-by-block calibration can run it "
+            "(sequential=True, --sequential)"
+        )
+    if not sequential:
+        return None
+    return _Sequential(
+        max_bytes,
+        ShardedCheckpoint(weights) if weights is not None else None,
+        Path(work_dir) if work_dir is not None else None,
+        resume,
+        fingerprint,
+    )
 
 
 def _check_batch_fits(model: nn.Module, batch: Any, forward_fn: Callable | None) -> None:
@@ -58,8 +119,21 @@ def _calibrate(
     settings: CalibrationSettings,
     forward_fn: Callable[[nn.Module, Any], Any] | None,
     progress: bool,
-) -> tuple[EvaState, LayerGraph]:
-    dev = _model_device(work)
+    plan: _Sequential | None = None,
+    device: torch.device | None = None,
+) -> tuple[EvaState, LayerGraph | None]:
+    """The statistics of ``work`` on ``dataloader``: whole-graph, or block by block (``plan``)
+    on ``device``. Returns the state and, for whole-graph runs, the layer graph."""
+    if plan is not None and forward_fn is not None:
+        raise ConfigError(
+            "forward_fn cannot be used with block-by-block calibration: the blocks are called "
+            "with the graph's own inputs; pass batches the model takes as they are"
+        )
+    dev = device or _model_device(work)
+    if plan is not None:
+        dev = device or execution_device(work) or _model_device(work)
+        if dev.type == "meta":
+            dev = torch.device("cpu")
     batches = iter(dataloader)
     first = next(batches, None)
     if first is None:
@@ -70,37 +144,55 @@ def _calibrate(
     # Eval mode before capture: torch.export bakes the mode (dropout) into its graph.
     was_training = work.training
     _set_training(work, False)
-    try:
+    onloader = Onloader(work, dev, plan.weights) if plan is not None else None
+    with onloader.installed() if onloader is not None else contextlib.nullcontext():
         try:
-            captured = capture(work, first)
-        except CaptureError:
-            _check_batch_fits(work, first, forward_fn)
-            raise
-        if captured.method == "graph":
-            # A loaded .pt2 checks its input shapes in a hook of its own module, which the
-            # probed copy of its graph does not carry: run that check once, on the model.
-            _check_batch_fits(work, first, forward_fn)
-        if forward_fn is not None and captured.method == "export":
-            raise CaptureError(
-                "forward_fn needs a model torch.fx can trace; torch.export captures the model "
-                "as called with the batch itself (dict -> keyword arguments), so pass batches "
-                "in that form instead of a forward_fn"
-            )
-        layer_graph = build_layer_graph(captured.gm, work)
-        selection = select_targets(layer_graph, settings.targets, settings.exclude)
-        label_value = settings.label_mask_value if settings.use_label_mask else None
-        probed = insert_probes(layer_graph, selection, label_value)
-        calibration = incremental_svd.calibrate(
-            probed,
-            (to_device(b, dev) for b in itertools.chain([first], batches)),
-            settings,
-            forward_fn or call_model,
-            device=dev,
-            total=total,
-            progress=progress,
-        )
-    finally:
-        _set_training(work, was_training)
+            try:
+                captured = capture(work, first)
+            except CaptureError:
+                if plan is None:
+                    _check_batch_fits(work, first, forward_fn)
+                raise
+            if captured.method == "graph":
+                # A loaded .pt2 checks its input shapes in a hook of its own module, which
+                # the probed copy of its graph does not carry: run that check once, on the model.
+                _check_batch_fits(work, first, forward_fn)
+            if forward_fn is not None and captured.method == "export":
+                raise CaptureError(
+                    "forward_fn needs a model torch.fx can trace; torch.export captures the "
+                    "model as called with the batch itself (dict -> keyword arguments), so "
+                    "pass batches in that form instead of a forward_fn"
+                )
+            layer_graph = build_layer_graph(captured.gm, work)
+            selection = select_targets(layer_graph, settings.targets, settings.exclude)
+            label_value = settings.label_mask_value if settings.use_label_mask else None
+            probed = insert_probes(layer_graph, selection, label_value)
+            stream = (to_device(b, dev) for b in itertools.chain([first], batches))
+            if plan is None:
+                calibration = incremental_svd.calibrate(
+                    probed,
+                    stream,
+                    settings,
+                    forward_fn or call_model,
+                    device=dev,
+                    total=total,
+                    progress=progress,
+                )
+            else:
+                calibration = calibrate_sequential(
+                    probed,
+                    partition(probed, plan.max_bytes),
+                    stream,
+                    settings,
+                    onloader,
+                    device=dev,
+                    work_dir=plan.work_dir,
+                    resume=plan.resume,
+                    fingerprint=plan.fingerprint,
+                    progress=progress,
+                )
+        finally:
+            _set_training(work, was_training)
 
     state = EvaState(
         settings=settings.to_dict(),
@@ -117,7 +209,8 @@ def _calibrate(
         depth=dict(layer_graph.graph.nodes(data="depth")),
         capture=captured.method,
     )
-    return state, layer_graph
+    # The graph of a block-by-block run holds placeholders, not the model's weights.
+    return state, layer_graph if plan is None else None
 
 
 def _adapt(
@@ -126,10 +219,11 @@ def _adapt(
     settings: AdapterSettings,
     layer_graph: LayerGraph | None = None,
     example: Any = None,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, Report]:
     ranks = state.ranks(settings.budget, settings.rho)
     per_layer = {m: state.components[g] for m, g in state.layer_group.items()}
-    adapters = init_adapters(work, state.layers, ranks, per_layer, settings)
+    adapters = init_adapters(work, state.layers, ranks, per_layer, settings, device)
     was_training = work.training
     adapted = attach_adapters(work, adapters, example, state.source, layer_graph)
     _set_training(adapted, was_training)
@@ -181,6 +275,18 @@ def _adapt(
     return adapted, report
 
 
+_BLOCK_DOC = """
+    Block-by-block calibration (see README, "Models larger than memory") runs one block of
+    the graph at a time with only its weights resident: ``sequential=True`` forces it;
+    ``max_memory`` (bytes, or ``"600MB"``, ``"40GB"``) bounds the weights resident at once
+    and switches it on when the model's weights exceed it; models with weights on the meta
+    device (accelerate ``cpu_offload``/``disk_offload``/``device_map`` offload, or a skeleton
+    whose ``weights`` are a Hugging Face directory's safetensors) always use it. Activations
+    between blocks are kept in host memory, or in ``work_dir``, which also makes the run
+    resumable (``resume=True`` continues the run saved there from its last finished block).
+"""
+
+
 def calibrate(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -188,20 +294,36 @@ def calibrate(
     device: str | torch.device | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
+    sequential: bool | None = None,
+    max_memory: str | int | None = None,
+    weights: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
     **settings: Any,
 ) -> EvaState:
     """Run the calibration only: the statistics ``adapt`` turns into adapters (see transform).
 
     ``settings``: the fields of ``CalibrationSettings`` (budget, rho, tau, targets, exclude,
     max_steps, min_batches, use_label_mask, label_mask_value, statistic). The model is not
-    modified (if ``device`` differs from the model's, a copy is moved).
+    modified. If ``device`` differs from the model's, calibration runs block by block there:
+    each block's weights are moved for its turn, never the whole model.
     """
     refuse_adapted(model)
     (calibration,) = settings_from(settings, CalibrationSettings)
-    work = model
-    if device is not None and resolve_device(device) != _model_device(model):
-        work = copy.deepcopy(model).to(device)
-    return _calibrate(work, dataloader, calibration, forward_fn, progress)[0]
+    device = resolve_device(device) if device is not None else None
+    if device is not None and device != _model_device(model):
+        if sequential is False:
+            raise ConfigError(
+                f"device {device} is not where the model is ({_model_device(model)}): calibrate "
+                "moves one block at a time there (sequential); move the model yourself to "
+                "calibrate it whole on that device"
+            )
+        sequential = True
+    plan = _plan(model, sequential, max_memory, weights, work_dir, resume)
+    return _calibrate(model, dataloader, calibration, forward_fn, progress, plan, device)[0]
+
+
+calibrate.__doc__ += _BLOCK_DOC
 
 
 def adapt(
@@ -237,6 +359,12 @@ def transform(
     progress: bool = True,
     inplace: bool = False,
     return_state: bool = False,
+    sequential: bool | None = None,
+    max_memory: str | int | None = None,
+    weights: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    fingerprint: dict | None = None,
     **settings: Any,
 ) -> tuple[nn.Module, Report] | tuple[nn.Module, Report, EvaState]:
     """Return ``model`` with EVA-initialised LoRA adapters, and a report of what was done.
@@ -247,14 +375,23 @@ def transform(
     tau, alpha, targets, exclude, ...; see ``evagraph.config``). The model is copied first
     unless ``inplace``; calibration runs in eval mode on ``device`` (default: where the model
     is), and the adapted model is returned there. With ``return_state`` the statistics
-    (``EvaState``) come back as a third value.
+    (``EvaState``) come back as a third value. Block by block, the model stays where it is
+    and only each block's weights visit ``device``; adapters of layers whose weights are on
+    the meta device are created on accelerate's execution device, or the CPU.
     """
     refuse_adapted(model)
     calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device) if device is not None else None
+    plan = _plan(model, sequential, max_memory, weights, work_dir, resume, fingerprint)
     work = model if inplace else copy.deepcopy(model)
-    if device is not None:
+    if device is not None and plan is None:
         work.to(device)
-    state, layer_graph = _calibrate(work, dataloader, calibration, forward_fn, progress)
-    adapted, report = _adapt(work, state, adapter, layer_graph)
+    state, layer_graph = _calibrate(
+        work, dataloader, calibration, forward_fn, progress, plan, device
+    )
+    home = execution_device(work) or torch.device("cpu")
+    adapted, report = _adapt(work, state, adapter, layer_graph, device=home)
     return (adapted, report, state) if return_state else (adapted, report)
+
+
+transform.__doc__ += _BLOCK_DOC

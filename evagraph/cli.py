@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 import signal
 import sys
 import warnings
@@ -149,6 +150,25 @@ def main() -> None:
     default=None,
     help="Weights for a timm MODEL name (.safetensors or a torch state dict).",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Bound on the memory the model's weights may take at once (e.g. 600MB, 40GB). A "
+    "model over it is calibrated block by block (one transformer layer or CNN stage at a "
+    "time), a Hugging Face directory read from its safetensors one block at a time.",
+)
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Calibrate block by block whatever the model's size (see --max-memory).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted block-by-block calibration into the same OUTDIR from its "
+    "last finished block (its progress is kept next to OUTDIR, in .OUTDIR.evagraph-work).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def compile_cmd(ctx: click.Context, **opts) -> None:
@@ -187,13 +207,25 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
         raise click.ClickException(str(err)) from err
     except KeyboardInterrupt:
-        click.echo("evagraph: interrupted; nothing was written", err=True)
+        click.echo(f"evagraph: interrupted; nothing was written{_resumable(opts)}", err=True)
         sys.exit(130)
     except _Terminated:
-        click.echo("evagraph: terminated; nothing was written", err=True)
+        click.echo(f"evagraph: terminated; nothing was written{_resumable(opts)}", err=True)
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _work_dir(output: str) -> Path:
+    """Where a block-by-block calibration into ``output`` keeps its activations and progress."""
+    out = Path(output).absolute()
+    return out.parent / f".{out.name}.evagraph-work"
+
+
+def _resumable(opts: dict) -> str:
+    if (_work_dir(opts["output"]) / "progress.pt").is_file():
+        return "; the finished blocks are saved: run the same command with --resume to go on"
+    return ""
 
 
 class _Terminated(BaseException):
@@ -206,7 +238,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
-    force, quiet, fail_unconverged, trust_remote_code, settings,
+    force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
+    resume,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     from dataclasses import fields
@@ -215,9 +248,16 @@ def _compile(
 
     from .api import adapt, transform
     from .artifacts import save_adapter
-    from .config import AdapterSettings, CalibrationSettings, settings_from
+    from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
     from .data import load_calibration, resolve_device, to_device
-    from .io import atomic_directory, check_checkpoint, disk_errors, load_model, zip_target
+    from .io import (
+        atomic_directory,
+        check_checkpoint,
+        disk_errors,
+        hf_weight_bytes,
+        load_model,
+        zip_target,
+    )
     from .passes.capture import _first_line, export_program
     from .render import render_report
     from .state import EvaState
@@ -235,6 +275,27 @@ def _compile(
     else:
         settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device)
+    max_bytes = parse_size(max_memory, "--max-memory")
+    if state is not None and (max_bytes or sequential or resume):
+        raise ConfigError(
+            "--max-memory, --sequential and --resume are for calibration, not --state"
+        )
+    # A Hugging Face directory over the bound is never loaded whole: a skeleton on the meta
+    # device, its weights read from the directory one block at a time.
+    on_disk = hf_weight_bytes(model)
+    lazy = on_disk is not None and (sequential or resume or (max_bytes or on_disk) < on_disk)
+    if lazy and fmt in ("pt2", "pickle"):
+        raise ConfigError(
+            f"--format {fmt} writes the whole model, which block-by-block calibration of a "
+            "model directory never loads: use --format safetensors or peft (adapter files), "
+            "then apply them to the model where it fits"
+        )
+    work = _work_dir(output)
+    if resume and not (work / "progress.pt").is_file():
+        raise ConfigError(
+            f"--resume: no interrupted block-by-block calibration into {output} was found "
+            f"({work} holds no finished block)"
+        )
     check_checkpoint(model, checkpoint)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -242,8 +303,15 @@ def _compile(
         batches = load_calibration(data, batch_size) if data is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, lazy=lazy,
         )  # fmt: skip
+        block = {
+            "sequential": True if (sequential or resume) else None,
+            "max_memory": max_bytes,
+            "weights": model if lazy else None,
+            "work_dir": work,
+            "resume": resume,
+        }
         fmt = fmt or {"pt2": "pt2", "pickle": "pickle"}.get(kind, "safetensors")
         if fmt == "pt2" and batches is None:
             raise ConfigError("--format pt2 needs --data: the export traces one example batch")
@@ -254,7 +322,8 @@ def _compile(
                     warnings.simplefilter("error", ConvergenceWarning)
                 adapted, report, eva_state = transform(
                     module, batches, device=device, progress=not quiet, inplace=True,
-                    return_state=True, **settings,
+                    return_state=True, fingerprint=_fingerprint(model, data, batch_size, seed),
+                    **block, **settings,
                 )  # fmt: skip
         else:
             module.to(device)
@@ -290,12 +359,23 @@ def _compile(
 
                 save_peft(adapted, tmp)
                 written += ["adapter_config.json", "adapter_model.safetensors"]
+    shutil.rmtree(work, ignore_errors=True)  # the output is whole: nothing to resume
     n_adapted = sum(1 for layer in report.layers if layer.rank)
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+def _fingerprint(model: str, data: str, batch_size: int, seed: int) -> dict:
+    """What a resumed calibration must share with the interrupted one, besides settings."""
+
+    def stamp(path: str) -> list:
+        p = Path(path)
+        return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [path]
+
+    return {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
 
 
 @main.command("report")

@@ -10,6 +10,7 @@ validated on construction. The Python API takes their fields as keyword argument
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -167,3 +168,24 @@ def settings_from(
     return tuple(
         cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given}) for cls in classes
     )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_size(value: str | int | None, what: str = "max_memory") -> int | None:
+    """Bytes from ``600MB``, ``40GB``, ``1.5GiB`` or an int (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ConfigError(f"{what} must be a size such as 600MB, 40GB or 1.5GiB, got {value!r}")
+        size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return size

@@ -31,6 +31,7 @@ def load_model(
     allow_pickle: bool = False,
     checkpoint: str | Path | None = None,
     trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> tuple[nn.Module, str]:
     """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
 
@@ -41,12 +42,14 @@ def load_model(
     code while loading and so is refused unless ``allow_pickle`` (which also lets a ``.pt2``
     hold pickles the safe unpickler refuses).
     HF directories that ship their own modelling code (``auto_map``) need
-    ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``.
+    ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``. With ``lazy``,
+    a Hugging Face directory gives its model with every weight on the meta device (nothing
+    read): block-by-block calibration reads them from the directory one block at a time.
     """
     check_checkpoint(spec, checkpoint)
     path = Path(spec)
     if path.is_dir():
-        return _load_hf(path, allow_pickle, trust_remote_code), "hf"
+        return _load_hf(path, allow_pickle, trust_remote_code, lazy), "hf"
     if not path.exists():
         import timm
 
@@ -111,7 +114,18 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
     return obj
 
 
-def _load_hf(path: Path, allow_pickle: bool, trust_remote_code: bool) -> nn.Module:
+def hf_weight_bytes(path: str | Path) -> int | None:
+    """Bytes of a Hugging Face directory's safetensors weights (None: not such a directory)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        return None
+    files = list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def _load_hf(
+    path: Path, allow_pickle: bool, trust_remote_code: bool, lazy: bool = False
+) -> nn.Module:
     import transformers
 
     if not (path / "config.json").is_file():
@@ -138,6 +152,8 @@ def _load_hf(path: Path, allow_pickle: bool, trust_remote_code: bool) -> nn.Modu
             auto = next((k for k in auto_map if k.startswith("AutoModel")), "AutoModel")
             cls = getattr(transformers, auto)
         cls = cls or transformers.AutoModel
+        if lazy:
+            return _skeleton(cls, config).eval()
         # .bin weights are pickles: only with the same opt-in as whole-module pickles.
         model = cls.from_pretrained(
             path,
@@ -151,6 +167,22 @@ def _load_hf(path: Path, allow_pickle: bool, trust_remote_code: bool) -> nn.Modu
             + ("" if allow_pickle else " (safetensors weights are required without --allow-pickle)")
         ) from err
     return model.eval()
+
+
+def _skeleton(cls: type, config) -> nn.Module:
+    """The model of ``config`` with its weights on the meta device, in the config's dtype."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # buffers computed at init (rotary frequencies) stay real
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        for p in model.parameters():
+            if p.is_meta and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return model
 
 
 def _load_timm(name: str, checkpoint: str | Path | None) -> nn.Module:

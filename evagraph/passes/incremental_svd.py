@@ -58,11 +58,13 @@ class _Group:
     """One decomposition while calibrating: its statistic and what the loop knows of it."""
 
     layers: list[str]
-    stat: Statistic
+    stat: Statistic | None  # None before it is opened and after it is closed
+    final: Components | None = None  # set when closed: all that stays of a finished group
     components: torch.Tensor | None = None  # last estimate (k x d), on the device
     ratios: torch.Tensor | None = None  # last explained-variance ratios (k,), on the host
     component_ok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     seen: int = 0  # minibatches consumed
+    n_rows: int = 0  # rows seen, set when closed
     runs: list[list[int]] = field(default_factory=list)  # consumed minibatches, [start, stop)
 
     def consume(self, step: int) -> None:
@@ -77,23 +79,50 @@ class _Calibrator:
     """The loop's state between batches; ``calibrate`` drives it one named step at a time."""
 
     def __init__(
-        self, probed: ProbedGraph, settings: CalibrationSettings, device: torch.device
+        self,
+        probed: ProbedGraph,
+        settings: CalibrationSettings,
+        device: torch.device,
+        *,
+        lazy: bool = False,
+        all_components: bool = False,
     ) -> None:
+        """``lazy``: statistics exist only between ``open`` and ``close`` (block by block).
+        ``all_components``: a layer converges when every component with variance has
+        (instead of those its current allotment needs), so no allocation is needed."""
         self.probed, self.settings, self.device = probed, settings, device
-        k = settings.max_components
-        self.groups = {
-            g: _Group(layers, make_statistic(settings.statistic, probed.dims[g], k, device))
-            for g, layers in probed.groups.items()
-        }
+        self.all_components = all_components
+        self.groups = {g: _Group(layers, None) for g, layers in probed.groups.items()}
         self.layer_group = {m: g for g, grp in self.groups.items() for m in grp.layers}
         self.probe_groups: dict[str, list[str]] = {p: [] for p in probed.probes}
         for g, names in probed.group_probes.items():
             for p in names:
                 self.probe_groups[p].append(g)
-                probed.probes[p].sinks.append(self.groups[g].stat.update)
-        self.ranks = {m: self.groups[g].stat.k for m, g in self.layer_group.items()}
+        if not lazy:
+            for g in self.groups:
+                self.open(g)
+        k = settings.max_components
+        self.ranks = {m: min(k, probed.dims[g]) for m, g in self.layer_group.items()}
         self.converged_at: dict[str, int | None] = dict.fromkeys(self.layer_group)
         self._sliced: dict[frozenset, torch.nn.Module] = {}
+
+    def open(self, g: str) -> None:
+        """Create group ``g``'s statistic and feed it its probes' rows."""
+        k = self.settings.max_components
+        grp = self.groups[g]
+        grp.stat = make_statistic(self.settings.statistic, self.probed.dims[g], k, self.device)
+        for p in self.probed.group_probes[g]:
+            self.probed.probes[p].sinks.append(grp.stat.update)
+
+    def close(self, g: str) -> None:
+        """Finalise group ``g``: its components stay, its statistic and sinks go."""
+        grp = self.groups[g]
+        for p in self.probed.group_probes[g]:
+            sinks = self.probed.probes[p].sinks
+            sinks[:] = [s for s in sinks if getattr(s, "__self__", None) is not grp.stat]
+        grp.final = grp.stat.finalize()
+        grp.n_rows = int(round(float(grp.stat.count)))
+        grp.stat = None
 
     def active(self) -> list[str]:
         """Groups with an unconverged layer, in graph order."""
@@ -171,11 +200,17 @@ class _Calibrator:
         anything = any(self.ranks.values())
         for m, g in self.layer_group.items():
             grp = self.groups[g]
-            ok = grp.component_ok[: self.ranks[m]]
+            if grp.stat is None:  # not opened yet, or closed: its state is final
+                continue
+            need = self.ranks[m]
+            if self.all_components:  # components without variance are never allotted
+                need = int((grp.ratios > 0).sum()) if grp.ratios is not None else -1
+                anything = need > 0
+            ok = grp.component_ok[:need]
             now = (
                 anything
                 and grp.seen >= self.settings.min_batches
-                and len(ok) == self.ranks[m]
+                and len(ok) == need
                 and bool(ok.all())
             )
             if now != (self.converged_at[m] is not None):
@@ -183,7 +218,8 @@ class _Calibrator:
         if self.device.type != "cpu":  # memory follows the work
             active = set(self.active())
             for g, grp in self.groups.items():
-                grp.stat.to(self.device if g in active else "cpu")
+                if grp.stat is not None:
+                    grp.stat.to(self.device if g in active else "cpu")
 
     def detach(self) -> None:
         for probe in self.probed.probes.values():
@@ -256,7 +292,10 @@ def _forward(module: torch.nn.Module, batch: Any, forward: Callable, step: int) 
 def _finish(run: _Calibrator, steps: int) -> Calibration:
     """Final components (solved tightly), and the errors and warnings about what was seen."""
     settings = run.settings
-    final = {g: grp.stat.finalize() for g, grp in run.groups.items()}
+    for g, grp in run.groups.items():
+        if grp.stat is not None:
+            run.close(g)
+    final = {g: grp.final for g, grp in run.groups.items()}
     ok = {m: at is not None for m, at in run.converged_at.items()}
     # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
     # the average rank, which is a data problem, not a degenerate statistic. Groups that
@@ -264,8 +303,7 @@ def _finish(run: _Calibrator, steps: int) -> Calibration:
     few = {
         g: n
         for g, grp in run.groups.items()
-        if (n := int(round(float(grp.stat.count)))) <= settings.budget
-        and not all(ok[m] for m in grp.layers)
+        if (n := grp.n_rows) <= settings.budget and not all(ok[m] for m in grp.layers)
     }
     if few:
         g, n = min(few.items(), key=lambda item: item[1])
@@ -294,7 +332,7 @@ def _finish(run: _Calibrator, steps: int) -> Calibration:
         )
     flags = {}
     for g, grp in run.groups.items():
-        k = grp.stat.k
+        k = min(settings.max_components, run.probed.dims[g])
         flags[g] = torch.zeros(k, dtype=torch.bool)
         flags[g][: len(grp.component_ok)] = grp.component_ok[:k]
     return Calibration(

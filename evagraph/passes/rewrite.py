@@ -56,11 +56,13 @@ def init_adapters(
     ranks: Mapping[str, int],
     components: Mapping[str, Components],
     settings: AdapterSettings,
+    meta_device: torch.device | None = None,
 ) -> dict[str, LoraAdapter]:
     """EVA initialisation: an adapter per layer with rank > 0 (A = top components, B = 0).
 
-    ``model`` holds the base weights (read for their device and dtype); ``components`` maps
-    each layer to its decomposition.
+    ``model`` holds the base weights (read for their device and dtype; weights on the meta
+    device, which are not resident, put their adapter on ``meta_device``, default CPU);
+    ``components`` maps each layer to its decomposition.
     """
     adapters: dict[str, LoraAdapter] = {}
     for name, rank in ranks.items():
@@ -73,7 +75,10 @@ def init_adapters(
             A = A / stats.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
         _, scale = layer_scaling(rank, settings)
         adapters[name] = LoraAdapter.build(
-            A.to(device=weight.device, dtype=_adapter_dtype(weight)),
+            A.to(
+                device=(meta_device or torch.device("cpu")) if weight.is_meta else weight.device,
+                dtype=_adapter_dtype(weight),
+            ),
             layer.out_features,
             layer.conv,
             scale,
