@@ -138,7 +138,10 @@ def _partition_of(model, example, max_bytes=None):
 
 def test_blocks_are_the_repeated_layers():
     part = _partition_of(_llama(3), _tokens(1)[0])
-    assert [b.key for b in part.blocks] == [f"model.layers.{i}" for i in range(3)]
+    # The embedding (weights before the first numbered layer) is a block of its own.
+    assert [b.key for b in part.blocks] == ["model.embed_tokens"] + [
+        f"model.layers.{i}" for i in range(3)
+    ]
     # The last block holds a probe; the lm_head (not before any probe) is not run.
     assert part.blocks[-1].probes
     assert not any("lm_head" in w for b in part.blocks for w in b.weights)
@@ -279,3 +282,89 @@ def test_converged_blocks_stop_consuming_and_all_components_converge():
             # Every component with variance converged, not only an allotment's.
             assert bool(flags[: int((ratios > 0).sum())].all()) and len(flags) <= k
     assert any(runs[-1][1] < 12 for runs in state.batches.values())
+
+
+def _cli(*args, cwd):
+    import subprocess
+
+    from conftest import evagraph_cmd
+
+    return subprocess.run(
+        [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_compiles_a_model_directory_over_max_memory(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _llama(3)
+    model.save_pretrained(tmp_path / "llama")
+    on_disk = (tmp_path / "llama" / "model.safetensors").stat().st_size
+    save_file({"input_ids": torch.randint(0, 64, (16, 12))}, tmp_path / "tokens.safetensors")
+    common = ["--data", "tokens.safetensors", "--batch-size", "4", "--quiet", "--tau", "1"]
+    bound = f"{on_disk // 3}B"  # the model is 3x the bound
+    proc = _cli("compile", "llama", *common, "--max-memory", bound, "-o", "block", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    whole = _cli("compile", "llama", *common, "-o", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    a, b = (
+        load_file(tmp_path / "block/adapter.safetensors"),
+        load_file(tmp_path / "whole/adapter.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for k in a:  # the same rows (tau = 1: every batch), the same adapters
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert not (tmp_path / ".block.evagraph-work").exists()  # removed once the output is whole
+    # The whole model cannot be written from a directory that was never loaded.
+    proc = _cli(
+        "compile", "llama", *common, "--max-memory", bound, "--format", "pt2", "-o", "x",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--format pt2 writes the whole model" in proc.stderr
+    proc = _cli("compile", "llama", *common, "--resume", "-o", "y", cwd=tmp_path)
+    assert proc.returncode != 0 and "--resume: no interrupted" in proc.stderr
+    proc = _cli("compile", "llama", *common, "--max-memory", "lots", "-o", "z", cwd=tmp_path)
+    assert proc.returncode != 0 and "--max-memory must be a size" in proc.stderr
+
+
+# Runs the CLI with a SIGTERM (as a scheduler's time limit sends) raised when block 2 starts.
+_TERMINATED_AT_BLOCK_2 = """
+import os, signal, sys
+import evagraph.passes.sequential as s
+real = s._calibrate_block
+def block(run, part, b, *args):
+    if b == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(run, part, b, *args)
+s._calibrate_block = block
+from evagraph.cli import main
+sys.argv = ["evagraph", *sys.argv[1:]]
+main()
+"""
+
+
+def test_cli_resume_after_sigterm_gives_the_same_adapters(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    _llama(4).save_pretrained(tmp_path / "llama")
+    save_file({"input_ids": torch.randint(0, 64, (16, 12))}, tmp_path / "tokens.safetensors")
+    common = ["llama", "--data", "tokens.safetensors", "--batch-size", "4", "--sequential"]
+    common += ["--quiet"]
+    full = _cli("compile", *common, "-o", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    cut = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_AT_BLOCK_2, "compile", *common, "-o", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cut.returncode == 143, cut.stderr
+    assert "run the same command with --resume" in cut.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.evagraph-work").is_dir()
+    resumed = _cli("compile", *common, "--resume", "-o", "out", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "out/adapter.safetensors")
+    b = load_file(tmp_path / "full/adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".out.evagraph-work").exists()

@@ -11,7 +11,8 @@ Blocks come from the graph, not from architecture names: every node is keyed by 
 parameters it reads, and a key is a parameter's path up to its first numbered component
 (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``, ``stages.1.blocks.0.conv``
 -> ``stages.1``): the repeated layers of a transformer, the stages of a CNN. Nodes that read
-no numbered parameter (the embedding, a final norm, masks) join the block in progress. A
+no numbered parameter (a final norm, masks) join the block in progress, except that
+weights before the first numbered block (an embedding) are a block of their own. A
 block whose weights exceed ``max_bytes`` is cut again at the next numbered component
 (``stages.1.blocks.0``). Weight references (``get_attr``) are copied into every block that
 reads them rather than passed between blocks.
@@ -104,9 +105,13 @@ def _segments(
     for node in nodes:
         key = _node_key(gm, node, level)
         if key is not None and key != segments[-1][0]:
-            if segments[-1][0] is None:  # glue before the first keyed node joins its block
-                segments[-1] = (key, segments[-1][1])
-            else:
+            glue = segments[-1][1]
+            if segments[-1][0] is None and not _segment_weights(gm, glue):
+                segments[-1] = (key, glue)  # weightless glue (masks, positions) joins the block
+            else:  # a glue with weights (an embedding) is a block of its own
+                if segments[-1][0] is None:
+                    label = _segment_weights(gm, glue)[0].rpartition(".")[0]
+                    segments[-1] = (label or None, glue)
                 segments.append((key, []))
         segments[-1][1].append(node)
     return [s for s in segments if s[1]]
