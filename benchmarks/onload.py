@@ -24,6 +24,8 @@ from pathlib import Path
 
 
 def _rss_mb() -> float:
+    # ru_maxrss survives exec: a child of a large parent would report the parent's peak, so
+    # the parent stays small (the model is built in a process of its own).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
@@ -57,8 +59,8 @@ def child(args: argparse.Namespace) -> None:
         "--batch-size", "4", "--max-steps", str(args.steps), "--budget", "8", "--force",
         "--device", "cpu",
     ]  # fmt: skip
-    if args.max_memory:
-        argv += ["--max-memory", args.max_memory]
+    if args.bound:
+        argv += ["--max-memory", args.bound]
     start = time.perf_counter()
     try:
         main.main(args=argv, standalone_mode=False)
@@ -71,7 +73,7 @@ def _run(mode: str, model: Path, data: Path, out: Path, steps: int, max_memory: 
     cmd = [sys.executable, __file__, "--child", "--model", str(model), "--data", str(data)]
     cmd += ["--out", str(out), "--steps", str(steps)]
     if mode == "block":
-        cmd += ["--max-memory", max_memory]
+        cmd += ["--bound", max_memory]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -145,6 +147,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--project", action="store_true", help="only the 8B / 70B projection")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bound", default=None, help=argparse.SUPPRESS)  # the child's --max-memory
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -154,8 +158,18 @@ def main() -> None:
     if args.project:
         print("\n".join(projection()))
         return
+    if args.make:
+        make(args.workdir, args.hidden, args.intermediate, args.layers, args.vocab)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = make(args.workdir, args.hidden, args.intermediate, args.layers, args.vocab)
+    sizes = ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate)]
+    sizes += ["--layers", str(args.layers), "--vocab", str(args.vocab)]
+    built = subprocess.run(
+        [sys.executable, __file__, "--make", "--workdir", str(args.workdir)] + sizes
+    )
+    if built.returncode:
+        raise SystemExit("building the model failed")
+    model = args.workdir / "llama"
     on_disk = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
     rows = {}
     for mode in ("whole", "block"):

@@ -9,7 +9,6 @@ statistics depend on) and ``AdapterSettings`` (what turns them into adapters), i
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from .artifacts import attach_adapters
 from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
 from .data import batch_failed, call_model, resolve_device, to_device
 from .errors import CaptureError, ConfigError, DataError
-from .lora import refuse_adapted
+from .lora import refuse_adapted, share_weights_copy
 from .onload import Onloader, ShardedCheckpoint, execution_device, has_offloaded_weights
 from .passes import incremental_svd
 from .passes.capture import capture
@@ -340,13 +339,14 @@ def adapt(
     adjust_scaling_factors, whiten, dropout); budget and rho default to the calibration's,
     and ``round(budget * rho)`` may not exceed the components the state holds. The state's
     layers must be the model's (same names, kinds and shapes). ``example`` (one batch) is
-    needed only if a layer is an op in a graph and the model is not a GraphModule.
+    needed only if a layer is an op in a graph and the model is not a GraphModule. The
+    result shares the model's weights (see ``transform``).
     """
     refuse_adapted(model)
     defaults = {k: state.settings[k] for k in ("budget", "rho") if k in state.settings}
     (adapter,) = settings_from(settings, AdapterSettings, defaults=defaults)
     state.check_model(model)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else share_weights_copy(model)
     return _adapt(work, state, adapter, example=example)
 
 
@@ -372,18 +372,24 @@ def transform(
     ``dataloader`` yields calibration batches: a tensor, a tuple/list of positional inputs, or
     a dict of keyword inputs (``forward_fn(model, batch)`` overrides how a batch is called).
     ``settings``: the fields of ``CalibrationSettings`` and ``AdapterSettings`` (budget, rho,
-    tau, alpha, targets, exclude, ...; see ``evagraph.config``). The model is copied first
-    unless ``inplace``; calibration runs in eval mode on ``device`` (default: where the model
-    is), and the adapted model is returned there. With ``return_state`` the statistics
-    (``EvaState``) come back as a third value. Block by block, the model stays where it is
-    and only each block's weights visit ``device``; adapters of layers whose weights are on
-    the meta device are created on accelerate's execution device, or the CPU.
+    tau, alpha, targets, exclude, ...; see ``evagraph.config``). Calibration runs in eval mode
+    on ``device`` (default: where the model is), and the adapted model is returned there. With
+    ``return_state`` the statistics (``EvaState``) come back as a third value. Block by block,
+    the model stays where it is and only each block's weights visit ``device``; adapters of
+    layers whose weights are on the meta device are created on accelerate's execution device,
+    or the CPU.
+
+    No weight is copied: the adapters are spliced into a copy of the module tree that shares
+    the model's base weights (frozen in the copy; the model's own parameters keep their
+    ``requires_grad``; see ``lora.share_weights_copy``), so the model is left as it was. Only
+    a ``device`` other than the model's puts new tensors there. ``inplace=True`` splices into
+    the model's own module tree instead.
     """
     refuse_adapted(model)
     calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device) if device is not None else None
     plan = _plan(model, sequential, max_memory, weights, work_dir, resume, fingerprint)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else share_weights_copy(model)
     if device is not None and plan is None:
         work.to(device)
     state, layer_graph = _calibrate(

@@ -3,12 +3,11 @@
 The adapter is two files in a directory: ``adapter.safetensors`` (``{layer}.lora_A.weight``,
 ``{layer}.lora_B.weight``) and ``adapter.json``, a manifest with each layer's kind, rank,
 alpha, scaling, dropout, shapes and conv geometry, from which ``apply_adapter`` rebuilds the
-adapters on a fresh copy of the base model.
+adapters on a base model.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .io import disk_errors, zip_target
-from .lora import LoraAdapter, adapter_state_dict, refuse_adapted
+from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights_copy
 from .passes.capture import capture, export_program
 from .passes.layer_graph import (
     ConvSpec,
@@ -112,17 +111,18 @@ def _adapter_from(entry: _Entry, A: torch.Tensor, B: torch.Tensor) -> LoraAdapte
 def apply_adapter(
     model: nn.Module, path: str | Path, *, example: Any = None, inplace: bool = False
 ) -> nn.Module:
-    """Re-apply a saved adapter (directory from ``save_adapter``) to a copy of the base model.
+    """Re-apply a saved adapter (directory from ``save_adapter``) to the base model.
 
     Layers are found by name: modules are wrapped, as ``transform`` does. When a layer is an
     op in a graph rather than a module (a loaded ``.pt2``), the graph is rewritten; a model
     that is not a GraphModule then needs ``example`` (one batch) to be captured. A model that
     already carries adapters, or whose layers differ from the adapter's (kind, widths, conv
-    geometry), is refused.
+    geometry), is refused. As in ``transform``, the result shares the model's weights
+    (``inplace=True``: the model's own module tree is adapted).
     """
     refuse_adapted(model)
     adapters = load_adapters(path)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else share_weights_copy(model)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     adapters = {name: a.to(device) for name, a in adapters.items()}
     return attach_adapters(work, adapters, example, source=f"adapter {path}")

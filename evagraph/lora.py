@@ -8,8 +8,10 @@ exactly the patch vectors the base kernel sees.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,6 +119,46 @@ class LoraLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base_layer"), name)
+
+
+def _alias(p: nn.Parameter) -> nn.Parameter:
+    # A Parameter object of its own over p's storage (as Parameter.__deepcopy__ builds one,
+    # minus the clone): requires_grad, .grad and Module.to (which sets .data) stay per model.
+    alias = type(p)(p.detach(), p.requires_grad)
+    alias.__dict__.update(vars(p))
+    return alias
+
+
+def share_weights_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that copies no weight: its tensors are the input's.
+
+    Each parameter becomes a Parameter object of its own over the same storage (equal
+    ``data_ptr``; tied weights stay tied), so freezing the copy's base weights, their
+    gradients and ``.to()`` on the copy leave the input's parameters as they were. Their
+    values are shared, so nothing may write into them in place: evagraph never does (``merge``
+    makes new tensors) and training the adapters leaves the frozen base alone. Buffers and
+    tensors held in module attributes (caches, e.g. timm LeViT's attention biases, which are
+    no graph leaves, so deepcopy refuses them) are the input's own objects, except
+    normalisation running statistics: a forward in train mode updates those in place, which
+    would change the input's, so they are copied (they are small).
+    """
+    memo: dict[int, Any] = {}  # deepcopy returns what the memo holds instead of copying
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = _alias(p)
+        if not isinstance(module, nn.modules.batchnorm._NormBase):
+            memo.update((id(b), b) for b in module._buffers.values() if b is not None)
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, dict):
+                value = list(value.values())
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    memo.setdefault(id(t), t)
+    return copy.deepcopy(model, memo)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

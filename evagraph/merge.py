@@ -1,13 +1,18 @@
 """Merge LoRA into the base weights (a plain model for deployment), and undo it.
 
-``merge`` returns a copy of an adapted model with every adapter folded into its base
-weight (``W += scale * B A``; transposed for HF Conv1D; reshaped to a kernel for convs, which
-is exact because B is 1x1 and A has the base conv's geometry) and the LoRA modules removed:
-the model's own class, identical outputs. ``unmerge`` takes such a merged model and the
-adapters (the adapted model, or a directory from ``save_adapter``), subtracts the deltas and
-splices the adapters back in, so training can go on. ``merge`` marks its result with the
-adapters it folded in (attribute ``MERGED``), so that ``unmerge`` can refuse a model that
-never held them: subtracting deltas from a base model would silently corrupt it.
+``merge`` returns an adapted model with every adapter folded into its base weight (``W +
+scale * B A``; transposed for HF Conv1D; reshaped to a kernel for convs, which is exact because
+B is 1x1 and A has the base conv's geometry) and the LoRA modules removed: a plain model of the
+model's own class, identical outputs. ``unmerge`` takes such a merged model and the adapters (the
+adapted model, or a directory from ``save_adapter``), subtracts the deltas and splices the
+adapters back in, so training can go on. ``merge`` marks its result with the adapters it
+folded in (attribute ``MERGED``), so that ``unmerge`` can refuse a model that never held them:
+subtracting deltas from a base model would silently corrupt it.
+
+Neither copies the model's weights nor writes into them: the result is a new module tree
+(``share_weights_copy``) over the input's weights, in which each folded layer gets a new
+weight tensor. A weight tied to a layer without an adapter is untied by this: that layer keeps
+the old weight, which is what it computed with in the adapted model.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from torch import nn
 
 from .artifacts import attach_adapters, check_adapters, load_adapters
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer, refuse_adapted
+from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
 
 # Attribute of a merged model: the names of the layers whose adapters were folded into it.
 MERGED = "evagraph_merged"
 
 
 @torch.no_grad()
-def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float, folded: dict[int, str]) -> None:
+def _fold(
+    owner: nn.Module, attr: str, adapter: LoraAdapter, sign: float, folded: dict[int, str]
+) -> None:
+    """Set ``owner.attr`` to a new Parameter ``W + sign * delta``: W is shared with the model
+    merge/unmerge was given, so it is replaced, never written."""
+    weight = getattr(owner, attr)
     # Layers with tied weights (one Parameter) have one adapter each; one weight cannot hold
     # both deltas, and folding both would change every such layer by the sum of them.
     if id(weight) in folded:
@@ -44,12 +54,24 @@ def _fold(weight: torch.Tensor, adapter: LoraAdapter, sign: float, folded: dict[
             f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base weight "
             f"{adapter.base_weight} {tuple(weight.shape)}"
         )
-    weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+    new = (weight.float() + sign * delta).to(weight.dtype)
+    setattr(owner, attr, nn.Parameter(new, requires_grad=weight.requires_grad))
+
+
+def _fold_at(model: nn.Module, adapter: LoraAdapter, sign: float, folded: dict[int, str]) -> None:
+    """``_fold`` into the parameter ``adapter.base_weight`` names in ``model``."""
+    model.get_parameter(adapter.base_weight)  # AttributeError unless it is one
+    owner, _, attr = adapter.base_weight.rpartition(".")
+    _fold(model.get_submodule(owner), attr, adapter, sign, folded)
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model`` with every LoRA adapter folded into its base weight."""
-    merged = copy.deepcopy(model)
+    """``model`` with every LoRA adapter folded into its base weight, as a plain model.
+
+    A new module tree: the weights of layers without an adapter are ``model``'s own (shared,
+    not copied), each folded layer gets a new weight; ``model`` is left as it was.
+    """
+    merged = share_weights_copy(model)
     found, folded = False, {}
     names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
@@ -58,7 +80,7 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             found = True
             if id(module) not in unwrapped:
-                _fold(module.base_layer.weight, module.lora, +1.0, folded)
+                _fold(module.base_layer, "weight", module.lora, +1.0, folded)
                 unwrapped.add(id(module))
                 names.add(module.lora.layer_name)
             parent_name, _, child = name.rpartition(".")
@@ -71,7 +93,7 @@ def merge(model: nn.Module) -> nn.Module:
             if not isinstance(adapter, LoraAdapter):
                 continue
             found = True
-            _fold(merged.get_parameter(adapter.base_weight), adapter, +1.0, folded)
+            _fold_at(merged, adapter, +1.0, folded)
             names.add(adapter.layer_name)
             for add in list(node.users):  # y + lora(x)  ->  y
                 if add.target is operator.add:
@@ -94,7 +116,7 @@ def unmerge(
     *,
     assume_merged: bool = False,
 ) -> nn.Module:
-    """Undo ``merge``: subtract the adapters' deltas from a copy of ``merged``, re-splice them.
+    """Undo ``merge``: subtract the adapters' deltas from ``merged``'s weights, re-splice them.
 
     ``adapters``: the adapted model the merge came from, or a ``save_adapter`` directory.
     ``example``: one batch, needed only when ``merged`` is a model that must be captured to
@@ -108,6 +130,9 @@ def unmerge(
     keeps only its graph's attributes) has lost it: pass ``assume_merged=True`` to vouch that
     it does hold exactly these adapters' deltas. Every adapter must also fit its layer of
     ``merged`` (``ModelLoadError`` otherwise).
+
+    As ``merge``, a new module tree over ``merged``'s weights: only the layers that get an
+    adapter back get new weight tensors, ``merged`` is left as it was.
     """
     refuse_adapted(merged)
     if isinstance(adapters, nn.Module):
@@ -135,11 +160,11 @@ def unmerge(
                 f"layer(s) {', '.join(diff)})"
             )
     check_adapters(merged, found, source)  # before any weight is changed
-    work = copy.deepcopy(merged)
+    work = share_weights_copy(merged)
     work.__dict__.pop(MERGED, None)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     folded: dict[int, str] = {}
     for adapter in found.values():
         adapter.to(device)
-        _fold(work.get_parameter(adapter.base_weight), adapter, -1.0, folded)
+        _fold_at(work, adapter, -1.0, folded)
     return attach_adapters(work, found, example, source=source)

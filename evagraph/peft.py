@@ -10,7 +10,6 @@ evagraph's A and B copied in, ``save_pretrained``), so the format is PEFT's own.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer, refuse_adapted
+from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import _layer_of_module, _module_layer
 
 
@@ -33,8 +32,9 @@ def _peft():
 
 
 def unwrap(adapted: nn.Module) -> nn.Module:
-    """A copy of ``adapted`` with each LoraLayer replaced by its base layer (no merging)."""
-    base = copy.deepcopy(adapted)
+    """``adapted`` with each LoraLayer replaced by its base layer (no merging), as a new module
+    tree over the same base weights (``share_weights_copy``): nothing is copied."""
+    base = share_weights_copy(adapted)
     for name, module in list(base.named_modules()):
         if isinstance(module, LoraLayer):
             parent, _, child = name.rpartition(".")
@@ -82,7 +82,7 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
 
 @torch.no_grad()
 def to_peft(adapted: nn.Module) -> nn.Module:
-    """A ``peft.PeftModel`` over a copy of the base model, carrying ``adapted``'s adapters."""
+    """A ``peft.PeftModel`` carrying ``adapted``'s adapters over its base weights (shared)."""
     peft = _peft()
     config = peft_config_for(adapted)
     peft_model = peft.get_peft_model(unwrap(adapted), config)
@@ -115,8 +115,8 @@ def from_peft_eva_state_dict(
     """Adapters from an ``eva_state_dict`` that PEFT produced (``peft.get_eva_state_dict``).
 
     Each entry is a layer's ``A`` (rank x d, already truncated to its rank); B starts at zero
-    and the scale follows PEFT's (``budget`` is PEFT's ``r``). Returns an adapted copy of
-    ``model`` (PEFT's ``prefix`` is stripped from the names).
+    and the scale follows PEFT's (``budget`` is PEFT's ``r``). Returns ``model`` adapted, as a
+    new module tree sharing its weights (PEFT's ``prefix`` is stripped from the names).
     """
     from .config import AdapterSettings
     from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
@@ -125,7 +125,7 @@ def from_peft_eva_state_dict(
     settings = AdapterSettings(
         budget=budget, alpha=alpha, adjust_scaling_factors=adjust_scaling_factors, dropout=dropout
     )
-    work = copy.deepcopy(model)
+    work = share_weights_copy(model)
     adapters = {}
     for key, A in eva_state_dict.items():
         name = key[len(prefix) :] if key.startswith(prefix) else key

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,25 @@ def loras(model: nn.Module) -> dict:
     from evagraph.lora import LoraAdapter
 
     return {m.layer_name: m for m in model.modules() if isinstance(m, LoraAdapter)}
+
+
+def assert_shares(model: nn.Module, derived: nn.Module, new: Iterable[str] = ()) -> None:
+    """Every base weight of ``derived`` (LoRA's left out, named as in the un-adapted model) is
+    ``model``'s of that name, in the same storage, except those named in ``new``: new tensors.
+    """
+    from evagraph.lora import LoraAdapter
+
+    def base(m: nn.Module) -> dict[str, torch.Tensor]:
+        lora = {id(p) for a in m.modules() if isinstance(a, LoraAdapter) for p in a.parameters()}
+        return {
+            n.replace(".base_layer", ""): p
+            for n, p in m.named_parameters(remove_duplicate=False)
+            if id(p) not in lora and not {"lora_A", "lora_B"} & set(n.split("."))
+        }
+
+    original, new = base(model), set(new)
+    derived_weights = base(derived)
+    assert derived_weights and new <= set(derived_weights)
+    for name, p in derived_weights.items():
+        same = p.data_ptr() == original[name].data_ptr()
+        assert same != (name in new), f"{name}: {'shared' if same else 'copied'}"

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import SharedMLP, assert_shares, quiet
 from test_models import build, call
 
 import evagraph
@@ -62,8 +63,6 @@ def test_adapter_reapplies_to_fresh_base(tmp_path, source, name):
 
 
 def test_adapter_reapplies_to_a_graph(tmp_path):
-    from conftest import SharedMLP
-
     model = SharedMLP().eval()
     x = torch.randn(4, 16)
     program = torch.export.export(model, (x,))
@@ -73,5 +72,22 @@ def test_adapter_reapplies_to_a_graph(tmp_path):
     assert report.rewrite == "graph"
     train_b(adapted)
     evagraph.save_adapter(adapted, tmp_path / "a")
-    reapplied = evagraph.apply_adapter(program.module(), tmp_path / "a")
+    base = program.module()
+    reapplied = evagraph.apply_adapter(base, tmp_path / "a")
+    assert_shares(base, reapplied)
     torch.testing.assert_close(reapplied(x), adapted(x))
+
+
+def test_adapter_reapplies_without_copying_weights(tmp_path):
+    x = torch.randn(4, 16)
+    adapted, _ = quiet(evagraph.transform, SharedMLP().eval(), [x, x + 1, x * 2], progress=False)
+    train_b(adapted)
+    evagraph.save_adapter(adapted, tmp_path / "a")
+    fresh = SharedMLP().eval()
+    with torch.no_grad():
+        before = fresh(x)
+    reapplied = evagraph.apply_adapter(fresh, tmp_path / "a")
+    assert_shares(fresh, reapplied)
+    assert all(p.requires_grad for p in fresh.parameters())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), before) and not torch.allclose(reapplied(x), before)

@@ -100,6 +100,28 @@ def test_peft_export_refuses_what_peft_cannot_express():
         evagraph.to_peft(adapted)
 
 
+def test_peft_conversions_copy_no_weight():
+    from conftest import SharedMLP, assert_shares
+    from test_artifacts import train_b
+
+    model = SharedMLP().eval()
+    x = torch.randn(8, 16)
+    adapted, _ = quiet(evagraph.transform, model, [x, x * 2, x + 1], budget=2, progress=False)
+    train_b(adapted)
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        expected = adapted(x)
+        peft_model = evagraph.to_peft(adapted)
+        assert_shares(adapted, peft_model.base_model.model)
+        torch.testing.assert_close(peft_model(x), expected)
+        assert torch.equal(adapted(x), expected)
+    assert [n for n, p in adapted.named_parameters() if p.requires_grad] == trainable
+    A = torch.linalg.qr(torch.randn(16, 2))[0].T
+    imported = evagraph.from_peft_eva_state_dict(model, {"base_model.model.q": A}, budget=2)
+    assert_shares(model, imported)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def zipf_batches(vocab, n=60, batch=4, length=32, seed=0, pad=False):
     """Token batches with a Zipf-like distribution, as text has (some tokens far more common)."""
     g = torch.Generator().manual_seed(seed)

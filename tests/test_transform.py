@@ -1,14 +1,27 @@
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import SharedMLP, SmallCNN, exact_pca, loras, subspace_similarity
+from conftest import (
+    ROOT,
+    SharedMLP,
+    SmallCNN,
+    assert_shares,
+    exact_pca,
+    loras,
+    quiet,
+    subspace_similarity,
+)
 from torch import nn
 
 import evagraph
-from evagraph.lora import LoraAdapter
+from evagraph.lora import LoraAdapter, share_weights_copy
 from evagraph.passes.capture import capture
 from evagraph.passes.layer_graph import build_layer_graph
 from evagraph.passes.probe import activation_rows, insert_probes
@@ -211,6 +224,101 @@ def test_functional_linear_on_a_plain_parameter():
     with torch.no_grad():
         torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
     check_trains(model, adapted, batches[0])
+
+
+class Cached(nn.Module):
+    """Tied weights, a BatchNorm, a buffer, and a tensor cached in a dict (not a graph leaf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.b.weight = self.a.weight
+        self.register_buffer("offset", torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = self.a.weight * 2
+        return self.bn(self.b(x) + x @ self.cache["w"].T + self.offset)
+
+
+def test_share_weights_copy_shares_every_weight():
+    model = Cached().eval()
+    x = torch.randn(4, 8)
+    model(x)
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)  # what timm's LeViT does to deepcopy after a forward
+    twin = share_weights_copy(model)
+    assert twin.b.weight is twin.a.weight and twin.a.weight is not model.a.weight
+    assert [p.data_ptr() for p in twin.parameters()] == [p.data_ptr() for p in model.parameters()]
+    assert twin.offset is model.offset and twin.cache["w"] is model.cache["w"]
+    twin.train()(x)  # running statistics are the copy's own
+    assert torch.equal(model.bn.running_mean, torch.zeros(8)) and model.bn.num_batches_tracked == 0
+    twin.requires_grad_(False).double()  # flags and device/dtype moves stay the copy's
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert twin.b.weight is twin.a.weight and twin.a.weight.dtype == torch.float64
+
+    gm = fx.symbolic_trace(SharedMLP())
+    gm_twin = share_weights_copy(gm)
+    assert isinstance(gm_twin, fx.GraphModule) and gm_twin.graph is not gm.graph
+    assert [p.data_ptr() for p in gm_twin.parameters()] == [p.data_ptr() for p in gm.parameters()]
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(gm_twin(x), gm(x))
+
+
+def test_transform_and_adapt_copy_no_weight():
+    """The adapted model holds the model's own base weights; the model is left as it was."""
+    batches = list(decaying(24, 16, lead=(4,)).split(4))
+    exported = torch.export.export(SharedMLP().eval(), (batches[0],)).module()
+    for model in (SharedMLP().eval(), FunctionalLinear().eval(), exported):
+        with torch.no_grad():
+            before = model(batches[0])
+        adapted, _, state = quiet(
+            evagraph.transform, model, batches, budget=2, progress=False, return_state=True
+        )
+        again, _ = evagraph.adapt(model, state, example=batches[0])
+        for result in (adapted, again):
+            assert loras(result)
+            assert_shares(model, result)
+        assert all(p.requires_grad for p in model.parameters()) and not loras(model)
+        with torch.no_grad():
+            assert torch.equal(model(batches[0]), before)
+
+
+# Peak RSS of transform over the RSS of the loaded model (Linux: ru_maxrss in KB).
+_RSS_SCRIPT = """
+import json, os, resource, warnings
+import torch
+from torch import nn
+import evagraph
+
+model = nn.Sequential(*[nn.Linear(1024, 4096) if i % 2 == 0 else nn.Linear(4096, 1024)
+                        for i in range(12)]).eval()
+batches = [torch.randn(4, 1024) for _ in range(3)]
+with torch.no_grad():
+    model(batches[0])
+with open("/proc/self/statm") as f:
+    loaded = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+warnings.simplefilter("ignore")
+adapted, _ = evagraph.transform(model, batches, budget=2, progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"model": size, "extra": peak - loaded}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS as Linux reports it")
+def test_transform_copies_no_weight_memory():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    rss = json.loads(proc.stdout.splitlines()[-1])
+    assert rss["model"] > 190e6
+    # measured: 0.14x (calibration); 1.15x when transform deep-copied the model
+    assert rss["extra"] < 0.5 * rss["model"], rss
 
 
 def test_hf_conv1d_layers():

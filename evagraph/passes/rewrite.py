@@ -13,7 +13,8 @@ Two ways of splicing the same ``LoraAdapter`` in, chosen by what the model is:
 - some target is only an op in a graph (a loaded ``.pt2``, or ``F.linear`` on parameters):
   the captured GraphModule is rewritten, ``y = op(x)`` becoming ``y = op(x) + lora(x)``, as
   pt2e's convert does for observers.
-The model (or graph) is modified in place and returned; ``transform`` copies it first.
+The model (or graph) is modified in place and returned; ``transform`` gives it a new module
+tree over the model's weights first (``lora.share_weights_copy``).
 """
 
 from __future__ import annotations
