@@ -50,3 +50,24 @@ def test_cnn_on_cuda():
     adapted, _ = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(adapted(batches[0]), model(batches[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_block_by_block_on_cuda_moves_blocks_and_matches_cpu():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 64, (2, 12))} for _ in range(4)]
+    cpu = evagraph.calibrate(model, batches, tau=1.0, sequential=True, progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    gpu = evagraph.calibrate(model, batches, tau=1.0, device="cuda", progress=False)
+    # The model stayed on the CPU; each block visited the GPU in turn.
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert torch.cuda.max_memory_allocated() > 0
+    for g, c in cpu.components.items():
+        cos = (gpu.components[g].components.cpu() * c.components).sum(1).abs()
+        assert torch.all(cos[c.explained_variance > 0] > 0.999), g
