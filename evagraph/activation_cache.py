@@ -57,8 +57,6 @@ class ActivationCache:
         self.max_bytes = 0 if self.persistent else (max_bytes or default_max_bytes())
         self._ram: list[dict[int, Values]] = [{}, {}]
         self.ram_bytes = 0
-        self.peak_ram_bytes = 0
-        self.disk_bytes = 0
 
     def _directory(self) -> Path:
         if self._dir is None:  # spill over: a private temporary directory
@@ -77,14 +75,12 @@ class ActivationCache:
         if self.ram_bytes + size <= self.max_bytes:
             ram[batch] = values
             self.ram_bytes += size
-            self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
             return
         path = self._file(generation, batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(values, tmp)
         os.replace(tmp, path)  # a file is whole or absent
-        self.disk_bytes = max(self.disk_bytes, size)
 
     def read(self, generation: int, batch: int, device: torch.device) -> Values:
         ram = self._ram[generation % 2]

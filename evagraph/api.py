@@ -128,11 +128,9 @@ def _calibrate(
             "forward_fn cannot be used with block-by-block calibration: the blocks are called "
             "with the graph's own inputs; pass batches the model takes as they are"
         )
-    dev = device or _model_device(work)
-    if plan is not None:
-        dev = device or execution_device(work) or _model_device(work)
-        if dev.type == "meta":
-            dev = torch.device("cpu")
+    dev = device or (plan is not None and execution_device(work)) or _model_device(work)
+    if dev.type == "meta":  # a skeleton: its blocks run where the user has not said, the CPU
+        dev = torch.device("cpu")
     batches = iter(dataloader)
     first = next(batches, None)
     if first is None:

@@ -120,8 +120,6 @@ class Onloader:
         self._placeholders: dict[int, torch.Tensor] = {}  # id(original) -> placeholder
         self.names: dict[str, list[str]] = {}  # qualified name -> all names of that tensor
         self._resident: set[int] = set()  # ids of placeholders holding their real value
-        self.loaded = 0  # bytes resident now
-        self.peak = 0
 
     @contextmanager
     def installed(self) -> Iterator[Onloader]:
@@ -162,11 +160,8 @@ class Onloader:
         return self._placeholders[id(self._slots[name][2])]
 
     def _source(self, name: str) -> torch.Tensor | None:
-        m, attr, t, _ = self._slots[name]
-        if self.checkpoint is not None:
-            found = next((a for a in self.names[name] if a in self.checkpoint), None)
-            if found is not None:
-                return self.checkpoint.read([found])[found]
+        """The value of ``name`` from the model or its offload hook (None: neither has it)."""
+        t = self._slots[name][2]
         if not t.is_meta:
             return t.detach()
         for alias in self.names[name]:
@@ -178,11 +173,21 @@ class Onloader:
 
     def load(self, names: Iterable[str]) -> None:
         """Give the placeholders of ``names`` their real values on the device."""
+        todo: dict[int, str] = {}  # one name per tensor not yet resident
         for name in names:
             ph = self._placeholder_of(name)
-            if id(ph) in self._resident:
-                continue  # already loaded (a tensor read by two names)
-            value = self._source(name)
+            if id(ph) not in self._resident:
+                todo.setdefault(id(ph), name)
+        stored: dict[str, str] = {}  # name -> its key in the checkpoint
+        if self.checkpoint is not None:
+            for name in todo.values():
+                key = next((a for a in self.names[name] if a in self.checkpoint), None)
+                if key is not None:
+                    stored[name] = key
+        read = self.checkpoint.read(stored.values()) if stored else {}  # each file once
+        for name in todo.values():
+            ph = self._placeholder_of(name)
+            value = read[stored[name]] if name in stored else self._source(name)
             if value is None:
                 raise ModelLoadError(
                     f"weight {name} is on the meta device and neither a checkpoint nor an "
@@ -195,8 +200,6 @@ class Onloader:
                 )
             ph.data = value.to(device=self.device, dtype=ph.dtype)
             self._resident.add(id(ph))
-            self.loaded += ph.numel() * ph.element_size()
-        self.peak = max(self.peak, self.loaded)
 
     def release(self, names: Iterable[str]) -> None:
         """Back to placeholders: the block's weights are freed (or left with their owner)."""
@@ -204,7 +207,6 @@ class Onloader:
             ph = self._placeholder_of(name)
             if id(ph) in self._resident:
                 self._resident.discard(id(ph))
-                self.loaded -= ph.numel() * ph.element_size()
                 ph.data = _placeholder(ph, self.device)
 
 

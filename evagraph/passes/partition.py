@@ -20,7 +20,6 @@ reads them rather than passed between blocks.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import ConfigError
-from .probe import ProbedGraph
+from .probe import ProbedGraph, cut_graph, with_inputs
 
 _NUMBERED = re.compile(r"^\d+$")
 _MAX_LEVEL = 4
@@ -172,14 +171,9 @@ def partition(probed: ProbedGraph, max_bytes: int | None = None) -> Partition:
     """
     gm = probed.gm
     graph = gm.graph
-    probe_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target in probed.probes]
-    keep: set[fx.Node] = set()
-    stack = list(probe_nodes)
-    while stack:
-        node = stack.pop()
-        if node not in keep:
-            keep.add(node)
-            stack.extend(node.all_input_nodes)
+    keep = with_inputs(
+        n for n in graph.nodes if n.op == "call_module" and n.target in probed.probes
+    )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     body = [n for n in graph.nodes if n in keep and n.op not in ("placeholder", "get_attr")]
     segments = _split(gm, body, 1, max_bytes)
@@ -230,16 +224,8 @@ def partition(probed: ProbedGraph, max_bytes: int | None = None) -> Partition:
 
 def _head(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule called like the model that returns its graph inputs as a tuple."""
-    graph = copy.deepcopy(gm.graph)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (tuple(placeholders),)
-    info = getattr(graph._codegen, "pytree_info", None)
-    if info is not None:  # export graphs unflatten outputs by a spec that no longer applies
-        graph._codegen.pytree_info = info._replace(out_spec=None)
-    for node in reversed(list(graph.nodes)):
-        if node.op not in ("placeholder", "output"):
-            graph.erase_node(node)
-    head = fx.GraphModule(torch.nn.Module(), graph, "Inputs")
+    head = fx.GraphModule(
+        torch.nn.Module(), cut_graph(gm.graph, lambda n: False, return_inputs=True), "Inputs"
+    )
     head.recompile()
     return head

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +185,38 @@ def insert_probes(
     return ProbedGraph(gm, probes, groups, group_probes, dims)
 
 
+def with_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they depend on."""
+    keep: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in keep:
+            keep.add(node)
+            stack.extend(node.all_input_nodes)
+    return keep
+
+
+def cut_graph(
+    graph: fx.Graph, keep: Callable[[fx.Node], bool], return_inputs: bool = False
+) -> fx.Graph:
+    """A copy of ``graph`` with only the nodes ``keep`` selects, what they depend on and the
+    inputs; it returns nothing, or its inputs as a tuple (``return_inputs``)."""
+    graph = copy.deepcopy(graph)
+    kept = with_inputs(n for n in graph.nodes if keep(n))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(placeholders) if return_inputs else (),)
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:  # export graphs unflatten outputs by a spec that no longer applies
+        graph._codegen.pytree_info = info._replace(out_spec=None)
+    # Users come after their inputs, and a kept node's inputs are kept: erase back to front.
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and node not in kept:
+            graph.erase_node(node)
+    return graph
+
+
 def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
     """The probed graph cut down to what the probes in ``names`` need.
 
@@ -194,23 +226,7 @@ def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
     layer's input until the end: +94 MB at hidden 4096 with 2 layers, growing with depth).
     Shares modules (and probes) with ``probed.gm``.
     """
-    graph = copy.deepcopy(probed.gm.graph)
-    keep: set[fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "call_module" and n.target in names]
-    while stack:
-        node = stack.pop()
-        if node not in keep:
-            keep.add(node)
-            stack.extend(node.all_input_nodes)
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = ((),)
-    info = getattr(graph._codegen, "pytree_info", None)
-    if info is not None:  # export graphs unflatten outputs by a spec that no longer applies
-        graph._codegen.pytree_info = info._replace(out_spec=None)
-    # Users come after their inputs, and a kept node's inputs are kept: erase back to front.
-    for node in reversed(list(graph.nodes)):
-        if node.op not in ("placeholder", "output") and node not in keep:
-            graph.erase_node(node)
+    graph = cut_graph(probed.gm.graph, lambda n: n.op == "call_module" and n.target in names)
     gm = fx.GraphModule(probed.gm, graph, "SlicedProbedGraph")
     gm.recompile()
     return gm

@@ -104,7 +104,7 @@ def _cache_inputs(
     part: Partition, batches: Iterable[Any], settings: CalibrationSettings, cache: ActivationCache
 ) -> int:
     """Every calibration batch's graph inputs into generation 0; returns how many."""
-    needed = set(part.blocks[0].inputs) | {n for blk in part.blocks for n in blk.inputs}
+    needed = {n for blk in part.blocks for n in blk.inputs}
     n = 0
     for batch in batches:
         if settings.max_steps is not None and n >= settings.max_steps:
