@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .artifacts import attach_adapters
 from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
 from .data import batch_failed, call_model, resolve_device, to_device
@@ -131,6 +132,8 @@ def _calibrate(
     dev = device or (plan is not None and execution_device(work)) or _model_device(work)
     if dev.type == "meta":  # a skeleton: its blocks run where the user has not said, the CPU
         dev = torch.device("cpu")
+    sync = distributed.current()
+    progress = progress and (sync is None or sync.main)
     batches = iter(dataloader)
     first = next(batches, None)
     if first is None:
@@ -164,7 +167,10 @@ def _calibrate(
             selection = select_targets(layer_graph, settings.targets, settings.exclude)
             label_value = settings.label_mask_value if settings.use_label_mask else None
             probed = insert_probes(layer_graph, selection, label_value)
-            stream = (to_device(b, dev) for b in itertools.chain([first], batches))
+            stream = itertools.chain([first], batches)
+            if sync is not None:  # this process's slice of each global batch
+                stream = sync.shards(stream)
+            stream = (to_device(b, dev) for b in stream)
             if plan is None:
                 calibration = incremental_svd.calibrate(
                     probed,
@@ -174,6 +180,7 @@ def _calibrate(
                     device=dev,
                     total=total,
                     progress=progress,
+                    sync=sync,
                 )
             else:
                 calibration = calibrate_sequential(
@@ -187,6 +194,7 @@ def _calibrate(
                     resume=plan.resume,
                     fingerprint=plan.fingerprint,
                     progress=progress,
+                    sync=sync,
                 )
         finally:
             _set_training(work, was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 import shutil
@@ -205,15 +206,59 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     try:
         _compile(**opts)
     except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
-        raise click.ClickException(str(err)) from err
+        if not _shown_here(err):
+            sys.exit(1)
+        where = _process_of(err)
+        raise click.ClickException(f"{where}{err}") from err
     except KeyboardInterrupt:
-        click.echo(f"evagraph: interrupted; nothing was written{_resumable(opts)}", err=True)
+        if _shown_here(None):
+            click.echo(f"evagraph: interrupted; nothing was written{_resumable(opts)}", err=True)
         sys.exit(130)
     except _Terminated:
-        click.echo(f"evagraph: terminated; nothing was written{_resumable(opts)}", err=True)
+        if _shown_here(None):
+            click.echo(f"evagraph: terminated; nothing was written{_resumable(opts)}", err=True)
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _leave_process_group()
+
+
+def _shown_here(err: BaseException | None) -> bool:
+    """Whether this process shows ``err``: under torchrun, process 0 shows what all processes
+    share (settings, model, data errors), a process whose own slice failed shows that error
+    (``distributed.Sync.settle`` marks it), and the others stay quiet."""
+    from . import distributed
+
+    sync = distributed.current() if "torch" in sys.modules else None
+    if sync is None:
+        return True
+    if getattr(err, "evagraph_own_failure", False):
+        return True
+    return sync.main and not isinstance(err, distributed.PeerFailed)
+
+
+def _quiet_libraries() -> None:
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
+def _process_of(err: BaseException) -> str:
+    """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
+    import os
+
+    if getattr(err, "evagraph_own_failure", False):
+        return f"process {os.environ.get('RANK', '?')}: "
+    return ""
+
+
+def _leave_process_group() -> None:
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _work_dir(output: str) -> Path:
@@ -222,8 +267,19 @@ def _work_dir(output: str) -> Path:
     return out.parent / f".{out.name}.evagraph-work"
 
 
+def _progress_file(output: str) -> Path:
+    """The saved progress of a block-by-block calibration into ``output`` (this process's,
+    under torchrun: each keeps its own slices' activations)."""
+    import os
+
+    work = _work_dir(output)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        work = work / f"rank{os.environ.get('RANK', '0')}"
+    return work / "progress.pt"
+
+
 def _resumable(opts: dict) -> str:
-    if (_work_dir(opts["output"]) / "progress.pt").is_file():
+    if _progress_file(opts["output"]).is_file():
         return "; the finished blocks are saved: run the same command with --resume to go on"
     return ""
 
@@ -246,6 +302,7 @@ def _compile(
 
     import torch
 
+    from . import distributed
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
@@ -275,6 +332,13 @@ def _compile(
     else:
         settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device)
+    sync = None
+    if distributed.launched():  # under torchrun: data parallel, process 0 writes
+        device = distributed.init_from_env(device)
+        sync = distributed.current()
+    main = sync is None or sync.main
+    if not main:  # process 0 shows the progress
+        _quiet_libraries()
     max_bytes = parse_size(max_memory, "--max-memory")
     if state is not None and (max_bytes or sequential or resume):
         raise ConfigError(
@@ -291,7 +355,7 @@ def _compile(
             "then apply them to the model where it fits"
         )
     work = _work_dir(output)
-    if resume and not (work / "progress.pt").is_file():
+    if resume and not _progress_file(output).is_file():
         raise ConfigError(
             f"--resume: no interrupted block-by-block calibration into {output} was found "
             f"({work} holds no finished block)"
@@ -299,7 +363,8 @@ def _compile(
     check_checkpoint(model, checkpoint)
     random.seed(seed)
     torch.manual_seed(seed)
-    with atomic_directory(output, force=force) as tmp:  # refuses a non-empty OUTDIR first
+    # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
+    with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
         batches = load_calibration(data, batch_size) if data is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
@@ -318,6 +383,8 @@ def _compile(
         written = ["adapter.safetensors", "adapter.json", "report.json"]
         if state is None:
             with warnings.catch_warnings():
+                if not main:  # process 0 shows them
+                    warnings.simplefilter("ignore")
                 if fail_unconverged:  # the warning becomes the error, raised before writing
                     warnings.simplefilter("error", ConvergenceWarning)
                 adapted, report, eva_state = transform(
@@ -332,6 +399,8 @@ def _compile(
                 module, EvaState.load(state), example=example, inplace=True, **settings
             )
             eva_state = None
+        if not main:
+            return
         # Traced before writing, so a disk error below is only ever about the disk.
         program = export_program(adapted, to_device(batches[0], device)) if fmt == "pt2" else None
         with disk_errors(output):

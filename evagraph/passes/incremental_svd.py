@@ -16,6 +16,7 @@ if an allotment grows. Per batch there is one host-device sync for all groups.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import CalibrationSettings
 from ..data import batch_failed
 from ..errors import ConvergenceWarning, DataError, EvagraphError
-from ..stats import Components, Statistic, flush_all, make_statistic
+from ..stats import Components, Statistic, Sync, flush_all, make_statistic
 from .allocate import allocate
 from .probe import ProbedGraph, ProbeFailure, slice_to_probes
 
@@ -86,11 +87,15 @@ class _Calibrator:
         *,
         lazy: bool = False,
         all_components: bool = False,
+        sync: Sync | None = None,
     ) -> None:
         """``lazy``: statistics exist only between ``open`` and ``close`` (block by block).
         ``all_components``: a layer converges when every component with variance has
-        (instead of those its current allotment needs), so no allocation is needed."""
+        (instead of those its current allotment needs), so no allocation is needed.
+        ``sync``: data parallel; statistics reduce over the processes, decisions follow
+        process 0."""
         self.probed, self.settings, self.device = probed, settings, device
+        self.sync = sync
         self.all_components = all_components
         self.groups = {g: _Group(layers, None) for g, layers in probed.groups.items()}
         self.layer_group = {m: g for g, grp in self.groups.items() for m in grp.layers}
@@ -110,7 +115,9 @@ class _Calibrator:
         """Create group ``g``'s statistic and feed it its probes' rows."""
         k = self.settings.max_components
         grp = self.groups[g]
-        grp.stat = make_statistic(self.settings.statistic, self.probed.dims[g], k, self.device)
+        grp.stat = make_statistic(
+            self.settings.statistic, self.probed.dims[g], k, self.device, self.sync
+        )
         for p in self.probed.group_probes[g]:
             self.probed.probes[p].sinks.append(grp.stat.update)
 
@@ -167,7 +174,10 @@ class _Calibrator:
             parts += [finite, cos.float(), ratios.float()]
             sizes.append((g, len(ratios)))
             now[g] = vecs
-        host = torch.cat(parts).cpu()
+        host = torch.cat(parts)
+        if self.sync is not None:  # the same decisions everywhere, whatever the rounding
+            host = self.sync.broadcast(host)
+        host = host.cpu()
         at = 0
         for g, k in sizes:
             if host[at] != 1:
@@ -221,6 +231,25 @@ class _Calibrator:
                 if grp.stat is not None:
                     grp.stat.to(self.device if g in active else "cpu")
 
+    def forward(self, module: torch.nn.Module, batch: Any, forward: Callable, step: int) -> None:
+        """Run one batch through ``module`` (see ``_forward``). Data parallel, every process
+        then learns whether any failed, and all raise: a failed process first feeds the probes
+        it did not reach, so its peers' collectives complete."""
+        if self.sync is None:
+            _forward(module, batch, forward, step)
+            return
+        for probe in self.probed.probes.values():
+            probe.fired = False
+        error = None
+        try:
+            _forward(module, batch, forward, step)
+        except Exception as err:
+            error = err
+            for node in module.graph.nodes:  # in the order the peers call them
+                if node.op == "call_module" and node.target in self.probed.probes:
+                    self.probed.probes[node.target].replay(self.device)
+        self.sync.settle(error)
+
     def detach(self) -> None:
         for probe in self.probed.probes.values():
             probe.sinks.clear()
@@ -237,6 +266,7 @@ def calibrate(
     total: int | None = None,
     progress: bool = True,
     slicing: bool = True,
+    sync: Sync | None = None,
 ) -> Calibration:
     """Stream ``batches`` through ``probed.gm`` until every target layer converges.
 
@@ -245,8 +275,9 @@ def calibrate(
     with ``ConvergenceWarning`` naming the unconverged layers. With ``slicing`` each batch
     runs only the part of the graph that feeds probes still in use (``slice_to_probes``),
     so a custom ``forward`` must return nothing it relies on (the model's outputs are cut).
+    ``sync``: data parallel (``evagraph.distributed``); ``batches`` are this process's slices.
     """
-    run = _Calibrator(probed, settings, device)
+    run = _Calibrator(probed, settings, device, sync=sync)
     steps = 0
     if settings.max_steps is not None:
         total = settings.max_steps if total is None else min(total, settings.max_steps)
@@ -256,7 +287,7 @@ def calibrate(
             active = run.active()
             if not active or (settings.max_steps is not None and steps >= settings.max_steps):
                 break
-            _forward(run.module_for(active, slicing), batch, forward, steps)
+            run.forward(run.module_for(active, slicing), batch, forward, steps)
             run.estimate(active, steps)
             run.allocate()
             run.update_convergence(steps)
@@ -287,6 +318,17 @@ def _forward(module: torch.nn.Module, batch: Any, forward: Callable, step: int) 
         raise
     except Exception as err:
         raise batch_failed(step, err) from err
+
+
+def _warn_unconverged(steps: int, unconverged: list[str], tau: float) -> None:
+    shown = ", ".join(unconverged[:8]) + (" ..." if len(unconverged) > 8 else "")
+    warnings.warn(
+        f"calibration stopped after {steps} minibatch(es) with {len(unconverged)} layer(s) "
+        f"not converged at tau={tau}: {shown}. Their components are the PCA of "
+        "the rows seen; pass more data or raise max_steps to converge.",
+        ConvergenceWarning,
+        stacklevel=5,
+    )
 
 
 def _finish(run: _Calibrator, steps: int) -> Calibration:
@@ -322,14 +364,11 @@ def _finish(run: _Calibrator, steps: int) -> Calibration:
         )
     unconverged = [m for m, v in ok.items() if not v]
     if unconverged:
-        shown = ", ".join(unconverged[:8]) + (" ..." if len(unconverged) > 8 else "")
-        warnings.warn(
-            f"calibration stopped after {steps} minibatch(es) with {len(unconverged)} layer(s) "
-            f"not converged at tau={settings.tau}: {shown}. Their components are the PCA of "
-            "the rows seen; pass more data or raise max_steps to converge.",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
+        # Data parallel, every process decides alike; one shows the warning (the others
+        # still raise it if warnings are errors: --fail-unconverged).
+        quiet = run.sync is not None and not run.sync.main
+        with warnings.catch_warnings(record=True) if quiet else contextlib.nullcontext():
+            _warn_unconverged(steps, unconverged, settings.tau)
     flags = {}
     for g, grp in run.groups.items():
         k = min(settings.max_components, run.probed.dims[g])

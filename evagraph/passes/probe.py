@@ -87,6 +87,7 @@ class Probe(nn.Module):
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
+        self.fired = False  # sinks called since the flag was last cleared (see ``replay``)
 
     def forward(
         self,
@@ -106,11 +107,21 @@ class Probe(nn.Module):
                     # Rows of another width: the layer after the probe raises the model's own
                     # error for data that does not fit it; the statistics must not raise first.
                     if self.dim is None or rows.shape[-1] == self.dim:
+                        self.fired = True
                         for sink in self.sinks:
                             sink(rows, weights)
             except Exception as err:
                 raise ProbeFailure from err
         return x
+
+    def replay(self, device: torch.device) -> None:
+        """Feed the sinks one row of weight 0 if they were not fed since ``fired`` was cleared:
+        a process whose forward failed still joins the collectives its peers' statistics are
+        waiting in (data-parallel calibration), adding nothing to them."""
+        if self.active and self.sinks and not self.fired and self.dim is not None:
+            rows = torch.zeros(1, self.dim, device=device)
+            for sink in self.sinks:
+                sink(rows, torch.zeros(1, device=device))
 
 
 @dataclass

@@ -34,8 +34,8 @@ from ..config import CalibrationSettings
 from ..data import batch_failed, call_model
 from ..errors import ConfigError, DataError
 from ..onload import Onloader
-from ..stats import Components
-from .incremental_svd import Calibration, _Calibrator, _finish, _forward
+from ..stats import Components, Sync
+from .incremental_svd import Calibration, _Calibrator, _finish
 from .partition import Partition
 from .probe import ProbedGraph
 
@@ -55,14 +55,21 @@ def calibrate_sequential(
     resume: bool = False,
     fingerprint: dict | None = None,
     progress: bool = True,
+    sync: Sync | None = None,
 ) -> Calibration:
     """Calibrate ``part``'s blocks one at a time on ``device`` (see the module docstring).
 
     ``work_dir``: where the activation cache and the progress live (None: host memory,
     spilling to a temporary directory if it outgrows half the machine's memory). ``resume``:
     continue the run saved there; ``fingerprint`` (JSON-able) must then equal the saved one.
+    ``sync``: data parallel (``evagraph.distributed``); ``batches`` are this process's slices,
+    and each process keeps its own cache and progress (in ``work_dir/rank<N>``).
     """
-    run = _Calibrator(probed, settings, device, lazy=True, all_components=True)
+    run = _Calibrator(probed, settings, device, lazy=True, all_components=True, sync=sync)
+    if sync is not None:  # each process resumes its own slices, with as many peers
+        fingerprint = {**(fingerprint or {}), "processes": sync.world}
+        if work_dir is not None:
+            work_dir = Path(work_dir) / f"rank{sync.rank}"
     cache = ActivationCache(Path(work_dir) / "activations" if work_dir else None)
     blocks = part.blocks
     homes = _homes(probed, part)  # group -> index of the last block feeding it
@@ -73,7 +80,7 @@ def calibrate_sequential(
         _start_fresh(work_dir, _full_fingerprint(part, settings, fingerprint))
     try:
         if n is None:
-            n = _cache_inputs(part, batches, settings, cache)
+            n = _cache_inputs(part, batches, settings, cache, sync)
         bar = tqdm(
             total=n * (len(blocks) - start),
             desc="EVA calibration (block by block)",
@@ -101,7 +108,11 @@ def _homes(probed: ProbedGraph, part: Partition) -> dict[str, int]:
 
 
 def _cache_inputs(
-    part: Partition, batches: Iterable[Any], settings: CalibrationSettings, cache: ActivationCache
+    part: Partition,
+    batches: Iterable[Any],
+    settings: CalibrationSettings,
+    cache: ActivationCache,
+    sync: Sync | None,
 ) -> int:
     """Every calibration batch's graph inputs into generation 0; returns how many."""
     needed = {n for blk in part.blocks for n in blk.inputs}
@@ -109,11 +120,17 @@ def _cache_inputs(
     for batch in batches:
         if settings.max_steps is not None and n >= settings.max_steps:
             break
+        error = None
         try:
             with torch.no_grad():
                 values = call_model(part.head, batch)
         except Exception as err:
-            raise batch_failed(n, err) from err
+            error = batch_failed(n, err)
+            error.__cause__ = err
+        if sync is not None:
+            sync.settle(error)
+        if error is not None:
+            raise error
         cache.write(0, n, {k: v for k, v in zip(part.head_names, values) if k in needed})
         n += 1
     if n == 0:
@@ -150,7 +167,7 @@ def _calibrate_block(
                 bar.update(n - j)
                 break
             env = cache.read(b, j, device)
-            outs = _run_block(block.gm, [env[name] for name in block.inputs], j)
+            outs = _run_block(run, block.gm, [env[name] for name in block.inputs], j)
             env.update(zip(block.outputs, outs))
             if not last:
                 cache.write(b + 1, j, {name: env[name] for name in block.live_after})
@@ -177,9 +194,9 @@ def _unconverged(run: _Calibrator, g: str) -> bool:
     )
 
 
-def _run_block(gm: torch.nn.Module, args: list[Any], step: int) -> tuple:
+def _run_block(run: _Calibrator, gm: torch.nn.Module, args: list[Any], step: int) -> tuple:
     out: list[Any] = []
-    _forward(gm, args, lambda m, a: out.extend(m(*a)), step)
+    run.forward(gm, args, lambda m, a: out.extend(m(*a)), step)
     return tuple(out)
 
 

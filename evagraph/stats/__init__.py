@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components, Statistic
+from .base import Components, Statistic, Sync
 from .exact import ExactCovariance
 from .lowrank import IncrementalSVD, flush_all
 
@@ -23,13 +23,16 @@ KINDS = ("auto", "exact", "lowrank")
 _EXACT_MAX_PER_COMPONENT = 8
 
 
-def make_statistic(kind: str, dim: int, k: int, device: torch.device | str) -> Statistic:
-    """The statistic for rows of width ``dim`` with ``k`` components; ``kind`` in ``KINDS``."""
+def make_statistic(
+    kind: str, dim: int, k: int, device: torch.device | str, sync: Sync | None = None
+) -> Statistic:
+    """The statistic for rows of width ``dim`` with ``k`` components; ``kind`` in ``KINDS``.
+    ``sync``: reduce each update over the processes of a data-parallel run."""
     if kind not in KINDS:
         raise ValueError(f"statistic must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "exact" or (kind == "auto" and dim <= _EXACT_MAX_PER_COMPONENT * k):
-        return ExactCovariance(dim, k, device)
-    return IncrementalSVD(dim, k, device)
+        return ExactCovariance(dim, k, device, sync=sync)
+    return IncrementalSVD(dim, k, device, sync=sync)
 
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "ExactCovariance",
     "IncrementalSVD",
     "Statistic",
+    "Sync",
     "flush_all",
     "make_statistic",
 ]

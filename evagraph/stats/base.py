@@ -6,7 +6,9 @@ activation rows (with optional 0/1 weights that exclude padding), ``estimate`` g
 current top-k components and explained-variance ratios cheaply (on the device, no host
 sync), ``finalize`` the final ``Components``, and ``merge`` adds another statistic of the
 same kind, so that statistics computed on separate shards of the data combine into the one
-statistic of all of it.
+statistic of all of it. Under data parallelism a statistic made with a ``Sync`` reduces
+inside each ``update`` (sums of products of the rows, never the rows), so that every process
+holds the statistic of the global batch after it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class Components:
     singular_values: torch.Tensor  # (k,) of the centred row matrix
     mean: torch.Tensor  # (d,)
     n_rows: int
+
+
+class Sync(Protocol):
+    """The collectives a statistic needs under data parallelism (``evagraph.distributed``):
+    element-wise sums and maxima over all processes."""
+
+    def sum(self, *tensors: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 class Statistic(Protocol):

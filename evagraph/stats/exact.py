@@ -13,15 +13,26 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components, components, explained, masked_rows, power_of_two_scale, row_count
+from .base import (
+    Components,
+    Sync,
+    components,
+    explained,
+    masked_rows,
+    power_of_two_scale,
+    row_count,
+)
 from .eigen import top_eigenpairs
 
 
 class ExactCovariance:
     """Exact streaming PCA of rows of width ``dim``; ``k`` components (see module doc)."""
 
-    def __init__(self, dim: int, k: int, device: torch.device | str) -> None:
+    def __init__(
+        self, dim: int, k: int, device: torch.device | str, *, sync: Sync | None = None
+    ) -> None:
         self.dim, self.k = dim, min(k, dim)
+        self.sync = sync  # data parallel: each update adds the rows of every process
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.shift: torch.Tensor | None = None  # float32 (d,), true units
         self.scale = torch.full((), float("inf"), device=device)  # sums are scale * true
@@ -37,19 +48,32 @@ class ExactCovariance:
         self.scale = scale
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        sync = self.sync
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
         if self.shift is None:  # mean of the kept rows: masked outliers must not move it
-            self.shift = x.sum(0) / n.clamp_min(1).float()
+            total = x.sum(0)
+            if sync is not None:
+                n, total = sync.sum(n, total)
+            self.shift = total / n.clamp_min(1).float()
+        elif sync is not None:
+            (n,) = sync.sum(n)
         x = x - self.shift  # x may be the activation itself: never modify it
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         amax = torch.linalg.vector_norm(x, float("inf"))  # no row-sized temporary
+        if sync is not None:  # one scale for all processes: their sums add up exactly
+            amax = sync.max(amax)
         self._rescale(torch.minimum(self.scale, power_of_two_scale(amax)))
         x.mul_(self.scale)
         self.count += n
-        self.sum += x.sum(0)
-        self.gram.addmm_(x.T, x)
+        if sync is None:
+            self.sum += x.sum(0)
+            self.gram.addmm_(x.T, x)
+        else:
+            total, gram = sync.sum(x.sum(0), x.T @ x)
+            self.sum += total
+            self.gram += gram
 
     def merge(self, other: ExactCovariance) -> None:
         """Add ``other``'s rows: the sums are re-expressed around this shift (float64)."""

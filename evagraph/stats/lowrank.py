@@ -35,7 +35,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Components, components, explained, masked_rows, power_of_two_scale, row_count
+from .base import (
+    Components,
+    Sync,
+    components,
+    explained,
+    masked_rows,
+    power_of_two_scale,
+    row_count,
+)
 
 _REORTHONORMALISE = 16  # solves between QRs of V: drift stays below 1e-6
 
@@ -59,8 +67,10 @@ class IncrementalSVD:
         *,
         rank: int | None = None,
         defer: bool | None = None,
+        sync: Sync | None = None,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
+        self.sync = sync  # data parallel: each update adds the rows of every process
         self.rank = min(rank or max(2 * self.k, self.k + 16), dim)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -77,19 +87,26 @@ class IncrementalSVD:
     # -- absorbing data ---------------------------------------------------------------------
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        sync = self.sync
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
         # Scale first (exact, a power of two), so sums and products stay in float32's range.
         # Reductions through vector_norm: no row-sized temporary besides our one copy.
-        scale = power_of_two_scale(torch.linalg.vector_norm(x, float("inf")))
+        amax = torch.linalg.vector_norm(x, float("inf"))
+        if sync is not None:  # one scale for all processes: their sums add up exactly
+            amax = sync.max(amax)
+        scale = power_of_two_scale(amax)
         x = x * scale if x is rows else x.mul_(scale)
-        centre = x.sum(0) / n.clamp_min(1).float()
+        total = x.sum(0)
+        if sync is not None:
+            n, total = sync.sum(n, total)
+        centre = total / n.clamp_min(1).float()
         x.sub_(centre)
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         scale64 = scale.double()
-        total = torch.linalg.vector_norm(x).double().square() / scale64**2
-        self._absorb(x, scale64, n, centre.double() / scale64, total)
+        square = torch.linalg.vector_norm(x).double().square() / scale64**2
+        self._absorb(x, scale64, n, centre.double() / scale64, square, sync)
 
     def merge(self, other: IncrementalSVD) -> None:
         """Add ``other``'s rows, as represented by its factor (exact where its rows have rank
@@ -106,15 +123,21 @@ class IncrementalSVD:
         n_new: torch.Tensor,
         mean_new: torch.Tensor,
         total_new: torch.Tensor,
+        sync: Sync | None = None,
     ) -> None:
         """Absorb centred ``rows`` (float32, ``scale`` times true units) of ``n_new`` rows whose
-        mean is ``mean_new`` and total squared deviation ``total_new`` (float64, true units)."""
+        mean is ``mean_new`` and total squared deviation ``total_new`` (float64, true units).
+
+        With ``sync`` the rows are this process's part of a global batch (``n_new`` and
+        ``mean_new`` are the global batch's): the two products that sum over rows, ``y`` and
+        the small Gram, are all-reduced (with ``total_new``), so every process absorbs the
+        global batch and draws the same random probe.
+        """
         self.flush()
         n_old, V = self.count, self.V
         n = n_old + n_new
         # The mean-correction row of the stacked matrix (sklearn's IncrementalPCA).
         corr = (n_old * n_new / n.clamp_min(1)).sqrt() * (self.mean - mean_new)
-        self.total = self.total + total_new + corr.pow(2).sum()
         self.mean = self.mean + (n_new / n.clamp_min(1)) * (mean_new - self.mean)
         self.count = n
 
@@ -131,7 +154,10 @@ class IncrementalSVD:
             # (their first-order perturbation by this batch); R^T R probe: the dominant new
             # directions. One pass over the rows for both.
             z = torch.cat([coef, both[:, q0:] - coef @ (V @ probe)], 1)  # [coef, R probe]
-            y = rows.T @ z - V.T @ (coef.T @ z)
+            rows_z, coef_z = rows.T @ z, coef.T @ z
+            if sync is not None:
+                rows_z, coef_z = sync.sum(rows_z, coef_z)
+            y = rows_z - V.T @ coef_z
             unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
             # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
             # where y is rank-deficient (a batch of fewer rows than the sketch).
@@ -142,7 +168,11 @@ class IncrementalSVD:
         # The stacked matrix in the basis [V; basis^T], whose Gram is small: (q0 + c)^2.
         coords = torch.cat([coef, rows @ basis], 1).double() / scale
         corr_coords = torch.cat([V.double() @ corr, basis.T.double() @ corr])
-        gram = coords.T @ coords + torch.outer(corr_coords, corr_coords)
+        gram = coords.T @ coords
+        if sync is not None:
+            gram, total_new = sync.sum(gram, total_new)
+        self.total = self.total + total_new + corr.pow(2).sum()
+        gram += torch.outer(corr_coords, corr_coords)
         gram[:q0, :q0] += torch.diag(self.sigma.pow(2))
         # NaN/Inf rows poison the mean and total, which ``finite`` reports; the solve must
         # not fail before the caller gets to ask.
