@@ -100,7 +100,8 @@ def main() -> None:
     default=8,
     show_default=True,
     type=int,
-    help="Samples per calibration minibatch.",
+    help="Samples per calibration minibatch (under torchrun: the global minibatch, which "
+    "each process runs a slice of).",
 )
 @click.option(
     "--device",
@@ -185,10 +186,16 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     adapter.
 
     \b
+    Under torchrun the calibration is data parallel (each process runs its slice of every
+    minibatch; process 0 writes OUTDIR).
+
+    \b
     Examples:
       evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
       evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
+      torchrun --standalone --nproc_per_node 8 -m evagraph compile ./llama-dir \\
+          --data tokens.safetensors --batch-size 64 --device cuda -o out/
     """
     if opts["batch_size"] <= 0:
         raise click.BadParameter("must be positive", param_hint="--batch-size")

@@ -72,6 +72,12 @@ def _worker(rank: int, init: str, out: str) -> None:
         for name, settings in CASES.items():
             state = evagraph.calibrate(_llama(), _batches(), progress=False, **settings)
             results[name] = _result(state)
+        # Each process sharding the data itself (a DistributedSampler) is refused.
+        own = _batches()[rank::WORLD]
+        try:
+            evagraph.calibrate(_llama(), own, progress=False, **BASE)
+        except evagraph.errors.DataError as err:
+            results["own shards"] = str(err)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -114,6 +120,11 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_processe
 def test_some_layers_converge_early_so_the_processes_must_agree_when(two_processes):
     at = two_processes[0]["auto"]["converged_at"]
     assert len({v for v in at.values() if v is not None and v > 1}) >= 2, at
+
+
+def test_processes_passing_different_batches_are_refused(two_processes):
+    for rank in range(WORLD):
+        assert "differs between processes" in two_processes[rank]["own shards"]
 
 
 def test_shard_slices_every_tensor_with_the_sample_dimension():
