@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError
-from .passes.capture import _first_line
+from ..errors import ConfigError, DataError
+from ..passes.capture import _first_line
 
 
 def call_model(model: torch.nn.Module, batch: Any) -> Any:
