@@ -98,8 +98,13 @@ def to_peft(adapted: nn.Module) -> nn.Module:
 
 
 def save_peft(adapted: nn.Module, directory: str | Path) -> None:
-    """Write ``adapted``'s adapters as a PEFT LoRA adapter directory."""
+    """Write ``adapted``'s adapters as a PEFT LoRA adapter directory (adapter_config.json,
+    adapter_model.safetensors)."""
+    card = Path(directory) / "README.md"
+    had_card = card.exists()
     to_peft(adapted).save_pretrained(str(directory))
+    if not had_card:  # PEFT's empty model-card template: not the user's, not ours
+        card.unlink(missing_ok=True)
 
 
 def from_peft_eva_state_dict(

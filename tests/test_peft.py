@@ -82,6 +82,11 @@ def test_peft_export_computes_the_same_before_and_after_training(tmp_path, name)
         with torch.no_grad():
             for b in batches:
                 torch.testing.assert_close(call(loaded, b), call(adapted, b), atol=1e-5, rtol=1e-5)
+    # PEFT's own files only: its empty model-card template is not left behind
+    assert sorted(p.name for p in (tmp_path / "peft1").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     config = peft.PeftConfig.from_pretrained(tmp_path / "peft1")
     ranks = {m.layer_name: m.rank for m in adapted.modules() if isinstance(m, evagraph.LoraAdapter)}
     assert set(config.target_modules) == set(ranks)
