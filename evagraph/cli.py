@@ -463,7 +463,9 @@ def _compile(
                 adapted, report, eva_state = transform(
                     module, batches, device=device, progress=not quiet, inplace=True,
                     return_state=True, **block, **settings,
-                    fingerprint=_fingerprint(model, data, batch_size, seed, text_options),
+                    fingerprint=_fingerprint(
+                        model, data, batch_size, seed, {**text_options, "tokenizer": tokenizer}
+                    ),
                 )  # fmt: skip
         else:
             module.to(device)
@@ -518,6 +520,7 @@ def _fingerprint(model: str, data: str, batch_size: int, seed: int, text: dict) 
         return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [path]
 
     found = {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
+    text = {k: v for k, v in text.items() if v is not None}  # what was given, for text data
     return {**found, "text": text} if text else found  # as before for tensor data
 
 
