@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import random
 import shutil
@@ -82,9 +83,13 @@ def main() -> None:
     "--data",
     "data",
     default=None,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Calibration data: .pt or .safetensors with a tensor or a dict of tensors "
-    "(first dimension = samples; several tensors are passed as keyword inputs).",
+    "(first dimension = samples; several tensors are passed as keyword inputs); or text for "
+    "a language model, tokenized with --tokenizer: .txt (documents separated by blank lines, "
+    "or --one-per-line), .jsonl/.json/.csv/.parquet (the --text-column, or a 'messages' "
+    "column of chat turns rendered with the tokenizer's chat template), or a directory "
+    "written by datasets' save_to_disk.",
 )
 @click.option(
     "-o",
@@ -102,6 +107,45 @@ def main() -> None:
     type=int,
     help="Samples per calibration minibatch (under torchrun: the global minibatch, which "
     "each process runs a slice of).",
+)
+@click.option(
+    "--tokenizer",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Tokenizer directory for text --data (AutoTokenizer). [default: MODEL, when it is a "
+    "Hugging Face model directory]",
+)
+@click.option(
+    "--max-length",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Text data: tokens per sample (longer documents are truncated; a batch is padded to "
+    "its longest, and padding is left out of the statistics).",
+)
+@click.option(
+    "--text-column",
+    default="text",
+    show_default=True,
+    help="Text data: the column holding the documents (.jsonl/.json/.csv/.parquet/dataset).",
+)
+@click.option("--one-per-line", is_flag=True, help="Text data: a .txt holds one document per line.")
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="Text data: join the documents (eos between them) and cut them into full "
+    "--max-length samples, without padding.",
+)
+@click.option(
+    "--num-samples",
+    default=None,
+    type=int,
+    help="Text data: use at most this many samples (sequences). [default: all]",
+)
+@click.option(
+    "--shuffle",
+    is_flag=True,
+    help="Text data: take the documents in a random order drawn from --seed.",
 )
 @click.option(
     "--device",
@@ -193,12 +237,14 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     Examples:
       evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
+      evagraph compile ./llama-dir --data corpus.jsonl --max-length 512 -o out/
       evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
       torchrun --standalone --nproc_per_node 8 -m evagraph compile ./llama-dir \\
           --data tokens.safetensors --batch-size 64 --device cuda -o out/
     """
-    if opts["batch_size"] <= 0:
-        raise click.BadParameter("must be positive", param_hint="--batch-size")
+    for name in ("batch_size", "max_length", "num_samples"):
+        if opts[name] is not None and opts[name] <= 0:
+            raise click.BadParameter("must be positive", param_hint=f"--{name.replace('_', '-')}")
     if opts["data"] is None and opts["state"] is None:
         raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
     # Settings the user gave: the others keep their defaults, or the saved state's (--state).
@@ -207,6 +253,12 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         value = opts.pop(f.name)
         if ctx.get_parameter_source(f.name) != ParameterSource.DEFAULT:
             opts["settings"][f.name] = value
+    # Text-data options the user gave (refused with tensor data), as text_batches' keywords.
+    opts["text_options"] = {}
+    for name in TEXT_OPTIONS:
+        value = opts.pop(name)
+        if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+            opts["text_options"][name] = value
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -230,6 +282,9 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         _leave_process_group()
 
 
+TEXT_OPTIONS = ("max_length", "text_column", "one_per_line", "pack", "num_samples", "shuffle")
+
+
 def _shown_here(err: BaseException | None) -> bool:
     """Whether this process shows ``err``: under torchrun, process 0 shows what all processes
     share (settings, model, data errors), a process whose own slice failed shows that error
@@ -249,11 +304,14 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging
 
         logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported (text data)
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def _process_of(err: BaseException) -> str:
     """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
-    import os
 
     if getattr(err, "evagraph_own_failure", False):
         return f"process {os.environ.get('RANK', '?')}: "
@@ -277,7 +335,6 @@ def _work_dir(output: str) -> Path:
 def _progress_file(output: str) -> Path:
     """The saved progress of a block-by-block calibration into ``output`` (this process's,
     under torchrun: each keeps its own slices' activations)."""
-    import os
 
     work = _work_dir(output)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -302,7 +359,7 @@ def _terminate(signum: int, frame: object) -> None:
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
     force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
-    resume,
+    resume, tokenizer, text_options,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     from dataclasses import fields
@@ -313,7 +370,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import load_calibration, resolve_device, to_device
+    from .data import open_data, resolve_device, to_device
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -372,7 +429,16 @@ def _compile(
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
     with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
-        batches = load_calibration(data, batch_size) if data is not None else None
+        batches = None
+        if data is not None:
+            if quiet:
+                _quiet_libraries()
+            batches = open_data(
+                data, batch_size, tokenizer=tokenizer, seed=seed, **text_options,
+                default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
+            )  # fmt: skip
+        # The first batch, for the export trace and --state's example (text batches are lazy).
+        first = next(iter(batches)) if batches is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
             trust_remote_code=trust_remote_code, lazy=lazy,
@@ -396,12 +462,14 @@ def _compile(
                     warnings.simplefilter("error", ConvergenceWarning)
                 adapted, report, eva_state = transform(
                     module, batches, device=device, progress=not quiet, inplace=True,
-                    return_state=True, fingerprint=_fingerprint(model, data, batch_size, seed),
-                    **block, **settings,
+                    return_state=True, **block, **settings,
+                    fingerprint=_fingerprint(
+                        model, data, batch_size, seed, {**text_options, "tokenizer": tokenizer}
+                    ),
                 )  # fmt: skip
         else:
             module.to(device)
-            example = to_device(batches[0], device) if batches else None
+            example = to_device(first, device) if first is not None else None
             adapted, report = adapt(
                 module, EvaState.load(state), example=example, inplace=True, **settings
             )
@@ -409,7 +477,7 @@ def _compile(
         if not main:
             return
         # Traced before writing, so a disk error below is only ever about the disk.
-        program = export_program(adapted, to_device(batches[0], device)) if fmt == "pt2" else None
+        program = export_program(adapted, to_device(first, device)) if fmt == "pt2" else None
         with disk_errors(output):
             if eva_state is not None:
                 eva_state.save(tmp / "eva_state.safetensors")
@@ -444,14 +512,16 @@ def _compile(
     )
 
 
-def _fingerprint(model: str, data: str, batch_size: int, seed: int) -> dict:
+def _fingerprint(model: str, data: str, batch_size: int, seed: int, text: dict) -> dict:
     """What a resumed calibration must share with the interrupted one, besides settings."""
 
     def stamp(path: str) -> list:
         p = Path(path)
         return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [path]
 
-    return {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
+    found = {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
+    text = {k: v for k, v in text.items() if v is not None}  # what was given, for text data
+    return {**found, "text": text} if text else found  # as before for tensor data
 
 
 @main.command("report")

@@ -1,4 +1,11 @@
-"""Calibration batches: calling a model with one, moving one to a device, reading a file."""
+"""Calibration batches: calling a model with one, moving one to a device, reading them.
+
+``open_data(path, batch_size, ...)`` is the one dispatch from a ``--data`` path to batches:
+``.pt``/``.safetensors`` tensor files (``load_calibration``, here) or text for language models
+(``text_batches`` in ``evagraph.data.text``: ``.txt``, ``.jsonl``/``.json``, ``.csv``,
+``.parquet``, a ``datasets`` ``save_to_disk`` directory, or a ``datasets.Dataset``, tokenized
+lazily into ``{"input_ids", "attention_mask"}`` batches). Each data source has a module here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,69 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..passes.capture import _first_line
+from .text import TextBatches, is_text_source, text_batches
+
+__all__ = [
+    "TextBatches",
+    "call_model",
+    "load_calibration",
+    "open_data",
+    "resolve_device",
+    "text_batches",
+    "to_device",
+]
+
+
+def open_data(
+    path: str | Path,
+    batch_size: int,
+    *,
+    tokenizer: Any = None,
+    default_tokenizer: str | Path | None = None,
+    seed: int = 0,
+    **text_options: Any,
+) -> Any:
+    """The calibration batches in ``path``, read by what it is (the CLI's ``--data``).
+
+    ``.pt``/``.safetensors`` (any file not text): ``load_calibration``. Text files and
+    dataset directories: ``text_batches`` with ``tokenizer`` (a tokenizer, or a directory to
+    load one from with ``AutoTokenizer``; ``default_tokenizer`` when it is None, e.g. the
+    model's directory) and ``text_options`` (its keyword options that the caller set). Text
+    options or a tokenizer given with tensor data are refused (``ConfigError``), as they would
+    do nothing.
+    """
+    path = Path(path)
+    if not is_text_source(path):  # .pt, .safetensors (and any other file: torch.load)
+        given = [f"--{k.replace('_', '-')}" for k in text_options]
+        given += ["--tokenizer"] if tokenizer is not None else []
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: option(s) for text data, but {path} is a tensor file "
+                "(text: .txt, .jsonl, .json, .csv, .parquet or a saved dataset directory)"
+            )
+        return load_calibration(path, batch_size)
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer
+    if tokenizer is None:
+        raise ConfigError(
+            f"calibration data {path} is text: give the tokenizer to encode it (--tokenizer "
+            "PATH; the default, the MODEL directory, is not a Hugging Face model directory)"
+        )
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    return text_batches(path, tokenizer, batch_size=batch_size, seed=seed, **text_options)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` from a local directory, as a one-line error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer {path}: not a directory (save_pretrained writes one)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {_first_line(err)}") from err
 
 
 def call_model(model: torch.nn.Module, batch: Any) -> Any:
