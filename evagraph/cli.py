@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -90,9 +92,11 @@ def main() -> None:
     "-o",
     "--output",
     "output",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False),
-    help="Directory for the adapted model, adapter.safetensors and report.json/.html.",
+    help="Directory for the adapted model, adapter.safetensors and report.json/.html. "
+    "[default: MODEL.eva next to a model file or directory (model.pt2 -> model.eva), "
+    "./NAME.eva for a timm name; model.eva-2, -3 ... if that one is taken]",
 )
 @_settings_options
 @click.option(
@@ -174,7 +178,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def compile_cmd(ctx: click.Context, **opts) -> None:
-    """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR.
+    """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR (-o; by default
+    MODEL.eva next to MODEL, e.g. model.pt2 -> model.eva, or model.eva-2 ... if taken).
 
     MODEL is a .pt2 torch.export archive, a local Hugging Face model directory
     (save_pretrained, safetensors weights), a timm model name (random init, or --checkpoint),
@@ -191,7 +196,7 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
 
     \b
     Examples:
-      evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
+      evagraph compile model.pt2 --data calib.pt --budget 16 --rho 2   # -> model.eva/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
       evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
       torchrun --standalone --nproc_per_node 8 -m evagraph compile ./llama-dir \\
@@ -201,6 +206,10 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         raise click.BadParameter("must be positive", param_hint="--batch-size")
     if opts["data"] is None and opts["state"] is None:
         raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
+    if opts["output"] is None:
+        opts["output"] = str(default_output(opts["model"], force=opts["force"]))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 tells
+            click.echo(f"evagraph: writing to {opts['output']}", err=True)
     # Settings the user gave: the others keep their defaults, or the saved state's (--state).
     opts["settings"] = {}
     for f in _setting_fields():
@@ -230,6 +239,33 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         _leave_process_group()
 
 
+def default_output(model: str, *, force: bool = False) -> Path:
+    """Where ``compile MODEL`` writes without ``-o``: ``MODEL.eva`` beside a model file (its
+    suffix replaced: ``model.pt2`` -> ``model.eva``) or directory (``./my-llama`` ->
+    ``./my-llama.eva``), ``./NAME.eva`` in the current directory for a timm name.
+
+    An existing output is never replaced by default: if that directory exists and is not
+    empty, the first free one of ``model.eva-2``, ``model.eva-3`` ... is taken (so a rerun
+    keeps the earlier result, and ``--resume`` finds the run it continues, which was writing
+    to the first free one too). With ``force`` it is ``model.eva`` itself, replaced.
+    """
+    path = Path(model)
+    if path.is_file():
+        base = path.with_name(f"{path.stem}.eva")
+    elif path.is_dir():
+        path = path if path.name not in ("", ".", "..") else path.resolve()
+        base = path.with_name(f"{path.name}.eva")
+    else:  # a timm name ("resnet18", "hf-hub:org/model"): no path separators in the name
+        base = Path(f"{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.eva")
+    if force:
+        return base
+    candidate, n = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
 def _shown_here(err: BaseException | None) -> bool:
     """Whether this process shows ``err``: under torchrun, process 0 shows what all processes
     share (settings, model, data errors), a process whose own slice failed shows that error
@@ -253,8 +289,6 @@ def _quiet_libraries() -> None:
 
 def _process_of(err: BaseException) -> str:
     """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
-    import os
-
     if getattr(err, "evagraph_own_failure", False):
         return f"process {os.environ.get('RANK', '?')}: "
     return ""
@@ -277,8 +311,6 @@ def _work_dir(output: str) -> Path:
 def _progress_file(output: str) -> Path:
     """The saved progress of a block-by-block calibration into ``output`` (this process's,
     under torchrun: each keeps its own slices' activations)."""
-    import os
-
     work = _work_dir(output)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         work = work / f"rank{os.environ.get('RANK', '0')}"
