@@ -18,7 +18,7 @@ from typing import Union, get_args, get_origin, get_type_hints
 import click
 from click.core import ParameterSource
 
-from .errors import ConfigError, ConvergenceWarning, EvagraphError
+from .errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
 
 
 def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
@@ -345,7 +345,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import load_calibration, resolve_device, to_device
+    from .data import resolve_device, to_device
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -404,7 +404,7 @@ def _compile(
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
     with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
-        batches = load_calibration(data, batch_size) if data is not None else None
+        batches = _calibration(model, data, batch_size) if data is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
             trust_remote_code=trust_remote_code, lazy=lazy,
@@ -474,6 +474,49 @@ def _compile(
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+def _calibration(model: str, data: str, batch_size: int) -> list:
+    """``data`` in minibatches of ``batch_size``, checked against a ``.pt2`` MODEL's input
+    shapes. A program exported with a static batch dimension only runs batches of that size:
+    they are used instead (told on stderr), and a smaller last batch is dropped."""
+    from .data import load_calibration
+    from .pt2 import check_batches, input_shapes, static_batch_size
+
+    shapes = input_shapes(model) if Path(model).is_file() else {}
+    static = static_batch_size(shapes)
+    name = Path(model).name
+    tell = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 tells
+    if static is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is the global batch
+        if batch_size != static * world:
+            batch_size = static * world
+            each = f" ({static} per process)" if world > 1 else ""
+            if tell:
+                click.echo(
+                    f"evagraph: {name} was exported for batches of {static}: using "
+                    f"--batch-size {batch_size}{each}",
+                    err=True,
+                )
+    batches = load_calibration(data, batch_size)
+    if static is not None:
+        last = batches[-1]
+        rows = (next(iter(last.values())) if isinstance(last, dict) else last).shape[0]
+        if rows < batch_size and len(batches) == 1:
+            raise DataError(
+                f"{data} holds {rows} sample(s), fewer than one batch of {batch_size}, the "
+                f"batch size {name} was exported for"
+            )
+        if rows < batch_size:
+            batches.pop()
+            if tell:
+                click.echo(
+                    f"evagraph: dropping the last {rows} sample(s): {name} takes batches of "
+                    f"exactly {batch_size}",
+                    err=True,
+                )
+    check_batches(model, shapes, batches)
+    return batches
 
 
 def _fingerprint(model: str, data: str, batch_size: int, seed: int) -> dict:
