@@ -181,7 +181,8 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR (-o; by default
     MODEL.eva next to MODEL, e.g. model.pt2 -> model.eva, or model.eva-2 ... if taken).
 
-    MODEL is a .pt2 torch.export archive, a local Hugging Face model directory
+    MODEL is a torch.export archive (.pt2; recognised by content, whatever the suffix; not
+    TorchScript), a local Hugging Face model directory
     (save_pretrained, safetensors weights), a timm model name (random init, or --checkpoint),
     or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
 
@@ -219,6 +220,8 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # Warnings as one line each, without the Python source line Python prints under them.
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         _compile(**opts)
     except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
@@ -236,7 +239,12 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = formatwarning
         _leave_process_group()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"evagraph: warning: {' '.join(str(message).split())}\n"
 
 
 def default_output(model: str, *, force: bool = False) -> Path:
