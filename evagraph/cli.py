@@ -6,18 +6,20 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from types import UnionType
-from typing import Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import click
 from click.core import ParameterSource
 
-from .errors import ConfigError, ConvergenceWarning, EvagraphError
+from .errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
 
 
 def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
@@ -95,9 +97,11 @@ def main() -> None:
     "-o",
     "--output",
     "output",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False),
-    help="Directory for the adapted model, adapter.safetensors and report.json/.html.",
+    help="Directory for the adapted model, adapter.safetensors and report.json/.html. "
+    "[default: MODEL.eva next to a model file or directory (model.pt2 -> model.eva), "
+    "./NAME.eva for a timm name; model.eva-2, -3 ... if that one is taken]",
 )
 @_settings_options
 @click.option(
@@ -218,9 +222,11 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def compile_cmd(ctx: click.Context, **opts) -> None:
-    """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR.
+    """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR (-o; by default
+    MODEL.eva next to MODEL, e.g. model.pt2 -> model.eva, or model.eva-2 ... if taken).
 
-    MODEL is a .pt2 torch.export archive, a local Hugging Face model directory
+    MODEL is a torch.export archive (.pt2; recognised by content, whatever the suffix; not
+    TorchScript), a local Hugging Face model directory
     (save_pretrained, safetensors weights), a timm model name (random init, or --checkpoint),
     or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
 
@@ -235,7 +241,7 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
 
     \b
     Examples:
-      evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
+      evagraph compile model.pt2 --data calib.pt --budget 16 --rho 2   # -> model.eva/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
       evagraph compile ./llama-dir --data corpus.jsonl --max-length 512 -o out/
       evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
@@ -247,6 +253,10 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
             raise click.BadParameter("must be positive", param_hint=f"--{name.replace('_', '-')}")
     if opts["data"] is None and opts["state"] is None:
         raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
+    if opts["output"] is None:
+        opts["output"] = str(default_output(opts["model"], force=opts["force"]))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 tells
+            click.echo(f"evagraph: writing to {opts['output']}", err=True)
     # Settings the user gave: the others keep their defaults, or the saved state's (--state).
     opts["settings"] = {}
     for f in _setting_fields():
@@ -262,6 +272,8 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # Warnings as one line each, without the Python source line Python prints under them.
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         _compile(**opts)
     except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
@@ -279,10 +291,42 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.formatwarning = formatwarning
         _leave_process_group()
 
 
 TEXT_OPTIONS = ("max_length", "text_column", "one_per_line", "pack", "num_samples", "shuffle")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"evagraph: warning: {' '.join(str(message).split())}\n"
+
+
+def default_output(model: str, *, force: bool = False) -> Path:
+    """Where ``compile MODEL`` writes without ``-o``: ``MODEL.eva`` beside a model file (its
+    suffix replaced: ``model.pt2`` -> ``model.eva``) or directory (``./my-llama`` ->
+    ``./my-llama.eva``), ``./NAME.eva`` in the current directory for a timm name.
+
+    An existing output is never replaced by default: if that directory exists and is not
+    empty, the first free one of ``model.eva-2``, ``model.eva-3`` ... is taken (so a rerun
+    keeps the earlier result, and ``--resume`` finds the run it continues, which was writing
+    to the first free one too). With ``force`` it is ``model.eva`` itself, replaced.
+    """
+    path = Path(model)
+    if path.is_file():
+        base = path.with_name(f"{path.stem}.eva")
+    elif path.is_dir():
+        path = path if path.name not in ("", ".", "..") else path.resolve()
+        base = path.with_name(f"{path.name}.eva")
+    else:  # a timm name ("resnet18", "hf-hub:org/model"): no path separators in the name
+        base = Path(f"{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.eva")
+    if force:
+        return base
+    candidate, n = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def _shown_here(err: BaseException | None) -> bool:
@@ -312,7 +356,6 @@ def _quiet_libraries() -> None:
 
 def _process_of(err: BaseException) -> str:
     """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
-
     if getattr(err, "evagraph_own_failure", False):
         return f"process {os.environ.get('RANK', '?')}: "
     return ""
@@ -335,7 +378,6 @@ def _work_dir(output: str) -> Path:
 def _progress_file(output: str) -> Path:
     """The saved progress of a block-by-block calibration into ``output`` (this process's,
     under torchrun: each keeps its own slices' activations)."""
-
     work = _work_dir(output)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         work = work / f"rank{os.environ.get('RANK', '0')}"
@@ -370,7 +412,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import open_data, resolve_device, to_device
+    from .data import resolve_device, to_device
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -433,8 +475,8 @@ def _compile(
         if data is not None:
             if quiet:
                 _quiet_libraries()
-            batches = open_data(
-                data, batch_size, tokenizer=tokenizer, seed=seed, **text_options,
+            batches = _calibration(
+                model, data, batch_size, tokenizer=tokenizer, seed=seed, **text_options,
                 default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
             )  # fmt: skip
         # The first batch, for the export trace and --state's example (text batches are lazy).
@@ -510,6 +552,52 @@ def _compile(
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+def _calibration(model: str, data: str, batch_size: int, **reader: Any) -> Iterable:
+    """``data`` in minibatches of ``batch_size`` (``evagraph.data.open_data``; ``reader``: its
+    options), tensor data checked against a ``.pt2`` MODEL's input shapes. A program exported
+    with a static batch dimension only runs batches of that size: they are used instead (told
+    on stderr), and a smaller last batch is dropped."""
+    from .data import open_data
+    from .pt2 import check_batches, input_shapes, static_batch_size
+
+    shapes = input_shapes(model) if Path(model).is_file() else {}
+    static = static_batch_size(shapes)
+    name = Path(model).name
+    tell = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 tells
+    if static is not None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is the global batch
+        if batch_size != static * world:
+            batch_size = static * world
+            each = f" ({static} per process)" if world > 1 else ""
+            if tell:
+                click.echo(
+                    f"evagraph: {name} was exported for batches of {static}: using "
+                    f"--batch-size {batch_size}{each}",
+                    err=True,
+                )
+    batches = open_data(data, batch_size, **reader)
+    if not isinstance(batches, list):  # text, read lazily: not a .pt2's usual input
+        return batches
+    if static is not None:
+        last = batches[-1]
+        rows = (next(iter(last.values())) if isinstance(last, dict) else last).shape[0]
+        if rows < batch_size and len(batches) == 1:
+            raise DataError(
+                f"{data} holds {rows} sample(s), fewer than one batch of {batch_size}, the "
+                f"batch size {name} was exported for"
+            )
+        if rows < batch_size:
+            batches.pop()
+            if tell:
+                click.echo(
+                    f"evagraph: dropping the last {rows} sample(s): {name} takes batches of "
+                    f"exactly {batch_size}",
+                    err=True,
+                )
+    check_batches(model, shapes, batches)
+    return batches
 
 
 def _fingerprint(model: str, data: str, batch_size: int, seed: int, text: dict) -> dict:

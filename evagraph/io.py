@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +36,14 @@ def load_model(
 ) -> tuple[nn.Module, str]:
     """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
 
-    MODEL is a ``.pt2`` torch.export archive (a graph of ATen ops, read by
-    :func:`evagraph.pt2.load_exported_program`: no code from the file runs), a local Hugging
-    Face model directory (``save_pretrained``; safetensors weights), a timm model name (random
-    init, or ``checkpoint``: a local state dict), or a whole-module pickle, which executes
-    code while loading and so is refused unless ``allow_pickle`` (which also lets a ``.pt2``
-    hold pickles the safe unpickler refuses).
+    MODEL is a torch.export archive (told by its content, whatever its suffix: a graph of
+    ATen ops, read by :func:`evagraph.pt2.load_exported_program`: no code from the file
+    runs), a local Hugging Face model directory (``save_pretrained``; safetensors weights), a
+    timm model name (random init, or ``checkpoint``: a local state dict), or a whole-module
+    pickle, which executes code while loading and so is refused unless ``allow_pickle``
+    (which also lets a ``.pt2`` hold pickles the safe unpickler refuses). A TorchScript
+    archive is refused with the way to re-export it: torch's TorchScript-to-export converter
+    would run its code, and needs example inputs.
     HF directories that ship their own modelling code (``auto_map``) need
     ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``. With ``lazy``,
     a Hugging Face directory gives its model with every weight on the meta device (nothing
@@ -58,7 +61,14 @@ def load_model(
         raise ModelLoadError(
             f"model not found: {spec} is neither a file, a directory, nor a timm model name"
         )
-    if path.suffix == ".pt2":
+    kind = _zip_kind(path)  # by content: a torch.export archive may be named model.pt
+    if kind == "torchscript":
+        raise ModelLoadError(
+            f"{path} is a TorchScript archive (torch.jit.save), which evagraph does not load "
+            "(its code would run): export the model instead, torch.export.save("
+            "torch.export.export(model, (example,)), 'model.pt2')"
+        )
+    if kind == "pt2" or (kind is None and path.suffix == ".pt2"):
         program = load_exported_program(path, allow_pickle=allow_pickle)
         try:
             return program.module(), "pt2"
@@ -66,6 +76,26 @@ def load_model(
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ModelLoadError(f"cannot load torch.export archive {path}: {reason}") from err
     return _load_pickle(path, allow_pickle), "pickle"
+
+
+def _zip_kind(path: Path) -> str | None:
+    """What the zip archive ``path`` holds, told by its entries (all under one top folder):
+    ``"pt2"`` (torch.export.save: ``archive_format``, or the old format's
+    ``serialized_exported_program.json``), ``"torchscript"`` (torch.jit.save: ``code/``,
+    ``constants.pkl``), ``"pickle"`` (torch.save: ``data.pkl``); None for anything else."""
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads only the zip's directory
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    prefix = names[0].split("/")[0] + "/" if names and "/" in names[0] else ""
+    if f"{prefix}archive_format" in names or any(
+        n.endswith("serialized_exported_program.json") for n in names
+    ):
+        return "pt2"
+    if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+        return "torchscript"
+    return "pickle" if f"{prefix}data.pkl" in names else None
 
 
 def check_checkpoint(spec: str | Path, checkpoint: str | Path | None) -> None:

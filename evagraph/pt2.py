@@ -1,11 +1,13 @@
 """Reading torch.export archives (``.pt2``) without running code from them.
 
 Takes the path of an archive written by ``torch.export.save`` and returns the
-``ExportedProgram`` stored in it as ``model``. ``torch.export.load`` is not used: it unpickles
-parts of the archive with ``weights_only=False`` (code runs while loading), and it turns
-strings from the archive into Python code (sympy expressions are ``eval``-ed, node names and
-attribute paths are pasted into generated source, guards are ``exec``-ed).
-:func:`load_exported_program` calls torch's lower-level readers with those steps guarded.
+``ExportedProgram`` stored in it as ``model``; :func:`input_shapes` reads the shapes its
+inputs were exported with (for the CLI's batch size and shape checks).
+``torch.export.load`` is not used: it unpickles parts of the archive with
+``weights_only=False`` (code runs while loading), and it turns strings from the archive into
+Python code (sympy expressions are ``eval``-ed, node names and attribute paths are pasted
+into generated source, guards are ``exec``-ed). :func:`load_exported_program` calls torch's
+lower-level readers with those steps guarded.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import DataError, ModelLoadError
 
 MODEL_NAME = "model"  # the program torch.export.save writes and torch.export.load returns
 
@@ -283,3 +286,66 @@ def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     text = text.splitlines()[0] if text else type(err).__name__
     return re.split(r"\.?\s+(?=This is an internal miniz error|\(Could this error)", text)[0]
+
+
+def input_shapes(path: str | Path) -> dict[str, tuple[int | None, ...]]:
+    """The tensor inputs of the program in the torch.export archive ``path``, by name in call
+    order, with their exported shapes (``None`` for a dynamic dimension).
+
+    Read from the graph's JSON only (nothing is deserialised). ``{}`` for a file that is not
+    a readable archive: loading it reports why.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            prefix = names[0].split("/")[0] + "/" if names and "/" in names[0] else ""
+            if f"{prefix}archive_format" not in names:
+                return {}
+            model_file = f"{prefix}models/{MODEL_NAME}.json"
+            program = json.loads(archive.read(model_file))
+        module = program["graph_module"]
+        tensors = module["graph"]["tensor_values"]
+        shapes: dict[str, tuple[int | None, ...]] = {}
+        for spec in module["signature"]["input_specs"]:
+            arg = spec.get("user_input", {}).get("arg", {})
+            name = arg.get("as_tensor", {}).get("name")
+            if name in tensors:
+                sizes = tensors[name]["sizes"]
+                shapes[name] = tuple(size.get("as_int") for size in sizes)
+        return shapes
+    except (OSError, KeyError, TypeError, AttributeError, ValueError, zipfile.BadZipFile):
+        return {}
+
+
+def static_batch_size(shapes: dict[str, tuple[int | None, ...]]) -> int | None:
+    """The batch size a program exported with a static batch dimension takes (the first
+    dimension of its first input), or ``None`` where that dimension is dynamic."""
+    first = next(iter(shapes.values()), ())
+    return first[0] if first else None
+
+
+def check_batches(
+    path: str | Path, shapes: dict[str, tuple[int | None, ...]], batches: list
+) -> None:
+    """Raise a one-line ``DataError`` for the first calibration batch whose tensors do not
+    have the shapes the archive ``path`` was exported for (its static dimensions)."""
+
+    def shown(shape: tuple) -> str:
+        dims = ["*" if d is None else str(d) for d in shape]
+        return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            pairs = [(name, batch[name]) for name in shapes if name in batch]
+        else:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            pairs = list(zip(shapes, inputs))
+        for name, tensor in pairs:
+            expected, got = shapes[name], tuple(getattr(tensor, "shape", ()))
+            if len(got) != len(expected) or any(
+                e is not None and e != g for e, g in zip(expected, got)
+            ):
+                raise DataError(
+                    f"{path} expects input {name} of shape {shown(expected)}; calibration "
+                    f"batch {i} has {shown(got)}"
+                )

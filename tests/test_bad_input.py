@@ -174,7 +174,7 @@ def one_line(result) -> str:
     [
         ("empty data", "holds no samples"),
         ("mismatched tensors", "same first dimension (samples), got {'mask': 7, 'x': 8}"),
-        ("wrong shape", "failed on calibration batch 0"),
+        ("wrong shape", "expects input x of shape (*, 3, 32, 32); calibration batch 0 has (8,"),
         ("wrong dtype", "failed on calibration batch 0"),
         ("wrong keys", "failed on calibration batch 0"),
         ("too few rows", "layer(s) proj, gate saw only 3 activation row(s)"),

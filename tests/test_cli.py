@@ -241,3 +241,16 @@ def test_unknown_model_name(tmp_path):
     save_file({"x": torch.randn(4, 3)}, str(tmp_path / "d.safetensors"))
     proc = run("compile", "no_such_model_xyz", "--data", "d.safetensors", "-o", "o", cwd=tmp_path)
     assert "neither a file, a directory, nor a timm model name" in one_line_error(proc)
+
+
+def test_warnings_are_one_line(example, tmp_path):
+    # Python would print the warning with the source line that raised it under it.
+    proc = run(
+        "compile", str(example / "tiny_cnn.pt2"), "--data", str(example / "calib.safetensors"),
+        "--max-steps", "1", "--batch-size", "32", "--format", "safetensors", "-o", "o", "-q",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "not converged" in line]
+    assert len(warned) == 1 and warned[0].startswith("evagraph: warning: "), proc.stderr
+    assert "warnings.warn" not in proc.stderr and "ConvergenceWarning" not in proc.stderr
