@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import pickle
 import random
 import shutil
@@ -21,6 +22,21 @@ from .errors import ConfigError, ConvergenceWarning, EvagraphError
 
 def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
     return tuple(p.strip() for v in values for p in v.split(",") if p.strip()) or None
+
+
+def _rgb(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``R,G,B`` -> three finite floats (a standard deviation: positive ones)."""
+    if value is None:
+        return None
+    try:
+        rgb = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(math.isfinite(v) for v in rgb):
+        raise click.BadParameter(f"expected three numbers R,G,B, got {value!r}")
+    if param.name == "std" and min(rgb) <= 0:
+        raise click.BadParameter(f"must be positive for every channel, got {value!r}")
+    return rgb
 
 
 def _setting_fields() -> list:
@@ -82,9 +98,12 @@ def main() -> None:
     "--data",
     "data",
     default=None,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Calibration data: .pt or .safetensors with a tensor or a dict of tensors "
-    "(first dimension = samples; several tensors are passed as keyword inputs).",
+    "(first dimension = samples; several tensors are passed as keyword inputs), or a folder "
+    "of images (class sub-folders fine; any format PIL reads), preprocessed as MODEL "
+    "expects: a timm model's data config, a Hugging Face directory's image processor, else "
+    "--image-size/--mean/--std.",
 )
 @click.option(
     "-o",
@@ -113,6 +132,40 @@ def main() -> None:
     is_flag=True,
     help="Exit with an error (writing nothing) if calibration ends before every adapted "
     "layer converged; by default that is a warning naming the layers.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Image folder: resize the shorter side to N and centre-crop N x N (for a timm model, "
+    "overrides its input size).",
+)
+@click.option(
+    "--mean",
+    callback=_rgb,
+    default=None,
+    metavar="R,G,B",
+    help="Image folder: per-channel mean to normalise with (e.g. 0.485,0.456,0.406).",
+)
+@click.option(
+    "--std",
+    callback=_rgb,
+    default=None,
+    metavar="R,G,B",
+    help="Image folder: per-channel standard deviation (e.g. 0.229,0.224,0.225).",
+)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Use the first N samples of --data (after --shuffle). [default: all]",
+)
+@click.option(
+    "--shuffle",
+    is_flag=True,
+    help="Shuffle the samples of --data (with --seed) before taking --num-samples.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option(
@@ -193,7 +246,7 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     Examples:
       evagraph compile model.pt2 --data calib.safetensors --budget 16 --rho 2 -o out/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
-      evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
+      evagraph compile resnet50 --checkpoint rn50.safetensors --data ./images --budget 8 -o out/
       torchrun --standalone --nproc_per_node 8 -m evagraph compile ./llama-dir \\
           --data tokens.safetensors --batch-size 64 --device cuda -o out/
     """
@@ -302,7 +355,7 @@ def _terminate(signum: int, frame: object) -> None:
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
     force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
-    resume,
+    resume, image_size, mean, std, num_samples, shuffle,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     from dataclasses import fields
@@ -313,7 +366,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import load_calibration, resolve_device, to_device
+    from .data import open_data, resolve_device, to_device
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -368,15 +421,26 @@ def _compile(
             f"({work} holds no finished block)"
         )
     check_checkpoint(model, checkpoint)
+    _check_data_options(data, image_size=image_size, mean=mean, std=std,
+                        num_samples=num_samples, shuffle=shuffle)  # fmt: skip
     random.seed(seed)
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
     with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
-        batches = load_calibration(data, batch_size) if data is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
             trust_remote_code=trust_remote_code, lazy=lazy,
         )  # fmt: skip
+        # After the model: images are preprocessed as it expects (a Hugging Face directory's
+        # image processor, a timm model's data config).
+        batches = None
+        if data is not None:
+            batches = open_data(
+                data, batch_size=batch_size, model=module,
+                processor=_image_processor(model) if kind == "hf" else None,
+                image_size=image_size, mean=mean, std=std, num_samples=num_samples,
+                shuffle=shuffle, seed=seed,
+            )  # fmt: skip
         block = {
             "sequential": True if (sequential or resume) else None,
             "max_memory": max_bytes,
@@ -401,7 +465,7 @@ def _compile(
                 )  # fmt: skip
         else:
             module.to(device)
-            example = to_device(batches[0], device) if batches else None
+            example = to_device(next(iter(batches)), device) if batches else None
             adapted, report = adapt(
                 module, EvaState.load(state), example=example, inplace=True, **settings
             )
@@ -409,7 +473,11 @@ def _compile(
         if not main:
             return
         # Traced before writing, so a disk error below is only ever about the disk.
-        program = export_program(adapted, to_device(batches[0], device)) if fmt == "pt2" else None
+        program = (
+            export_program(adapted, to_device(next(iter(batches)), device))
+            if fmt == "pt2"
+            else None
+        )
         with disk_errors(output):
             if eva_state is not None:
                 eva_state.save(tmp / "eva_state.safetensors")
@@ -442,6 +510,24 @@ def _compile(
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+def _check_data_options(data: str | None, **given) -> None:
+    """Refuse the image options where --data is not a folder of images (before any loading)."""
+    named = [
+        f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None and v is not False
+    ]
+    if named and (data is None or not Path(data).is_dir()):
+        if data is None:
+            what = "no --data was given"
+        else:
+            what = f"{data} {'is not a folder' if Path(data).exists() else 'does not exist'}"
+        raise ConfigError(f"{', '.join(named)}: for a folder of images as --data; {what}")
+
+
+def _image_processor(model: str) -> str | None:
+    """The Hugging Face MODEL directory, if it holds an image processor to load."""
+    return model if (Path(model) / "preprocessor_config.json").is_file() else None
 
 
 def _fingerprint(model: str, data: str, batch_size: int, seed: int) -> dict:

@@ -1,10 +1,17 @@
-"""Calibration batches: calling a model with one, moving one to a device, reading a file."""
+"""Calibration batches: calling a model with one, moving one to a device, reading data.
+
+``open_data(path, batch_size=..., model=...)`` turns what ``--data`` names into batches: a
+``.pt`` / ``.safetensors`` file of tensors (``load_calibration``: a list of minibatches) or a
+folder of images (``images.image_batches``: a sized, re-iterable iterable that decodes one
+batch at a time, preprocessed as the model expects: timm data config, Hugging Face image
+processor, or ``image_size``/``mean``/``std``).
+"""
 
 from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +19,18 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..passes.capture import _first_line
+from .images import ImageBatches, image_batches
+
+__all__ = [
+    "ImageBatches",
+    "batch_failed",
+    "call_model",
+    "image_batches",
+    "load_calibration",
+    "open_data",
+    "resolve_device",
+    "to_device",
+]
 
 
 def call_model(model: torch.nn.Module, batch: Any) -> Any:
@@ -69,6 +88,38 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def open_data(
+    path: str | Path,
+    *,
+    batch_size: int,
+    model: torch.nn.Module | None = None,
+    processor: Any = None,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_samples: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> ImageBatches | list[Any]:
+    """The calibration batches in ``path``, by what it is: a folder -> images
+    (``image_batches``, preprocessed for ``model``; ``processor``: a Hugging Face image
+    processor or the model directory holding one), a file -> tensors (``load_calibration``).
+    The image options are refused for a file of tensors."""
+    path = Path(path)
+    if path.is_dir():
+        return image_batches(
+            path, model, batch_size=batch_size, processor=processor, image_size=image_size,
+            mean=mean, std=std, num_samples=num_samples, shuffle=shuffle, seed=seed,
+        )  # fmt: skip
+    given = {"image_size": image_size, "mean": mean, "std": std, "num_samples": num_samples}
+    named = [k for k, v in given.items() if v is not None] + (["shuffle"] if shuffle else [])
+    if named:
+        raise ConfigError(
+            f"{', '.join(named)}: for a folder of images, not a file of tensors ({path})"
+        )
+    return load_calibration(path, batch_size)
 
 
 def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
