@@ -435,12 +435,15 @@ def _compile(
         # image processor, a timm model's data config).
         batches = None
         if data is not None:
-            batches = open_data(
-                data, batch_size=batch_size, model=module,
-                processor=_image_processor(model) if kind == "hf" else None,
-                image_size=image_size, mean=mean, std=std, num_samples=num_samples,
-                shuffle=shuffle, seed=seed,
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                if not main:  # process 0 shows them (skipped images)
+                    warnings.simplefilter("ignore")
+                batches = open_data(
+                    data, batch_size=batch_size, model=module,
+                    processor=_image_processor(model) if kind == "hf" else None,
+                    image_size=image_size, mean=mean, std=std, num_samples=num_samples,
+                    shuffle=shuffle, seed=seed,
+                )  # fmt: skip
         block = {
             "sequential": True if (sequential or resume) else None,
             "max_memory": max_bytes,
@@ -460,7 +463,11 @@ def _compile(
                     warnings.simplefilter("error", ConvergenceWarning)
                 adapted, report, eva_state = transform(
                     module, batches, device=device, progress=not quiet, inplace=True,
-                    return_state=True, fingerprint=_fingerprint(model, data, batch_size, seed),
+                    return_state=True,
+                    fingerprint=_fingerprint(
+                        model, data, batch_size, seed, image_size=image_size, mean=mean,
+                        std=std, num_samples=num_samples, shuffle=shuffle,
+                    ),
                     **block, **settings,
                 )  # fmt: skip
         else:
@@ -530,14 +537,16 @@ def _image_processor(model: str) -> str | None:
     return model if (Path(model) / "preprocessor_config.json").is_file() else None
 
 
-def _fingerprint(model: str, data: str, batch_size: int, seed: int) -> dict:
+def _fingerprint(model: str, data: str, batch_size: int, seed: int, **data_options) -> dict:
     """What a resumed calibration must share with the interrupted one, besides settings."""
 
     def stamp(path: str) -> list:
         p = Path(path)
         return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [path]
 
-    return {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
+    found = {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in data_options.items() if v}
+    return {**found, **given}  # only the options given: earlier progress files still match
 
 
 @main.command("report")

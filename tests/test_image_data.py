@@ -262,6 +262,18 @@ def test_cli_image_options(folders, tmp_path, example, monkeypatch):
     assert (tmp_path / "out" / "model.pt2").is_file()  # exported with a decoded batch
 
 
+def test_cli_hf_directory_uses_its_image_processor(folders, vit_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from evagraph.cli import main
+
+    out = tmp_path / "out"
+    args = ["compile", str(vit_dir), "--data", str(folders["flat"]), "--batch-size", "2"]
+    result = CliRunner().invoke(main, [*args, "--budget", "2", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["steps"] == 3
+
+
 def test_data_package_exports():
     assert evagraph.data.image_batches is image_batches
     with warnings.catch_warnings():

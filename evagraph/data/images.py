@@ -225,7 +225,10 @@ def _load_processor(processor: Any) -> Any:
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(str(processor), local_files_only=True)
+        # Code shipped with a processor (auto_map) is refused, not run (nor asked about).
+        return AutoImageProcessor.from_pretrained(
+            str(processor), local_files_only=True, trust_remote_code=False
+        )
     except Exception as err:
         raise ConfigError(
             f"cannot load an image processor from {processor}: {_first_line(err)}"
