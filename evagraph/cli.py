@@ -160,12 +160,13 @@ def main() -> None:
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="Use the first N samples of --data (after --shuffle). [default: all]",
+    help="Image folder: use N images, the first in sorted order (or after --shuffle). "
+    "[default: all]",
 )
 @click.option(
     "--shuffle",
     is_flag=True,
-    help="Shuffle the samples of --data (with --seed) before taking --num-samples.",
+    help="Image folder: shuffle the images (with --seed) before taking --num-samples.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option(

@@ -108,14 +108,7 @@ def image_batches(
     _positive(batch_size, "batch_size")
     if num_samples is not None:
         _positive(num_samples, "num_samples")
-    folder = Path(folder)
-    files = _images_in(folder)
-    if shuffle:
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
-        files = [files[i] for i in order.tolist()]
-    if num_samples is not None:
-        files = files[:num_samples]
-    key = _input_key(model)
+    # The preprocessing first: a mistake there fails before the folder is read.
     if _is_processor(transform):
         transform, processor = None, transform
     if processor is not None or (transform is None and _hf_directory(model) is not None):
@@ -125,10 +118,17 @@ def image_batches(
                 "Face image processor fixes its own size and normalisation"
             )
         processor = _load_processor(processor if processor is not None else _hf_directory(model))
-        return ImageBatches(files, batch_size, processor=processor, key=key)
-    if transform is None:
+    elif transform is None:
         transform = _transform_for(model, image_size, mean, std)
-    return ImageBatches(files, batch_size, transform=transform, key=key)
+    files = _images_in(Path(folder))
+    if shuffle:
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+        files = [files[i] for i in order.tolist()]
+    if num_samples is not None:
+        files = files[:num_samples]
+    return ImageBatches(
+        files, batch_size, transform=transform, processor=processor, key=_input_key(model)
+    )
 
 
 def _positive(value: Any, name: str) -> None:
