@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import random
@@ -24,6 +25,21 @@ from .errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
 
 def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
     return tuple(p.strip() for v in values for p in v.split(",") if p.strip()) or None
+
+
+def _rgb(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``R,G,B`` -> three finite floats (a standard deviation: positive ones)."""
+    if value is None:
+        return None
+    try:
+        rgb = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(math.isfinite(v) for v in rgb):
+        raise click.BadParameter(f"expected three numbers R,G,B, got {value!r}")
+    if param.name == "std" and min(rgb) <= 0:
+        raise click.BadParameter(f"must be positive for every channel, got {value!r}")
+    return rgb
 
 
 def _setting_fields() -> list:
@@ -87,11 +103,13 @@ def main() -> None:
     default=None,
     type=click.Path(),
     help="Calibration data: .pt or .safetensors with a tensor or a dict of tensors "
-    "(first dimension = samples; several tensors are passed as keyword inputs); or text for "
-    "a language model, tokenized with --tokenizer: .txt (documents separated by blank lines, "
+    "(first dimension = samples; several tensors are passed as keyword inputs); text for a "
+    "language model, tokenized with --tokenizer: .txt (documents separated by blank lines, "
     "or --one-per-line), .jsonl/.json/.csv/.parquet (the --text-column, or a 'messages' "
     "column of chat turns rendered with the tokenizer's chat template), or a directory "
-    "written by datasets' save_to_disk.",
+    "written by datasets' save_to_disk; or a folder of images (class sub-folders fine; any "
+    "format PIL reads), preprocessed as MODEL expects: a timm model's data config, a Hugging "
+    "Face directory's image processor, else --image-size/--mean/--std.",
 )
 @click.option(
     "-o",
@@ -144,12 +162,13 @@ def main() -> None:
     "--num-samples",
     default=None,
     type=int,
-    help="Text data: use at most this many samples (sequences). [default: all]",
+    help="Text or image data: use at most this many samples (sequences, images; the first, "
+    "or after --shuffle). [default: all]",
 )
 @click.option(
     "--shuffle",
     is_flag=True,
-    help="Text data: take the documents in a random order drawn from --seed.",
+    help="Text or image data: take the documents or images in a random order drawn from --seed.",
 )
 @click.option(
     "--device",
@@ -161,6 +180,28 @@ def main() -> None:
     is_flag=True,
     help="Exit with an error (writing nothing) if calibration ends before every adapted "
     "layer converged; by default that is a warning naming the layers.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Image folder: resize the shorter side to N and centre-crop N x N (for a timm model, "
+    "overrides its input size).",
+)
+@click.option(
+    "--mean",
+    callback=_rgb,
+    default=None,
+    metavar="R,G,B",
+    help="Image folder: per-channel mean to normalise with (e.g. 0.485,0.456,0.406).",
+)
+@click.option(
+    "--std",
+    callback=_rgb,
+    default=None,
+    metavar="R,G,B",
+    help="Image folder: per-channel standard deviation (e.g. 0.229,0.224,0.225).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 @click.option(
@@ -244,7 +285,7 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
       evagraph compile model.pt2 --data calib.pt --budget 16 --rho 2   # -> model.eva/
       evagraph compile ./llama-dir --data tokens.safetensors --format pt2 -o out/
       evagraph compile ./llama-dir --data corpus.jsonl --max-length 512 -o out/
-      evagraph compile resnet18 --checkpoint rn18.safetensors --data images.pt -o out/
+      evagraph compile resnet50 --checkpoint rn50.safetensors --data ./images --budget 8 -o out/
       torchrun --standalone --nproc_per_node 8 -m evagraph compile ./llama-dir \\
           --data tokens.safetensors --batch-size 64 --device cuda -o out/
     """
@@ -263,12 +304,12 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         value = opts.pop(f.name)
         if ctx.get_parameter_source(f.name) != ParameterSource.DEFAULT:
             opts["settings"][f.name] = value
-    # Text-data options the user gave (refused with tensor data), as text_batches' keywords.
-    opts["text_options"] = {}
-    for name in TEXT_OPTIONS:
+    # Data options the user gave (refused for data they do not fit), as the readers' keywords.
+    opts["data_options"] = {}
+    for name in DATA_OPTIONS:
         value = opts.pop(name)
         if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
-            opts["text_options"][name] = value
+            opts["data_options"][name] = value
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -295,7 +336,9 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         _leave_process_group()
 
 
-TEXT_OPTIONS = ("max_length", "text_column", "one_per_line", "pack", "num_samples", "shuffle")
+# Options of the data readers (evagraph.data): text, images, and both.
+DATA_OPTIONS = ("max_length", "text_column", "one_per_line", "pack", "image_size", "mean", "std")
+DATA_OPTIONS += ("num_samples", "shuffle")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -401,7 +444,7 @@ def _terminate(signum: int, frame: object) -> None:
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
     force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
-    resume, tokenizer, text_options,
+    resume, tokenizer, data_options,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     from dataclasses import fields
@@ -412,7 +455,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import resolve_device, to_device
+    from .data import check_options, resolve_device, to_device
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -467,24 +510,36 @@ def _compile(
             f"({work} holds no finished block)"
         )
     check_checkpoint(model, checkpoint)
+    if data is not None:  # options that do not fit the data, before any loading
+        check_options(data, tokenizer, **data_options)
+    elif data_options or tokenizer is not None:
+        raise ConfigError("--data options were given, but no --data")
     random.seed(seed)
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
     with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
-        batches = None
-        if data is not None:
-            if quiet:
-                _quiet_libraries()
-            batches = _calibration(
-                model, data, batch_size, tokenizer=tokenizer, seed=seed, **text_options,
-                default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
-            )  # fmt: skip
-        # The first batch, for the export trace and --state's example (text batches are lazy).
-        first = next(iter(batches)) if batches is not None else None
         module, kind = load_model(
             model, allow_pickle=allow_pickle, checkpoint=checkpoint,
             trust_remote_code=trust_remote_code, lazy=lazy,
         )  # fmt: skip
+        # After the model: images are preprocessed as it expects (a Hugging Face directory's
+        # image processor, a timm model's data config).
+        batches = None
+        if data is not None:
+            with warnings.catch_warnings():
+                if not main:  # process 0 shows them (skipped images)
+                    warnings.simplefilter("ignore")
+                if quiet:
+                    _quiet_libraries()
+                batches = _calibration(
+                    model, data, batch_size, model=module, tokenizer=tokenizer, seed=seed,
+                    processor=_image_processor(model) if kind == "hf" else None,
+                    default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
+                    **data_options,
+                )  # fmt: skip
+        # The first batch, for the export trace and --state's example (text and images are
+        # read lazily).
+        first = next(iter(batches)) if batches is not None else None
         block = {
             "sequential": True if (sequential or resume) else None,
             "max_memory": max_bytes,
@@ -506,7 +561,7 @@ def _compile(
                     module, batches, device=device, progress=not quiet, inplace=True,
                     return_state=True, **block, **settings,
                     fingerprint=_fingerprint(
-                        model, data, batch_size, seed, {**text_options, "tokenizer": tokenizer}
+                        model, data, batch_size, seed, tokenizer=tokenizer, **data_options
                     ),
                 )  # fmt: skip
         else:
@@ -600,7 +655,12 @@ def _calibration(model: str, data: str, batch_size: int, **reader: Any) -> Itera
     return batches
 
 
-def _fingerprint(model: str, data: str, batch_size: int, seed: int, text: dict) -> dict:
+def _image_processor(model: str) -> str | None:
+    """The Hugging Face MODEL directory, if it holds an image processor to load."""
+    return model if (Path(model) / "preprocessor_config.json").is_file() else None
+
+
+def _fingerprint(model: str, data: str, batch_size: int, seed: int, **data_options) -> dict:
     """What a resumed calibration must share with the interrupted one, besides settings."""
 
     def stamp(path: str) -> list:
@@ -608,8 +668,8 @@ def _fingerprint(model: str, data: str, batch_size: int, seed: int, text: dict) 
         return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [path]
 
     found = {"model": stamp(model), "data": stamp(data), "batch_size": batch_size, "seed": seed}
-    text = {k: v for k, v in text.items() if v is not None}  # what was given, for text data
-    return {**found, "text": text} if text else found  # as before for tensor data
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in data_options.items() if v}
+    return {**found, **given}  # only the options given: earlier progress files still match
 
 
 @main.command("report")

@@ -1,10 +1,13 @@
-"""Calibration batches: calling a model with one, moving one to a device, reading them.
+"""Calibration batches: calling a model with one, moving one to a device, reading data.
 
-``open_data(path, batch_size, ...)`` is the one dispatch from a ``--data`` path to batches:
-``.pt``/``.safetensors`` tensor files (``load_calibration``, here) or text for language models
-(``text_batches`` in ``evagraph.data.text``: ``.txt``, ``.jsonl``/``.json``, ``.csv``,
-``.parquet``, a ``datasets`` ``save_to_disk`` directory, or a ``datasets.Dataset``, tokenized
-lazily into ``{"input_ids", "attention_mask"}`` batches). Each data source has a module here.
+``open_data(path, batch_size, ...)`` is the one dispatch from what ``--data`` names to batches,
+by what it is (``data_kind``): a ``.pt``/``.safetensors`` file of tensors (``load_calibration``,
+here: a list of minibatches); text for a language model (``text.text_batches``: ``.txt``,
+``.jsonl``/``.json``, ``.csv``, ``.parquet`` or a ``datasets`` ``save_to_disk`` directory,
+tokenized lazily into ``{"input_ids", "attention_mask"}`` batches); or a folder of images
+(``images.image_batches``, decoded one batch at a time and preprocessed as the model
+expects: timm data config, Hugging Face image processor, or ``image_size``/``mean``/``std``).
+Each data source has its module here.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..passes.capture import _first_line
+from .images import ImageBatches, image_batches
 from .text import TextBatches, is_text_source, text_batches
 
 __all__ = [
+    "ImageBatches",
     "TextBatches",
+    "batch_failed",
     "call_model",
+    "data_kind",
+    "image_batches",
     "load_calibration",
     "open_data",
     "resolve_device",
@@ -31,35 +39,69 @@ __all__ = [
     "to_device",
 ]
 
+# The options each kind of data takes (``num_samples`` and ``shuffle``: text and images).
+_OPTIONS = {
+    "tensors": (),
+    "text": ("max_length", "text_column", "one_per_line", "pack", "num_samples", "shuffle"),
+    "images": ("image_size", "mean", "std", "num_samples", "shuffle"),
+}
+
+
+def data_kind(path: str | Path) -> str:
+    """``"text"``, ``"images"`` (a folder that is not a saved dataset) or ``"tensors"``."""
+    path = Path(path)
+    if path.is_dir():
+        saved = ("state.json", "dataset_dict.json", "dataset_info.json")
+        return "text" if any((path / name).is_file() for name in saved) else "images"
+    return "text" if is_text_source(path) else "tensors"
+
+
+def check_options(path: str | Path, tokenizer: Any = None, **options: Any) -> str:
+    """The kind of ``path``; ``ConfigError`` for options given (not None/False) that it does
+    not take, named as the CLI's flags."""
+    kind = data_kind(path)
+    given = [k for k, v in options.items() if v is not None and v is not False]
+    wrong = [k for k in given if k not in _OPTIONS[kind]]
+    wrong += ["tokenizer"] if tokenizer is not None and kind != "text" else []
+    if wrong:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
+        what = {"tensors": "a file of tensors", "text": "text", "images": "a folder of images"}
+        raise ConfigError(
+            f"{flags}: not an option for {what[kind]} ({path}); text takes --tokenizer, "
+            "--max-length, --text-column, --one-per-line, --pack; images --image-size, "
+            "--mean, --std; both --num-samples and --shuffle"
+        )
+    return kind
+
 
 def open_data(
     path: str | Path,
     batch_size: int,
     *,
+    model: torch.nn.Module | None = None,
+    processor: Any = None,
     tokenizer: Any = None,
     default_tokenizer: str | Path | None = None,
     seed: int = 0,
-    **text_options: Any,
+    **options: Any,
 ) -> Any:
     """The calibration batches in ``path``, read by what it is (the CLI's ``--data``).
 
-    ``.pt``/``.safetensors`` (any file not text): ``load_calibration``. Text files and
-    dataset directories: ``text_batches`` with ``tokenizer`` (a tokenizer, or a directory to
-    load one from with ``AutoTokenizer``; ``default_tokenizer`` when it is None, e.g. the
-    model's directory) and ``text_options`` (its keyword options that the caller set). Text
-    options or a tokenizer given with tensor data are refused (``ConfigError``), as they would
-    do nothing.
+    Tensors: ``load_calibration``. Text: ``text_batches`` with ``tokenizer`` (a tokenizer, or
+    a directory to load one from with ``AutoTokenizer``; ``default_tokenizer`` when None, e.g.
+    the model's directory). Images: ``image_batches`` for ``model`` (``processor``: a Hugging
+    Face image processor or the directory holding one). ``options``: the reader's keyword
+    options the caller set; options for another kind of data are refused (``ConfigError``).
     """
     path = Path(path)
-    if not is_text_source(path):  # .pt, .safetensors (and any other file: torch.load)
-        given = [f"--{k.replace('_', '-')}" for k in text_options]
-        given += ["--tokenizer"] if tokenizer is not None else []
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)}: option(s) for text data, but {path} is a tensor file "
-                "(text: .txt, .jsonl, .json, .csv, .parquet or a saved dataset directory)"
-            )
+    kind = check_options(path, tokenizer, **options)
+    options = {k: v for k, v in options.items() if v is not None}
+    if kind == "tensors":
         return load_calibration(path, batch_size)
+    if kind == "images":
+        return image_batches(
+            path, model, batch_size=batch_size, processor=processor, seed=seed, **options
+        )
     tokenizer = tokenizer if tokenizer is not None else default_tokenizer
     if tokenizer is None:
         raise ConfigError(
@@ -68,7 +110,7 @@ def open_data(
         )
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
-    return text_batches(path, tokenizer, batch_size=batch_size, seed=seed, **text_options)
+    return text_batches(path, tokenizer, batch_size=batch_size, seed=seed, **options)
 
 
 def load_tokenizer(path: str | Path) -> Any:
