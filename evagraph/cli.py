@@ -513,7 +513,9 @@ def _compile(
     if data is not None:  # options that do not fit the data, before any loading
         check_options(data, tokenizer, **data_options)
     elif data_options or tokenizer is not None:
-        raise ConfigError("--data options were given, but no --data")
+        given = [f"--{k.replace('_', '-')}" for k in data_options]
+        given += ["--tokenizer"] if tokenizer is not None else []
+        raise ConfigError(f"{', '.join(given)}: options of --data, which was not given")
     random.seed(seed)
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
@@ -609,7 +611,7 @@ def _compile(
     )
 
 
-def _calibration(model: str, data: str, batch_size: int, **reader: Any) -> Iterable:
+def _calibration(model_path: str, data: str, batch_size: int, **reader: Any) -> Iterable:
     """``data`` in minibatches of ``batch_size`` (``evagraph.data.open_data``; ``reader``: its
     options), tensor data checked against a ``.pt2`` MODEL's input shapes. A program exported
     with a static batch dimension only runs batches of that size: they are used instead (told
@@ -617,9 +619,9 @@ def _calibration(model: str, data: str, batch_size: int, **reader: Any) -> Itera
     from .data import open_data
     from .pt2 import check_batches, input_shapes, static_batch_size
 
-    shapes = input_shapes(model) if Path(model).is_file() else {}
+    shapes = input_shapes(model_path) if Path(model_path).is_file() else {}
     static = static_batch_size(shapes)
-    name = Path(model).name
+    name = Path(model_path).name
     tell = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 tells
     if static is not None:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is the global batch
@@ -651,7 +653,7 @@ def _calibration(model: str, data: str, batch_size: int, **reader: Any) -> Itera
                     f"exactly {batch_size}",
                     err=True,
                 )
-    check_batches(model, shapes, batches)
+    check_batches(model_path, shapes, batches)
     return batches
 
 

@@ -424,7 +424,12 @@ BAD = [
     ("no samples", "{model} --data {in}/empty.safetensors", "holds no samples", None),
     ("mismatched", "{model} --data {in}/mismatched.safetensors", "same first dimension", None),
     ("text data, no tokenizer", "{model} --data {in}/data.txt", "give the tokenizer", None),
-    ("text options, tensor data", f"{S} --max-length 8", "--max-length: option(s) for text", None),
+    (
+        "text options, tensor data",
+        f"{S} --max-length 8",
+        "--max-length: not an option for a file of tensors",
+        None,
+    ),
     ("no tokenizer", "{model} --data {in}/data.txt --tokenizer {in}/noconfig", "noconfig", None),
     ("numpy data", "{model} --data {in}/numpy.pt", "numpy.pt", None),
     ("nan data", "{model} --data {in}/nan.safetensors", "NaN or Inf", None),

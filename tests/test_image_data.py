@@ -199,7 +199,7 @@ def test_open_data_dispatches_on_what_the_path_is(folders, tmp_path):
     assert [b.shape[0] for b in tensors] == [4, 4, 2]
     images = open_data(folders["flat"], batch_size=4, image_size=8, mean=MEAN, std=STD)
     assert isinstance(images, evagraph.data.ImageBatches) and len(images) == 2
-    with pytest.raises(ConfigError, match="image_size, shuffle: for a folder of images"):
+    with pytest.raises(ConfigError, match="--image-size, --shuffle: not an option for a file"):
         open_data(tmp_path / "x.safetensors", batch_size=4, image_size=8, shuffle=True)
 
 
@@ -245,7 +245,7 @@ def test_cli_image_options(folders, tmp_path, example, monkeypatch):
     words = error(cli(pt2, "--data", flat, "-o", "o1"))
     assert "give image_size, mean and std (--image-size, --mean, --std" in words
     words = error(cli(pt2, "--data", data, "--image-size", "8", "--shuffle", "-o", "o2"))
-    assert "--image-size, --shuffle: for a folder of images as --data" in words
+    assert "--image-size, --shuffle: not an option for a file of tensors" in words
     assert "--num-samples" in error(cli(pt2, "--state", data, "--num-samples", "3", "-o", "o3"))
     assert "'--mean': expected three numbers R,G,B" in error(cli(pt2, "--mean", "1,2", "-o", "o"))
     assert "'--std': must be positive" in error(cli(pt2, "--std", "1,0,1", "-o", "o"))

@@ -66,11 +66,7 @@ def check_options(path: str | Path, tokenizer: Any = None, **options: Any) -> st
     if wrong:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
         what = {"tensors": "a file of tensors", "text": "text", "images": "a folder of images"}
-        raise ConfigError(
-            f"{flags}: not an option for {what[kind]} ({path}); text takes --tokenizer, "
-            "--max-length, --text-column, --one-per-line, --pack; images --image-size, "
-            "--mean, --std; both --num-samples and --shuffle"
-        )
+        raise ConfigError(f"{flags}: not an option for {what[kind]} ({path})")
     return kind
 
 
