@@ -65,6 +65,25 @@ def test_scaling_benchmark_writes_a_row_per_method(tmp_path):
 
 
 @pytest.mark.slow
+def test_distributed_benchmark_writes_a_row_per_method_and_process_count(tmp_path):
+    out = tmp_path / "results.md"
+    raw = tmp_path / "raw.json"
+    run("distributed.py", *TINY, "--batches=6", f"--out={out}", f"--json={raw}")
+    text = out.read_text()
+    assert "## Data-parallel calibration: communication, evagraph vs PEFT" in text
+    for method in ("evagraph", "peft"):
+        for processes in (1, 2):
+            assert f"| {method} | {processes} |" in text
+    assert "PEFT / evagraph bytes per minibatch:" in text
+    results = json.loads(raw.read_text())
+    # one process alone: evagraph calls no collective; two: some, and the same decisions
+    assert results["evagraph"]["1"]["calls_per_minibatch"] == 0
+    assert results["evagraph"]["2"]["payload_per_minibatch"] > 0
+    assert results["sanity"]["evagraph"]["ranks_identical"]
+    assert results["sanity"]["evagraph"]["sync_counters_agree"]
+
+
+@pytest.mark.slow
 def test_gpu_suite_smoke_run_on_any_device(tmp_path):
     out = tmp_path / "results.md"
     run("gpu_suite.py", "--smoke", "--batches=12", "--heldout=4", f"--out={out}")
