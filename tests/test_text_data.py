@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import evagraph_cmd, exact_pca, quiet, subspace_similarity
@@ -22,7 +23,6 @@ import evagraph
 from evagraph.data import open_data, text_batches
 from evagraph.errors import ConfigError, DataError
 
-datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 # fmt: off
