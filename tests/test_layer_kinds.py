@@ -2,6 +2,7 @@
 (MoE routers, weight-standardised and TF-"same" convs) and grouped convs, and how transform,
 merge, unmerge and the report treat them."""
 
+import re
 import warnings
 
 import pytest
@@ -75,3 +76,87 @@ def test_llama4_router_returning_a_tuple_is_skipped():
         torch.testing.assert_close(
             _call(merged, batches[0]), _call(adapted, batches[0]), atol=1e-4, rtol=1e-4
         )
+
+
+class _Convs(nn.Module):
+    """Weight-standardised convs, a TF-"same" conv and a Linear subclass computing F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.std = ScaledStdConv2d(3, 8, 3)
+        self.std2 = StdConv2d(8, 8, 3, padding=1)
+        self.same = Conv2dSame(8, 8, 3, stride=2)
+        self.plain = nn.Conv2d(8, 8, 3, padding=1)
+        self.mid = timm.layers.Linear(8, 8)  # overrides forward, computes F.linear
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.std2(F.relu(self.std(x))))
+        x = self.plain(self.same(x))
+        return self.head(F.relu(self.mid(x.permute(0, 2, 3, 1))).mean((1, 2)))
+
+
+def _images(n=3, size=16):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, size, size, generator=g) for _ in range(n)]
+
+
+def test_standardised_convs_adapt_but_refuse_to_merge():
+    torch.manual_seed(0)
+    model, batches = _Convs().eval(), _images()
+    adapted, report = _transform(model, batches)
+    _check_adapted(model, adapted, report, batches[0])
+    assert {"std", "std2", "plain", "mid"} <= {r.name for r in report.layers}
+    assert report.skipped["same"] == (
+        "nn.Conv2d subclass Conv2dSame overrides forward and its output shape is not that of "
+        "its weight's op: not adapted"
+    )
+    _perturb_b(adapted)
+    # every standardised conv with an adapter is named, by merge and by unmerge alike
+    expected = "; ".join(
+        f"{name} (nn.Conv2d subclass {cls} overrides forward and does not compute the plain "
+        "op of its weight (it transforms it))"
+        for name, cls in (("std", "ScaledStdConv2d"), ("std2", "StdConv2d"))
+        if report.ranks.get(name)
+    )
+    assert expected
+    with pytest.raises(ConfigError, match=re.escape(f"cannot fold the adapter(s) of {expected}:")):
+        evagraph.merge(adapted)
+    with pytest.raises(ConfigError, match=re.escape(f"cannot fold the adapter(s) of {expected}:")):
+        evagraph.unmerge(model, adapted, assume_merged=True)
+
+    # without the standardised convs, merge and unmerge are exact, the Linear subclass included
+    adapted, report = _transform(model, batches, exclude=["std*"])
+    assert "mid" in {r.name for r in report.layers}
+    _perturb_b(adapted)
+    merged = evagraph.merge(adapted)
+    x = batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=1e-4)
+        again = evagraph.unmerge(merged, adapted)
+        torch.testing.assert_close(again(x), adapted(x), atol=1e-5, rtol=1e-4)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(again.get_parameter(_base(again, name)), p)
+
+
+def _base(model, name):
+    """``name`` in a model whose adapted layers are wrapped (``.base_layer``)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        model.get_submodule(f"{owner}.base_layer")
+        return f"{owner}.base_layer.{attr}"
+    except AttributeError:
+        return name
+
+
+@pytest.mark.slow
+def test_nf_regnet_merge_names_a_standardised_conv():
+    torch.manual_seed(0)
+    model = timm.create_model("nf_regnet_b0", pretrained=False, num_classes=5).eval()
+    batches = _images(size=32)
+    adapted, report = _transform(model, batches)
+    assert report.capture == "fx"
+    _check_adapted(model, adapted, report, batches[0])
+    _perturb_b(adapted)
+    with pytest.raises(ConfigError, match=r"cannot fold .*ScaledStdConv2d overrides forward"):
+        evagraph.merge(adapted)
