@@ -160,3 +160,34 @@ def test_nf_regnet_merge_names_a_standardised_conv():
     _perturb_b(adapted)
     with pytest.raises(ConfigError, match=r"cannot fold .*ScaledStdConv2d overrides forward"):
         evagraph.merge(adapted)
+
+
+class _Depthwise(nn.Module):
+    """A depthwise-separable block behind shape logic that fx cannot trace (export captures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.std = StdConv2d(8, 8, 3, padding=1)  # its weight is computed in the graph
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        if x.shape[-1] > 16:  # a Python branch on a size: fx cannot trace it
+            x = F.avg_pool2d(x, 2)
+        x = self.std(self.pw(F.relu(self.dw(F.relu(self.stem(x))))))
+        return self.head(x.mean((-1, -2)))
+
+
+def test_export_reports_each_unadapted_layer_once_under_its_module():
+    model, batches = _Depthwise().eval(), _images(size=32)
+    adapted, report = _transform(model, batches)
+    assert report.capture == "export"
+    _check_adapted(model, adapted, report, batches[0])
+    skipped = {n: why for n, why in report.skipped.items() if not why.startswith("rank 0")}
+    assert skipped == {
+        "dw": "grouped convolution (groups=8) is not adapted",
+        "std": "weight is computed in the graph, not a parameter",
+        "head": "output layer (model head)",
+    }
