@@ -13,7 +13,8 @@ from torch import nn
 import evagraph
 from evagraph.errors import ConfigError
 from evagraph.lora import LoraAdapter
-from evagraph.passes.layer_graph import _module_layer
+from evagraph.passes.capture import export_program
+from evagraph.passes.layer_graph import _module_layer, build_layer_graph
 
 T = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -50,25 +51,50 @@ def _check_adapted(model, adapted, report, batch):
     assert layers == {layer.name for layer in report.layers} | set(report.skipped)
 
 
+MOE = {
+    "llama4": (
+        lambda: T.Llama4ForCausalLM(
+            T.Llama4TextConfig(
+                vocab_size=100, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+            )
+        ),
+        "model.layers.{}.feed_forward.router",
+        "Llama4Router",
+    ),
+    "phimoe": (
+        lambda: T.PhimoeForCausalLM(
+            T.PhimoeConfig(
+                vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                num_experts_per_tok=2, max_position_embeddings=64,
+                original_max_position_embeddings=64, rope_scaling=None,
+            )
+        ),
+        "model.layers.{}.mlp.router",
+        "PhimoeTopKRouter",
+    ),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_llama4_router_returning_a_tuple_is_skipped():
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_router_returning_a_tuple_is_skipped(name):
+    make, router, cls = MOE[name]
     torch.manual_seed(0)
-    config = T.Llama4TextConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
-    )  # fmt: skip
-    model = T.Llama4ForCausalLM(config).eval()
+    model = make().eval()
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 100, (2, 8), generator=g)} for _ in range(3)]
     adapted, report = _transform(model, batches)
+    assert report.capture == "export"
     _check_adapted(model, adapted, report, batches[0])
     for i in range(2):
-        assert report.skipped[f"model.layers.{i}.feed_forward.router"] == (
-            "nn.Linear subclass Llama4Router overrides forward and returns a tuple, not the "
+        assert report.skipped[router.format(i)] == (
+            f"nn.Linear subclass {cls} overrides forward and returns a tuple, not the "
             "layer's output: not adapted"
         )
-    assert "model.layers.0.feed_forward.shared_expert.up_proj" in {r.name for r in report.layers}
+    assert "model.layers.0.self_attn.q_proj" in {r.name for r in report.layers}
     _perturb_b(adapted)
     merged = evagraph.merge(adapted)
     assert type(merged) is type(model)
@@ -191,3 +217,20 @@ def test_export_reports_each_unadapted_layer_once_under_its_module():
         "std": "weight is computed in the graph, not a parameter",
         "head": "output layer (model head)",
     }
+
+
+@pytest.mark.slow
+def test_export_of_efficientnet_reports_depthwise_convs_once():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5).eval()
+    gm = export_program(model, torch.randn(2, 3, 32, 32)).module()
+    graph = build_layer_graph(gm, model)
+    depthwise = {
+        n: f"grouped convolution (groups={m.groups}) is not adapted"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups > 1
+    }
+    assert depthwise and graph.unsupported == depthwise
+    layers = {n for n, m in model.named_modules() if _module_layer(m) is not None}
+    assert set(graph.layers) | set(graph.unsupported) == layers
+    assert all(graph.layers[n].module == n for n in graph.layers)
