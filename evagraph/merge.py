@@ -5,12 +5,12 @@ scale * B A``; transposed for HF Conv1D; reshaped to a kernel for convs, which i
 B is 1x1 and A has the base conv's geometry) and the LoRA modules removed: a plain model of the
 model's own class, identical outputs. A layer whose module computes something else than that
 op of its weight (a subclass overriding ``forward``: weight standardisation in timm's
-``StdConv2d`` / ``ScaledStdConv2d``) cannot take the delta, and both refuse it, naming it.
-``unmerge`` takes such a merged model and the adapters (the
-adapted model, or a directory from ``save_adapter``), subtracts the deltas and splices the
-adapters back in, so training can go on. ``merge`` marks its result with the adapters it
-folded in (attribute ``MERGED``), so that ``unmerge`` can refuse a model that never held them:
-subtracting deltas from a base model would silently corrupt it.
+``StdConv2d`` / ``ScaledStdConv2d``) cannot take the delta: merge and unmerge refuse it, naming
+it. ``unmerge`` takes such a merged model and the adapters (the adapted model, or a directory
+from ``save_adapter``), subtracts the deltas and splices the adapters back in, so training can
+go on. ``merge`` marks its result with the adapters it folded in (attribute ``MERGED``), so
+that ``unmerge`` can refuse a model that never held them: subtracting deltas from a base model
+would silently corrupt it.
 
 Neither copies the model's weights nor writes into them: the result is a new module tree
 (``share_weights_copy``) over the input's weights, in which each folded layer gets a new

@@ -14,7 +14,7 @@ import evagraph
 from evagraph.errors import ConfigError
 from evagraph.lora import LoraAdapter
 from evagraph.passes.capture import export_program
-from evagraph.passes.layer_graph import _module_layer, build_layer_graph
+from evagraph.passes.layer_graph import _module_layer, build_layer_graph, forward_mismatch
 
 T = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -234,3 +234,22 @@ def test_export_of_efficientnet_reports_depthwise_convs_once():
     layers = {n for n, m in model.named_modules() if _module_layer(m) is not None}
     assert set(graph.layers) | set(graph.unsupported) == layers
     assert all(graph.layers[n].module == n for n in graph.layers)
+
+
+def test_forward_mismatch_checks_overriding_classes_only():
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits.argmax(-1)
+
+    assert forward_mismatch(nn.Linear(4, 3), values=True) is None
+    assert forward_mismatch(timm.layers.Linear(4, 3), values=True) is None
+    assert forward_mismatch(Router(4, 3)) == (
+        "nn.Linear subclass Router overrides forward and returns a tuple, not the layer's output"
+    )
+    std = ScaledStdConv2d(3, 4, 3)
+    assert forward_mismatch(std) is None  # shapes agree: adaptable
+    assert "does not compute the plain op" in forward_mismatch(std, values=True)
+    with torch.device("meta"):  # weights not resident: only shapes can be checked
+        assert forward_mismatch(ScaledStdConv2d(3, 4, 3), values=True) is None
+        assert "output shape" in forward_mismatch(Conv2dSame(3, 4, 3, stride=2))

@@ -7,7 +7,9 @@ them); which layers produce the model's output; and a networkx DiGraph of data d
 between layers. Layers are recognised at two levels, so one pipeline serves both captures:
 module calls (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) in fx graphs, and ATen / functional
 ops (``aten.linear``, ``aten.conv2d``, ``F.linear`` ...) whose weight is a graph parameter, as
-in a loaded ``torch.export`` archive.
+in a loaded ``torch.export`` archive. A module whose class overrides its nn class's ``forward``
+is adapted only if its output is a tensor shaped as the op's (``forward_mismatch``); MoE
+routers that return tuples and convs padding per input size are reported as not adapted.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
             d * (k - 1) + 1 + 2 * s + 3 for k, s, d in zip(m.kernel_size, m.stride, m.dilation)
         ]
         shape = (1, w.shape[1] * m.groups, *extent)
+    values = values and not w.is_meta  # weights not resident: shapes are all we can check
     device = w.device if values else torch.device("meta")
     params = dict(m.named_parameters())
     params.update(m.named_buffers())
@@ -303,7 +306,7 @@ def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
             out = torch.func.functional_call(m, params, (x.clone(),))
             ref = _reference(m, x, params)
     except Exception as err:  # any failure means we cannot vouch for it
-        return f"{what} and fails on a test input ({type(err).__name__}): "
+        return f"{what} and fails on a test input ({type(err).__name__})"
     finally:
         m.train(training)
     if not isinstance(out, torch.Tensor):
