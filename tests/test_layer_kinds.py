@@ -253,3 +253,24 @@ def test_forward_mismatch_checks_overriding_classes_only():
     with torch.device("meta"):  # weights not resident: only shapes can be checked
         assert forward_mismatch(ScaledStdConv2d(3, 4, 3), values=True) is None
         assert "output shape" in forward_mismatch(Conv2dSame(3, 4, 3, stride=2))
+
+
+def test_saved_adapter_is_not_applied_to_a_router(tmp_path):
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.argmax(-1)
+
+    def mlp():
+        return nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        )
+
+    model, g = mlp(), torch.Generator().manual_seed(0)
+    adapted, report = _transform(model, [torch.randn(16, 4, generator=g) for _ in range(3)])
+    assert report.ranks.get("2")
+    evagraph.save_adapter(adapted, tmp_path / "a", report.settings)
+    other = mlp()
+    other[2] = Router(8, 8)
+    with pytest.raises(evagraph.ModelLoadError, match=r"layer 2: nn.Linear subclass Router"):
+        evagraph.apply_adapter(other, tmp_path / "a")
