@@ -30,6 +30,7 @@ from .passes.layer_graph import (
     _layer_of_module,
     _module_layer,
     build_layer_graph,
+    forward_mismatch,
 )
 from .passes.rewrite import rewrite
 
@@ -405,6 +406,11 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
         module = None
     actual = _layer_of_module(layer.name, module) if module is not None else None
     if actual is not None:
+        reason = forward_mismatch(module)  # e.g. an MoE router: its output is no tensor
+        if reason is not None:
+            raise ModelLoadError(
+                f"layer {layer.name}: {reason}, so {source}'s adapter cannot be added to it"
+            )
         if (actual.kind, actual.in_features, actual.out_features, actual.conv,
             actual.weight_transposed) != (
             layer.kind, layer.in_features, layer.out_features, layer.conv,

@@ -3,11 +3,14 @@
 ``merge`` returns an adapted model with every adapter folded into its base weight (``W +
 scale * B A``; transposed for HF Conv1D; reshaped to a kernel for convs, which is exact because
 B is 1x1 and A has the base conv's geometry) and the LoRA modules removed: a plain model of the
-model's own class, identical outputs. ``unmerge`` takes such a merged model and the adapters (the
-adapted model, or a directory from ``save_adapter``), subtracts the deltas and splices the
-adapters back in, so training can go on. ``merge`` marks its result with the adapters it
-folded in (attribute ``MERGED``), so that ``unmerge`` can refuse a model that never held them:
-subtracting deltas from a base model would silently corrupt it.
+model's own class, identical outputs. A layer whose module computes something else than that
+op of its weight (a subclass overriding ``forward``: weight standardisation in timm's
+``StdConv2d`` / ``ScaledStdConv2d``) cannot take the delta: merge and unmerge refuse it, naming
+it. ``unmerge`` takes such a merged model and the adapters (the adapted model, or a directory
+from ``save_adapter``), subtracts the deltas and splices the adapters back in, so training can
+go on. ``merge`` marks its result with the adapters it folded in (attribute ``MERGED``), so
+that ``unmerge`` can refuse a model that never held them: subtracting deltas from a base model
+would silently corrupt it.
 
 Neither copies the model's weights nor writes into them: the result is a new module tree
 (``share_weights_copy``) over the input's weights, in which each folded layer gets a new
@@ -28,9 +31,31 @@ from torch import nn
 from .artifacts import attach_adapters, check_adapters, load_adapters
 from .errors import ConfigError
 from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
+from .passes.layer_graph import forward_mismatch
 
 # Attribute of a merged model: the names of the layers whose adapters were folded into it.
 MERGED = "evagraph_merged"
+
+
+def _refuse_unfoldable(pairs: list[tuple[LoraAdapter, nn.Module]]) -> None:
+    """Raise ``ConfigError`` naming every adapter whose layer module (the one owning its base
+    weight) does not compute the plain linear/conv op of that weight: ``W + B A`` reproduces
+    the adapted layer only if it does (``forward_mismatch`` runs the module to check)."""
+    bad = [
+        f"{adapter.layer_name} ({reason})"
+        for adapter, owner in pairs
+        if (reason := forward_mismatch(owner, values=True)) is not None
+    ]
+    if bad:
+        raise ConfigError(
+            f"cannot fold the adapter(s) of {'; '.join(bad)}: no change of such a weight "
+            "reproduces the layer plus its adapter. Keep the model adapted, or adapt it "
+            "without these layers (exclude)"
+        )
+
+
+def _owner(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
+    return model.get_submodule(adapter.base_weight.rpartition(".")[0])
 
 
 @torch.no_grad()
@@ -72,6 +97,15 @@ def merge(model: nn.Module) -> nn.Module:
     not copied), each folded layer gets a new weight; ``model`` is left as it was.
     """
     merged = share_weights_copy(model)
+    graph_adapters = (
+        [merged.get_submodule(n.target) for n in merged.graph.nodes if n.op == "call_module"]
+        if isinstance(merged, fx.GraphModule)
+        else []
+    )
+    _refuse_unfoldable(
+        [(m.lora, m.base_layer) for m in merged.modules() if isinstance(m, LoraLayer)]
+        + [(a, _owner(merged, a)) for a in graph_adapters if isinstance(a, LoraAdapter)]
+    )
     found, folded = False, {}
     names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
@@ -160,6 +194,7 @@ def unmerge(
                 f"layer(s) {', '.join(diff)})"
             )
     check_adapters(merged, found, source)  # before any weight is changed
+    _refuse_unfoldable([(a, _owner(merged, a)) for a in found.values()])
     work = share_weights_copy(merged)
     work.__dict__.pop(MERGED, None)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
-from .passes.layer_graph import _layer_of_module, _module_layer
+from .passes.layer_graph import _layer_of_module, _module_layer, forward_mismatch
 
 
 def _peft():
@@ -145,6 +145,9 @@ def from_peft_eva_state_dict(
         layer = _layer_of_module(name, module)
         if layer is None or layer.kind != "linear":
             raise ConfigError(f"eva_state_dict entry {name} is not a linear layer of the model")
+        reason = forward_mismatch(module)
+        if reason is not None:
+            raise ConfigError(f"eva_state_dict entry {name}: {reason}: not adapted")
         weight = module.weight
         _, scale = layer_scaling(A.shape[0], settings)
         adapters[name] = LoraAdapter.build(

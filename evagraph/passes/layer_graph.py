@@ -7,7 +7,9 @@ them); which layers produce the model's output; and a networkx DiGraph of data d
 between layers. Layers are recognised at two levels, so one pipeline serves both captures:
 module calls (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) in fx graphs, and ATen / functional
 ops (``aten.linear``, ``aten.conv2d``, ``F.linear`` ...) whose weight is a graph parameter, as
-in a loaded ``torch.export`` archive.
+in a loaded ``torch.export`` archive. A module whose class overrides its nn class's ``forward``
+is adapted only if its output is a tensor shaped as the op's (``forward_mismatch``); MoE
+routers that return tuples and convs padding per input size are reported as not adapted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .capture import is_hf_conv1d
@@ -147,10 +150,30 @@ def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
+def _where(node: fx.Node, args: dict[str, Any], model: nn.Module) -> str:
+    """The name to report an unadaptable op under: the linear/conv module it ran inside (as
+    a module call is reported), else the layer its weight parameter names, else the node."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    if stack:
+        try:
+            if _module_layer(model.get_submodule(stack[-1][0])) is not None:
+                return stack[-1][0]
+        except AttributeError:
+            pass
+    weight = args.get("weight")
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return weight.target.removesuffix(".weight")
+    return node.name
+
+
+Unsupported = tuple[str, str]  # (layer or node name, why it is not adapted)
+
+
 def _function_layer(
     gm: fx.GraphModule, node: fx.Node, model: nn.Module
-) -> tuple[Layer | None, str | None]:
-    """A functional/ATen call -> (Layer, None), or (None, reason) if it is one but unusable."""
+) -> tuple[Layer | None, Unsupported | None]:
+    """A functional/ATen call -> (Layer, None), or (None, (name, reason)) if it is one but
+    unusable, or (None, None) if it is no linear/conv."""
     target = node.target
     if target in _MATMUL_OPS:
         i_x, i_w = _MATMUL_OPS[target]
@@ -165,16 +188,16 @@ def _function_layer(
     elif target is _aten.convolution.default:
         args, ndim = _bind(node, _CONVOLUTION_ARGS), -1  # dims read off the weight below
         if args.get("transposed"):
-            return None, "transposed convolution is not supported"
+            return None, (_where(node, args, model), "transposed convolution is not supported")
     else:
         return None, None
     weight = _param(gm, args.get("weight"))
     if weight is None:
-        return None, "weight is computed in the graph, not a parameter"
+        return None, (_where(node, args, model), "weight is computed in the graph, not a parameter")
     if ndim < 0:
         ndim = weight.dim() - 2
     wname = args["weight"].target
-    name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+    name = wname.removesuffix(".weight")
     op = str(target) if isinstance(target, torch._ops.OpOverload) else f"torch.{target.__name__}"
     if ndim == 0 and target in _MATMUL_OPS:
         layer = Layer(name, "linear", op, weight.shape[0], weight.shape[1], wname)
@@ -192,7 +215,8 @@ def _function_layer(
             groups=int(args.get("groups") or 1),
         )
         if spec.groups != 1:
-            return None, f"grouped convolution (groups={spec.groups}) is not adapted"
+            reason = f"grouped convolution (groups={spec.groups}) is not adapted"
+            return None, (_where(node, args, model), reason)
         rows = weight.shape[1] * math.prod(spec.kernel_size)
         layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
     # The op is a module of the model when it ran inside that module's forward on that
@@ -205,6 +229,11 @@ def _function_layer(
     stack = list(node.meta.get("nn_module_stack", {}).values())
     innermost = stack[-1][0] if stack else None
     if _module_layer(owner) is not None and owner.weight is weight and innermost == owner_name:
+        # Adapters go on modules (the model keeps its class), so one whose forward does
+        # more than this op (an MoE router) is left out rather than spliced into the graph.
+        reason = forward_mismatch(owner)
+        if reason is not None:
+            return None, (owner_name, f"{reason}: not adapted")
         layer.module = owner_name
     layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
     return layer, None
@@ -226,6 +255,71 @@ def _module_layer(m: Any) -> tuple[str, ConvSpec | None] | None:
     return None
 
 
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _nn_class(m: nn.Module) -> type[nn.Module] | None:
+    return next((c for c in _PLAIN if isinstance(m, c)), None)
+
+
+def _reference(m: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    # What the plain nn class computes from these parameters: the op LoRA and merge assume.
+    if isinstance(m, nn.Linear):
+        return F.linear(x, params["weight"], params.get("bias"))
+    return _nn_class(m)._conv_forward(m, x, params["weight"], params.get("bias"))
+
+
+def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
+    """Why the linear/conv module ``m`` is not plainly ``F.linear``/``F.conv`` of its weight.
+
+    None for a module whose class keeps the nn class's ``forward`` (and HF ``Conv1D``). A
+    subclass that overrides it is run on a small random input, beside the nn class's op: with
+    ``values`` False on the meta device (shapes only, as weights may not be resident): a
+    non-tensor result (MoE routers that return scores and indices) or another output shape
+    (TF "same" padding computed per input) means an adapter on its input cannot be added to its
+    output; with ``values`` True on its own weights: other values (weight standardisation)
+    mean ``W + B A`` does not reproduce ``m(x) + B A x``, so the adapter cannot be folded.
+    """
+    base = _nn_class(m)
+    if base is None or type(m).forward is base.forward:
+        return None  # HF Conv1D included: it is its own class
+    what = f"nn.{base.__name__} subclass {type(m).__name__} overrides forward"
+    w = m.weight
+    if isinstance(m, nn.Linear):
+        shape: tuple[int, ...] = (2, w.shape[1])
+    else:  # odd sizes, a few strides past the kernel: padding that depends on them shows
+        extent = [
+            d * (k - 1) + 1 + 2 * s + 3 for k, s, d in zip(m.kernel_size, m.stride, m.dilation)
+        ]
+        shape = (1, w.shape[1] * m.groups, *extent)
+    values = values and not w.is_meta  # weights not resident: shapes are all we can check
+    device = w.device if values else torch.device("meta")
+    params = dict(m.named_parameters())
+    params.update(m.named_buffers())
+    if not values:
+        params = {n: t.to("meta") for n, t in params.items()}
+    x = torch.randn(shape, dtype=w.dtype, device=device)
+    training = m.training
+    try:
+        m.eval()  # no jitter or dropout in the comparison
+        with torch.no_grad():
+            out = torch.func.functional_call(m, params, (x.clone(),))
+            ref = _reference(m, x, params)
+    except Exception as err:  # any failure means we cannot vouch for it
+        return f"{what} and fails on a test input ({type(err).__name__})"
+    finally:
+        m.train(training)
+    if not isinstance(out, torch.Tensor):
+        return f"{what} and returns a {type(out).__name__}, not the layer's output"
+    if out.shape != ref.shape:
+        return f"{what} and its output shape is not that of its weight's op"
+    if values and not torch.allclose(
+        out.float(), ref.float(), rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-6
+    ):
+        return f"{what} and does not compute the plain op of its weight (it transforms it)"
+    return None
+
+
 def _layer_of_module(name: str, m: Any) -> Layer | None:
     """The Layer a linear/conv module at ``name`` is (widths from its weight), or None."""
     found = _module_layer(m)
@@ -244,12 +338,21 @@ def _layer_of_module(name: str, m: Any) -> Layer | None:
     return layer
 
 
-def _call_module_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, str | None]:
-    layer = _layer_of_module(node.target, gm.get_submodule(node.target))
+def _call_module_layer(
+    gm: fx.GraphModule, node: fx.Node
+) -> tuple[Layer | None, Unsupported | None]:
+    m = gm.get_submodule(node.target)
+    layer = _layer_of_module(node.target, m)
     if layer is None:
         return None, None
     if layer.conv is not None and layer.conv.groups != 1:
-        return None, f"grouped convolution (groups={layer.conv.groups}) is not adapted"
+        return None, (
+            node.target,
+            f"grouped convolution (groups={layer.conv.groups}) is not adapted",
+        )
+    reason = forward_mismatch(m)
+    if reason is not None:
+        return None, (node.target, f"{reason}: not adapted")
     src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     layer.inputs.append(src.name if isinstance(src, fx.Node) else "")
     return layer, None
@@ -350,7 +453,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         else:
             continue
         if reason is not None:
-            unsupported.setdefault(node.target if node.op == "call_module" else node.name, reason)
+            unsupported.setdefault(*reason)
             continue
         if layer is None:
             continue
