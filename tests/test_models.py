@@ -293,3 +293,28 @@ def test_falcon_linear_layers_lowered_to_matmul():
         )
     out = adapted.generate(batches[0]["input_ids"][:1], max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_levit_after_a_forward_with_grad():
+    """LeViT caches its attention biases (non-leaf tensors) on a forward with grad enabled,
+    which deepcopy refuses: the adapted model's module tree shares them instead."""
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=5, img_size=64).eval()
+    batches = images(n=2, size=64)
+    model(batches[0])  # grad enabled: fills the caches
+    cached = [
+        m.attention_bias_cache for m in model.modules() if getattr(m, "attention_bias_cache", None)
+    ]
+    assert cached and any(t.grad_fn is not None for c in cached for t in c.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
+        adapted, report = evagraph.transform(model, batches, budget=2, rho=1, progress=False)
+    assert type(adapted) is type(model) and report.layers
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+        for m in adapted.modules():
+            if isinstance(m, LoraAdapter):
+                m.lora_B.weight.normal_(0, 0.1)
+        merged = evagraph.merge(adapted)
+        torch.testing.assert_close(merged(batches[0]), adapted(batches[0]), atol=1e-5, rtol=1e-4)

@@ -299,6 +299,7 @@ class Cached(nn.Module):
     def forward(self, x):
         if "w" not in self.cache:
             self.cache["w"] = self.a.weight * 2
+            self.nested = {"cpu": [(self.a.weight + 1,)]}  # caches nest
         return self.bn(self.b(x) + x @ self.cache["w"].T + self.offset)
 
 
@@ -312,6 +313,7 @@ def test_share_weights_copy_shares_every_weight():
     assert twin.b.weight is twin.a.weight and twin.a.weight is not model.a.weight
     assert [p.data_ptr() for p in twin.parameters()] == [p.data_ptr() for p in model.parameters()]
     assert twin.offset is model.offset and twin.cache["w"] is model.cache["w"]
+    assert twin.nested["cpu"][0][0] is model.nested["cpu"][0][0]
     twin.train()(x)  # running statistics are the copy's own
     assert torch.equal(model.bn.running_mean, torch.zeros(8)) and model.bn.num_batches_tracked == 0
     twin.requires_grad_(False).double()  # flags and device/dtype moves stay the copy's
