@@ -131,6 +131,7 @@ _TRANSPOSE_OPS = {_aten.transpose.int, torch.transpose, "transpose"}
 _PERMUTE_OPS = {_aten.permute.default, torch.permute, "permute"}
 _UNSQUEEZE_OPS = {_aten.unsqueeze.default, torch.unsqueeze, "unsqueeze"}
 _EXPAND_OPS = {_aten.expand.default, "expand"}
+_VIEW_OPS = _SWAP_OPS | _TRANSPOSE_OPS | _PERMUTE_OPS | _UNSQUEEZE_OPS | _EXPAND_OPS | {getattr}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVOLUTION_ARGS = _CONV_ARGS[:6] + ("transposed", "output_padding", "groups")
 
@@ -194,7 +195,9 @@ def _weight_operand(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, str, b
     leading dims added to broadcast it over a batch. (parameter, its qualified name, whether
     the operand is its transpose), or None."""
     chain = []
-    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        if node.op not in ("call_function", "call_method") or node.target not in _VIEW_OPS:
+            return None  # an activation, or a weight computed with more than views
         chain.append(node)
         node = node.args[0] if node.args else None
     weight = _param(gm, node)
