@@ -522,3 +522,19 @@ def test_export_capture_for_fx_untraceable_model():
     assert isinstance(adapted, Shapes) and report.ranks == {"fc": 2}
     with torch.no_grad():
         torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+
+
+def test_unadaptable_op_in_a_graph_is_named_by_its_layer():
+    class Depthwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw, self.pw = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.pw(self.dw(x)).mean((2, 3)))
+
+    model, x = Depthwise().eval(), torch.randn(2, 4, 8, 8)
+    lg = build_layer_graph(torch.export.export(model, (x,)).module(), model)
+    assert lg.unsupported == {"dw": "grouped convolution (groups=4) is not adapted"}
+    assert list(lg.layers) == ["pw", "head"]

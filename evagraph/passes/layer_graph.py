@@ -215,7 +215,8 @@ def _weight_operand(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, str, b
 def _function_layer(
     gm: fx.GraphModule, node: fx.Node, model: nn.Module
 ) -> tuple[Layer | None, str | None]:
-    """A functional/ATen call -> (Layer, None), or (None, reason) if it is one but unusable."""
+    """A functional/ATen call -> (Layer, None), or (Layer or None, reason) if it is one but
+    unusable."""
     target = node.target
     if target in _MATMUL_OPS:
         i_x, i_w = _MATMUL_OPS[target]
@@ -258,10 +259,10 @@ def _function_layer(
             dilation=_tuple(args.get("dilation"), ndim, 1),
             groups=int(args.get("groups") or 1),
         )
-        if spec.groups != 1:
-            return None, f"grouped convolution (groups={spec.groups}) is not adapted"
         rows = weight.shape[1] * math.prod(spec.kernel_size)
         layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
+        if spec.groups != 1:  # the layer, to name it by its weight rather than its node
+            return layer, f"grouped convolution (groups={spec.groups}) is not adapted"
     # The op is a module of the model when it ran inside that module's forward on that
     # module's own weight (torch.export keeps the parameters and records nn_module_stack).
     owner_name = wname.rpartition(".")[0]
@@ -429,7 +430,8 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         else:
             continue
         if reason is not None:
-            unsupported.setdefault(node.target if node.op == "call_module" else node.name, reason)
+            key = layer.name if layer is not None else node.name
+            unsupported.setdefault(node.target if node.op == "call_module" else key, reason)
             continue
         if layer is None:
             continue
