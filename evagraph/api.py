@@ -21,7 +21,14 @@ from torch import nn
 from . import distributed
 from .artifacts import attach_adapters
 from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-from .data import batch_failed, call_model, resolve_device, to_device
+from .data import (
+    batch_failed,
+    call_model,
+    check_shapes,
+    input_shapes,
+    resolve_device,
+    to_device,
+)
 from .errors import CaptureError, ConfigError, DataError
 from .lora import refuse_adapted, share_weights_copy
 from .onload import Onloader, ShardedCheckpoint, execution_device, has_offloaded_weights
@@ -170,6 +177,9 @@ def _calibrate(
             stream = itertools.chain([first], batches)
             if sync is not None:  # this process's slice of each global batch
                 stream = sync.shards(stream)
+            if captured.static is not None:
+                source = f"{type(work).__name__}, captured for one input shape,"
+                stream = check_shapes(source, input_shapes(first), stream)
             stream = (to_device(b, dev) for b in stream)
             if plan is None:
                 calibration = incremental_svd.calibrate(

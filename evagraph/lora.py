@@ -137,8 +137,9 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     gradients and ``.to()`` on the copy leave the input's parameters as they were. Their
     values are shared, so nothing may write into them in place: evagraph never does (``merge``
     makes new tensors) and training the adapters leaves the frozen base alone. Buffers and
-    tensors held in module attributes (caches, e.g. timm LeViT's attention biases, which are
-    no graph leaves, so deepcopy refuses them) are the input's own objects, except
+    tensors held in module attributes, also nested in containers (caches, e.g. timm LeViT's
+    attention biases after a forward with grad, which are no graph leaves, so deepcopy
+    refuses them) are the input's own objects, except
     normalisation running statistics: a forward in train mode updates those in place, which
     would change the input's, so they are copied (they are small).
     """
@@ -151,14 +152,20 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
             memo.update((id(b), b) for b in module._buffers.values() if b is not None)
     for module in model.modules():
         for key, value in vars(module).items():
-            if key in ("_parameters", "_buffers", "_modules"):
-                continue
-            if isinstance(value, dict):
-                value = list(value.values())
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(t, torch.Tensor):
-                    memo.setdefault(id(t), t)
+            if key not in ("_parameters", "_buffers", "_modules"):
+                memo.update((id(t), t) for t in _held_tensors(value) if id(t) not in memo)
     return copy.deepcopy(model, memo)
+
+
+def _held_tensors(value: Any, depth: int = 4) -> list[torch.Tensor]:
+    """Tensors in ``value`` and in the dicts, lists, tuples and sets it nests (caches such as
+    ``{device: {shape: tensor}}``), to ``depth`` levels."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0 or not isinstance(value, (dict, list, tuple, set, frozenset)):
+        return []
+    items = value.values() if isinstance(value, dict) else value
+    return [t for item in items for t in _held_tensors(item, depth - 1)]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

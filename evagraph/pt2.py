@@ -18,14 +18,14 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import DataError, ModelLoadError
+from .data import check_shapes
+from .errors import ModelLoadError
 
 MODEL_NAME = "model"  # the program torch.export.save writes and torch.export.load returns
 
@@ -329,23 +329,5 @@ def check_batches(
 ) -> None:
     """Raise a one-line ``DataError`` for the first calibration batch whose tensors do not
     have the shapes the archive ``path`` was exported for (its static dimensions)."""
-
-    def shown(shape: tuple) -> str:
-        dims = ["*" if d is None else str(d) for d in shape]
-        return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
-
-    for i, batch in enumerate(batches):
-        if isinstance(batch, Mapping):
-            pairs = [(name, batch[name]) for name in shapes if name in batch]
-        else:
-            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-            pairs = list(zip(shapes, inputs))
-        for name, tensor in pairs:
-            expected, got = shapes[name], tuple(getattr(tensor, "shape", ()))
-            if len(got) != len(expected) or any(
-                e is not None and e != g for e, g in zip(expected, got)
-            ):
-                raise DataError(
-                    f"{path} expects input {name} of shape {shown(expected)}; calibration "
-                    f"batch {i} has {shown(got)}"
-                )
+    for _ in check_shapes(str(path), shapes, batches):
+        pass

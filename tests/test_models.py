@@ -254,3 +254,67 @@ def test_gpt2_conv1d_mask_applies_to_flattened_rows():
         96,
     )
     assert report.rows[c_attn.group] == 3 * 13
+
+
+def test_falcon_linear_layers_lowered_to_matmul():
+    """FalconLinear computes ``x @ self.weight.T``: export records aten.matmul on a transpose
+    of the weight, which is still the module's linear layer (module wrap, class kept)."""
+    torch.manual_seed(0)
+    config = T.FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100
+    )
+    model, batches = T.FalconForCausalLM(config).eval(), token_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
+        adapted, report = evagraph.transform(model, batches, budget=2, rho=2, progress=False)
+    assert type(adapted) is type(model) and report.rewrite == "module"
+    names = {
+        f"transformer.h.{i}.{n}"
+        for i in range(2)
+        for n in ("self_attention.query_key_value", "self_attention.dense")
+        + ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    }
+    assert {r.name for r in report.layers} == names
+    assert {r.op for r in report.layers} == {"aten.matmul.default"}
+    assert report.skipped == {"lm_head": "output layer (model head)"}
+    with torch.no_grad():
+        torch.testing.assert_close(call(adapted, batches[0]), call(model, batches[0]))
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora.lora_" in n for n in trainable)
+
+    with torch.no_grad():
+        for m in adapted.modules():
+            if isinstance(m, LoraAdapter):
+                m.lora_B.weight.normal_(0, 0.1)
+        merged = evagraph.merge(adapted)
+        assert type(merged) is type(model)
+        torch.testing.assert_close(
+            call(merged, batches[0]), call(adapted, batches[0]), atol=1e-5, rtol=1e-4
+        )
+    out = adapted.generate(batches[0]["input_ids"][:1], max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_levit_after_a_forward_with_grad():
+    """LeViT caches its attention biases (non-leaf tensors) on a forward with grad enabled,
+    which deepcopy refuses: the adapted model's module tree shares them instead."""
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=5, img_size=64).eval()
+    batches = images(n=2, size=64)
+    model(batches[0])  # grad enabled: fills the caches
+    cached = [
+        m.attention_bias_cache for m in model.modules() if getattr(m, "attention_bias_cache", None)
+    ]
+    assert cached and any(t.grad_fn is not None for c in cached for t in c.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
+        adapted, report = evagraph.transform(model, batches, budget=2, rho=1, progress=False)
+    assert type(adapted) is type(model) and report.layers
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+        for m in adapted.modules():
+            if isinstance(m, LoraAdapter):
+                m.lora_B.weight.normal_(0, 0.1)
+        merged = evagraph.merge(adapted)
+        torch.testing.assert_close(merged(batches[0]), adapted(batches[0]), atol=1e-5, rtol=1e-4)

@@ -226,6 +226,66 @@ def test_functional_linear_on_a_plain_parameter():
     check_trains(model, adapted, batches[0])
 
 
+class MatmulLinears(nn.Module):
+    """Linear layers lowered to matmuls on their weight: an nn.Linear computing x @ W.T (as
+    FalconLinear), a plain parameter through permute, one broadcast over a batch for bmm."""
+
+    class TLinear(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.TLinear(16, 12)
+        self.w = nn.Parameter(torch.randn(10, 12) / 4)
+        self.v = nn.Parameter(torch.randn(10, 8) / 4)  # stored (in, out)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(torch.matmul(torch.tanh(self.a(x)), self.w.permute(1, 0)))
+        v = self.v.unsqueeze(0).expand(h.shape[0], -1, -1)
+        return self.head(torch.tanh(torch.bmm(h, v)))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_linear_layers_lowered_to_matmul(method):
+    model = MatmulLinears().eval()
+    batches = list(decaying(24, 16, lead=(5,)).split(4))
+    if method == "export":  # a loaded .pt2: every layer is an op in the graph
+        model = torch.export.export(model, (batches[0],)).module()
+    adapted, report = evagraph.transform(model, batches, budget=2, rho=1, progress=False)
+    layers = {r.name: r for r in report.layers}
+    assert sorted(layers) == ["a", "v", "w"] and report.rewrite == "graph"
+    assert [(layers[n].in_features, layers[n].out_features) for n in "awv"] == [
+        (16, 12),
+        (12, 10),
+        (10, 8),
+    ]
+    lora_v = next(
+        m for m in adapted.modules() if isinstance(m, LoraAdapter) and m.layer_name == "v"
+    )
+    assert lora_v.weight_transposed and lora_v.delta_weight().shape == (10, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+    check_trains(model, adapted, batches[0])
+
+
+def test_matmul_on_an_nn_linear_weight_wraps_the_module():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = MatmulLinears.TLinear(16, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x)))
+
+    model = Net().eval()
+    batches = list(decaying(24, 16, lead=(5,)).split(4))
+    lg = build_layer_graph(torch.export.export(model, (batches[0],)).module(), model)
+    assert lg.layers["a"].module == "a" and lg.layers["a"].op == "aten.matmul.default"
+    assert lg.outputs == {"head"}
+
+
 class Cached(nn.Module):
     """Tied weights, a BatchNorm, a buffer, and a tensor cached in a dict (not a graph leaf)."""
 
@@ -239,6 +299,7 @@ class Cached(nn.Module):
     def forward(self, x):
         if "w" not in self.cache:
             self.cache["w"] = self.a.weight * 2
+            self.nested = {"cpu": [(self.a.weight + 1,)]}  # caches nest
         return self.bn(self.b(x) + x @ self.cache["w"].T + self.offset)
 
 
@@ -252,6 +313,7 @@ def test_share_weights_copy_shares_every_weight():
     assert twin.b.weight is twin.a.weight and twin.a.weight is not model.a.weight
     assert [p.data_ptr() for p in twin.parameters()] == [p.data_ptr() for p in model.parameters()]
     assert twin.offset is model.offset and twin.cache["w"] is model.cache["w"]
+    assert twin.nested["cpu"][0][0] is model.nested["cpu"][0][0]
     twin.train()(x)  # running statistics are the copy's own
     assert torch.equal(model.bn.running_mean, torch.zeros(8)) and model.bn.num_batches_tracked == 0
     twin.requires_grad_(False).double()  # flags and device/dtype moves stay the copy's
@@ -460,3 +522,19 @@ def test_export_capture_for_fx_untraceable_model():
     assert isinstance(adapted, Shapes) and report.ranks == {"fc": 2}
     with torch.no_grad():
         torch.testing.assert_close(adapted(batches[0]), model(batches[0]))
+
+
+def test_unadaptable_op_in_a_graph_is_named_by_its_layer():
+    class Depthwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw, self.pw = nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.pw(self.dw(x)).mean((2, 3)))
+
+    model, x = Depthwise().eval(), torch.randn(2, 4, 8, 8)
+    lg = build_layer_graph(torch.export.export(model, (x,)).module(), model)
+    assert lg.unsupported == {"dw": "grouped convolution (groups=4) is not adapted"}
+    assert list(lg.layers) == ["pw", "head"]

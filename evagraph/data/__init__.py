@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "TextBatches",
     "batch_failed",
     "call_model",
+    "check_shapes",
     "data_kind",
     "image_batches",
     "load_calibration",
@@ -134,6 +135,46 @@ def call_model(model: torch.nn.Module, batch: Any) -> Any:
 def batch_failed(index: int, err: Exception) -> DataError:
     """The error for a batch the model could not run: the first line of what it raised."""
     return DataError(f"the model failed on calibration batch {index}: {_first_line(err)}")
+
+
+def input_shapes(batch: Any) -> dict[str, tuple[int, ...]]:
+    """The tensor inputs of one batch by name (keyword, or ``#i`` by position) with their
+    shapes: what a graph captured for that batch's shapes only takes (``check_shapes``)."""
+    if isinstance(batch, Mapping):
+        named = batch.items()
+    else:
+        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        named = ((f"#{i}", v) for i, v in enumerate(inputs))
+    return {k: tuple(v.shape) for k, v in named if isinstance(v, torch.Tensor)}
+
+
+def check_shapes(
+    source: str, shapes: Mapping[str, tuple[int | None, ...]], batches: Iterable[Any]
+) -> Iterator[Any]:
+    """``batches``, each checked as it is drawn: a one-line ``DataError`` for the first whose
+    tensors do not have the ``shapes`` that ``source`` takes (``None``: a dynamic dimension).
+    Inputs are matched by keyword for dict batches, else by position, in ``shapes``' order."""
+
+    def shown(shape: tuple) -> str:
+        dims = ["*" if d is None else str(d) for d in shape]
+        return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            pairs = [(name, batch[name]) for name in shapes if name in batch]
+        else:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            pairs = list(zip(shapes, inputs))
+        for name, tensor in pairs:
+            expected, got = shapes[name], tuple(getattr(tensor, "shape", ()))
+            if len(got) != len(expected) or any(
+                e is not None and e != g for e, g in zip(expected, got)
+            ):
+                raise DataError(
+                    f"{source} expects input {name} of shape {shown(expected)}; calibration "
+                    f"batch {i} has {shown(got)}"
+                )
+        yield batch
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:

@@ -11,6 +11,9 @@ Two captures, tried in order:
    (HF transformers, timm models with shape logic) is executed with real values here, so
    this captures nearly any model that runs; its graph is ATen ops whose weights are the
    model's own parameters, which the layer-graph pass maps back to their modules.
+3. ``torch.export`` with static shapes, when 2 fails on the dynamic shapes themselves (a
+   guard on a size it cannot decide, a data-dependent branch): the graph then takes only
+   batches shaped as the example, which ``Captured.static`` tells calibration to check.
 We keep fx first rather than exporting everything (as pt2e does) because it is an order of
 magnitude faster on the models it can trace and keeps the model's own leaf modules.
 """
@@ -18,12 +21,14 @@ magnitude faster on the models it can trace and keeps the model's own leaf modul
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import io
 import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..errors import CaptureError
 
@@ -71,11 +77,13 @@ def _first_line(err: BaseException) -> str:
 
 # Frames from these installed packages are not the user's. Compared by real path, not by a
 # name: a user's checkout may itself live in a folder called "evagraph" (git's default).
+# sympy: export's shape solver fails inside it.
 _LIBRARY_DIRS = tuple(
     os.path.join(os.path.dirname(path), "")  # trailing separator: torch/ but not torchvision/
     for path in (
         os.path.realpath(torch.__file__),
         os.path.dirname(os.path.realpath(__file__)),  # evagraph/passes -> evagraph
+        *(os.path.realpath(s.origin) for s in [importlib.util.find_spec("sympy")] if s),
     )
 )
 
@@ -122,8 +130,11 @@ def _auto_dims(value: Any) -> Any:
     return None
 
 
-def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
-    """``torch.export`` (non-strict) of ``model`` called with ``example``, all dims dynamic.
+def export_program(
+    model: nn.Module, example: Any, dynamic: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``model`` called with ``example``, all dims dynamic
+    (``dynamic=False``: all static, the graph takes only ``example``'s shapes).
 
     A mapping is passed as keyword arguments, a tuple/list positionally, a tensor as the one
     input. HF models are exported without their KV cache (``config.use_cache``), which the
@@ -135,6 +146,11 @@ def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgr
         args, kwargs = tuple(example), {}
     else:
         args, kwargs = (example,), {}
+    # Export marks the input tensors' dims dynamic on the tensor objects themselves, which a
+    # later export (the static retry, a user's torch.compile) would inherit: give it aliases.
+    args, kwargs = torch.utils._pytree.tree_map_only(
+        torch.Tensor, torch.Tensor.detach, (args, kwargs)
+    )
     # Submodules may hold their own config copies (T5's decoder stack): switch off them all.
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
     cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
@@ -146,7 +162,9 @@ def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgr
                 model,
                 args,
                 kwargs,
-                dynamic_shapes=_auto_dims(kwargs) if kwargs else _auto_dims(args),
+                dynamic_shapes=(_auto_dims(kwargs) if kwargs else _auto_dims(args))
+                if dynamic
+                else None,
                 strict=False,
             )
     finally:
@@ -156,10 +174,13 @@ def export_program(model: nn.Module, example: Any) -> torch.export.ExportedProgr
 
 @dataclass
 class Captured:
-    """Result of the capture pass. method: "graph" (given a GraphModule), "fx" or "export"."""
+    """Result of the capture pass. method: "graph" (given a GraphModule), "fx" or "export".
+    static: why the graph takes only the example's input shapes (export with dynamic shapes
+    failed on this), or None when it takes other shapes too."""
 
     gm: fx.GraphModule
     method: str
+    static: str | None = None
 
 
 def capture(model: nn.Module, example: Any = None) -> Captured:
@@ -186,10 +207,30 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
     try:
         return Captured(export_program(model, example).module(), "export")
     except Exception as err:
-        raise CaptureError(
-            f"cannot capture {type(model).__name__} as a graph. torch.fx: "
-            f"{_first_line(fx_error)}{_user_frame(fx_error)}; torch.export: "
-            f"{_first_line(err)}{_user_frame(err)}. Check that the model "
-            "runs on the calibration batch as given (a dict is passed as keyword arguments), "
-            "or exclude the construct named above from the model."
-        ) from err
+        dynamic_error = err
+    # Shape logic export cannot decide for every size (timm's CPUBone pads to a multiple of
+    # its stride) is decided for the example's sizes. A guard on tensor values (DBRX routes
+    # tokens to experts in a Python loop) stays undecidable: no retry.
+    dynamic = f"{_first_line(dynamic_error)}{_user_frame(dynamic_error)}"
+    err = dynamic_error
+    if not isinstance(dynamic_error, GuardOnDataDependentSymNode):
+        try:
+            gm = export_program(model, example, dynamic=False).module()
+        except Exception as static_error:
+            err = static_error
+        else:
+            warnings.warn(
+                f"torch.export could not capture {type(model).__name__} for inputs of any "
+                f"shape ({dynamic}); it is captured for the first calibration batch's shapes, "
+                "which every batch must then have",
+                stacklevel=2,
+            )
+            return Captured(gm, "export", static=dynamic)
+    static = f"{_first_line(err)}{_user_frame(err)}"
+    raise CaptureError(
+        f"cannot capture {type(model).__name__} as a graph. torch.fx: "
+        f"{_first_line(fx_error)}{_user_frame(fx_error)}; torch.export: {static}"
+        + (f" (with dynamic shapes: {dynamic})" if dynamic != static else "")
+        + ". Check that the model runs on the calibration batch as given (a dict is "
+        "passed as keyword arguments), or exclude the construct named above from the model."
+    ) from err

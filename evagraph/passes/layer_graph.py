@@ -7,14 +7,17 @@ them); which layers produce the model's output; and a networkx DiGraph of data d
 between layers. Layers are recognised at two levels, so one pipeline serves both captures:
 module calls (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) in fx graphs, and ATen / functional
 ops (``aten.linear``, ``aten.conv2d``, ``F.linear`` ...) whose weight is a graph parameter, as
-in a loaded ``torch.export`` archive. A module whose class overrides its nn class's ``forward``
-is adapted only if its output is a tensor shaped as the op's (``forward_mismatch``); MoE
-routers that return tuples and convs padding per input size are reported as not adapted.
+in a loaded ``torch.export`` archive, and matmuls whose operand is a 2-D parameter or a
+transpose of one (``x @ self.weight.T`` in an ``nn.Linear`` subclass such as FalconLinear). A
+module whose class overrides its nn class's ``forward`` is adapted only if its output is a
+tensor shaped as the op's (``forward_mismatch``); MoE routers that return tuples and convs
+padding per input size are reported as not adapted.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,15 +116,26 @@ _CONV_OPS = {
     torch.conv2d: 2,
     torch.conv3d: 3,
 }
-# x @ W with W stored (in, out), as HF Conv1D lowers to: (op, argument index of x, of W).
+# x @ V with V a parameter W, or a view of one: W stored (in, out) as HF Conv1D lowers to, or
+# W.T (nn.Linear subclasses that compute `x @ self.weight.T`, e.g. FalconLinear), or W
+# broadcast over a batch for bmm. (op, argument index of x, of V).
 _MATMUL_OPS = {
     _aten.addmm.default: (1, 2),
     _aten.mm.default: (0, 1),
     _aten.matmul.default: (0, 1),
+    _aten.bmm.default: (0, 1),
     torch.addmm: (1, 2),
     torch.mm: (0, 1),
     torch.matmul: (0, 1),
+    torch.bmm: (0, 1),
+    operator.matmul: (0, 1),
 }
+_SWAP_OPS = {_aten.t.default, _aten.numpy_T.default, torch.t, "t"}  # swap a 2-D tensor's dims
+_TRANSPOSE_OPS = {_aten.transpose.int, torch.transpose, "transpose"}
+_PERMUTE_OPS = {_aten.permute.default, torch.permute, "permute"}
+_UNSQUEEZE_OPS = {_aten.unsqueeze.default, torch.unsqueeze, "unsqueeze"}
+_EXPAND_OPS = {_aten.expand.default, "expand"}
+_VIEW_OPS = _SWAP_OPS | _TRANSPOSE_OPS | _PERMUTE_OPS | _UNSQUEEZE_OPS | _EXPAND_OPS | {getattr}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVOLUTION_ARGS = _CONV_ARGS[:6] + ("transposed", "output_padding", "groups")
 
@@ -148,6 +162,58 @@ def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
         except AttributeError:
             return None
     return None
+
+
+def _view_step(node: fx.Node, ndim: int, swapped: bool) -> tuple[int, bool] | None:
+    """(ndim, swapped) after ``node``, a view of an ``ndim``-D tensor whose last two dims are a
+    weight's (``swapped``: transposed); None unless it keeps those two dims as a matrix."""
+    target, args = node.target, node.args[1:]  # call_method: the method's name
+    if target is getattr:
+        return (ndim, not swapped) if args[0] in ("T", "mT") else None
+    if target in _SWAP_OPS:
+        return (ndim, not swapped) if ndim == 2 else None
+    if target not in _EXPAND_OPS and not all(isinstance(d, (int, list, tuple)) for d in args):
+        return None  # dims computed in the graph
+    last = {ndim - 2, ndim - 1}
+    if target in _TRANSPOSE_OPS and len(args) == 2:
+        dims = {d % ndim for d in args}
+        if dims == last:
+            return ndim, not swapped
+        return (ndim, swapped) if not dims & last else None
+    if target in _PERMUTE_OPS and args:
+        dims = [d % ndim for d in (args[0] if isinstance(args[0], (list, tuple)) else args)]
+        if set(dims[-2:]) != last:  # the matrix dims stay last; leading dims may move
+            return None
+        return ndim, swapped ^ (dims[-2] > dims[-1])
+    if target in _UNSQUEEZE_OPS and len(args) == 1:
+        d = args[0] % (ndim + 1)
+        return (ndim + 1, swapped) if d < ndim - 1 else None  # a new leading (batch) dim
+    if target in _EXPAND_OPS and args:
+        sizes = args[0] if isinstance(args[0], (list, tuple)) else args
+        return (len(sizes), swapped) if len(sizes) >= ndim else None
+    return None
+
+
+def _weight_operand(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, str, bool] | None:
+    """A matmul operand that is a 2-D parameter seen as a matrix: through transposes, and
+    leading dims added to broadcast it over a batch. (parameter, its qualified name, whether
+    the operand is its transpose), or None."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        if node.op not in ("call_function", "call_method") or node.target not in _VIEW_OPS:
+            return None  # an activation, or a weight computed with more than views
+        chain.append(node)
+        node = node.args[0] if node.args else None
+    weight = _param(gm, node)
+    if weight is None or weight.dim() != 2:
+        return None
+    ndim, swapped = 2, False
+    for step in reversed(chain):
+        after = _view_step(step, ndim, swapped)
+        if after is None:
+            return None
+        ndim, swapped = after
+    return weight, node.target, swapped
 
 
 def _where(node: fx.Node, args: dict[str, Any], model: nn.Module) -> str:
@@ -177,10 +243,11 @@ def _function_layer(
     target = node.target
     if target in _MATMUL_OPS:
         i_x, i_w = _MATMUL_OPS[target]
-        weight = _param(gm, node.args[i_w]) if len(node.args) > i_w else None
-        if weight is None or weight.dim() != 2:
+        operand = _weight_operand(gm, node.args[i_w]) if len(node.args) > i_w else None
+        if operand is None:
             return None, None  # an ordinary matmul of activations
-        args, ndim = {"input": node.args[i_x], "weight": node.args[i_w]}, 0
+        weight, wname, swapped = operand
+        args, ndim = {"input": node.args[i_x]}, 0
     elif target in _LINEAR_OPS:
         args, ndim = _bind(node, ("input", "weight", "bias")), 0
     elif target in _CONV_OPS:
@@ -191,18 +258,20 @@ def _function_layer(
             return None, (_where(node, args, model), "transposed convolution is not supported")
     else:
         return None, None
-    weight = _param(gm, args.get("weight"))
-    if weight is None:
-        return None, (_where(node, args, model), "weight is computed in the graph, not a parameter")
+    if target not in _MATMUL_OPS:
+        weight, swapped = _param(gm, args.get("weight")), False
+        if weight is None:
+            reason = "weight is computed in the graph, not a parameter"
+            return None, (_where(node, args, model), reason)
+        wname = args["weight"].target
     if ndim < 0:
         ndim = weight.dim() - 2
-    wname = args["weight"].target
     name = wname.removesuffix(".weight")
     op = str(target) if isinstance(target, torch._ops.OpOverload) else f"torch.{target.__name__}"
-    if ndim == 0 and target in _MATMUL_OPS:
+    if target in _MATMUL_OPS and not swapped:  # x @ W: W stored (in, out)
         layer = Layer(name, "linear", op, weight.shape[0], weight.shape[1], wname)
         layer.weight_transposed = True
-    elif ndim == 0:
+    elif ndim == 0:  # F.linear(x, W) or x @ W.T: W is (out, in)
         layer = Layer(name, "linear", op, weight.shape[1], weight.shape[0], wname)
     else:
         spec = ConvSpec(
@@ -228,7 +297,15 @@ def _function_layer(
         owner = None
     stack = list(node.meta.get("nn_module_stack", {}).values())
     innermost = stack[-1][0] if stack else None
-    if _module_layer(owner) is not None and owner.weight is weight and innermost == owner_name:
+    # It must also store its weight as the op reads it: an nn.Linear whose weight some op
+    # reads as (in, out) is not a linear layer the module wrap would see.
+    own = _layer_of_module(owner_name, owner) if owner is not None else None
+    if (
+        own is not None
+        and owner.weight is weight
+        and innermost == owner_name
+        and own.weight_transposed == layer.weight_transposed
+    ):
         # Adapters go on modules (the model keeps its class), so one whose forward does
         # more than this op (an MoE router) is left out rather than spliced into the graph.
         reason = forward_mismatch(owner)
@@ -427,7 +504,11 @@ def _head_layers(gm: fx.GraphModule, layer_of_node: dict[fx.Node, str]) -> set[s
                 reduced = True
                 break
             srcs = [
-                n for n in node.all_input_nodes if n.op != "get_attr" and not _is_shape(n, memo)
+                n
+                for n in node.all_input_nodes
+                if n.op != "get_attr"
+                and not _is_shape(n, memo)
+                and _weight_operand(gm, n) is None  # a weight's transpose is no data path
             ]
             if node.op == "placeholder" or len(srcs) != 1:
                 break
