@@ -48,6 +48,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,7 @@ def compare(a: Any, b: Any, tol: float = 1e-4) -> tuple[bool, str]:
         return False, f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
     scale = max(1.0, float(y.abs().max()))
     diff = float((x - y).abs().max()) if x.numel() else 0.0
-    return diff <= tol * scale, f"max |diff| {diff:.3g} (output scale {scale:.3g})"
+    return diff <= tol * scale, f"max abs diff {diff:.3g} (output scale {scale:.3g})"
 
 
 def run_checks(model: torch.nn.Module, batches: list) -> dict:
@@ -421,6 +422,11 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
     guarded("class_kept", class_kept)
     guarded("skipped", skipped)
 
+    # a random-init model whose output ignores its input (dead activations) cannot show
+    # whether merge kept the adapters
+    with torch.no_grad():
+        constant, _ = compare(call(model, batches[1]), call(model, batch), tol=1e-6)
+
     # B off zero so merge and PEFT have a non-trivial delta to reproduce
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -434,6 +440,9 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
         with torch.no_grad():
             ok, message = compare(call(merged, batch), moved, tol=1e-3)
             unchanged, _ = compare(moved, call(model, batch), tol=1e-6)
+        if unchanged and adapters and constant:
+            record("merge", None, "vacuous: the model's output does not depend on its input")
+            return
         record("merge", ok and not (unchanged and adapters), message)
         if unchanged and adapters:
             checks["merge"]["message"] += (
@@ -531,7 +540,7 @@ def sweep(
             out_path.write_text("")
             cmd = [sys.executable, __file__, "--worker", str(cases_path), str(out_path)]
             proc = subprocess.Popen([*cmd, f"--timeout={timeout}"])
-            lines, last = 0, time.monotonic()
+            lines, last, hung = 0, time.monotonic(), False
             while proc.poll() is None:
                 time.sleep(1)
                 n = len(out_path.read_text().splitlines())
@@ -544,6 +553,7 @@ def sweep(
                         proc.wait()
                         break
                 elif time.monotonic() - last > timeout + 120:  # alarm did not fire: stuck in C
+                    hung = True
                     proc.kill()
                     proc.wait()
             records = [json.loads(line) for line in out_path.read_text().splitlines()]
@@ -553,7 +563,11 @@ def sweep(
                 break
             if remaining and proc.returncode is not None:
                 case = remaining.pop(0)
-                why = f"worker died or hung (exit {proc.returncode})"
+                why = (
+                    f"no answer {timeout + 120} s after the model started: killed"
+                    if hung
+                    else f"the worker died (exit {proc.returncode}; -9: out of memory?)"
+                )
                 done.append({**case, "status": "ran", "checks": _all_error(why)})
             print(f"[zoo] {len(done)} of {len(cases)} done", file=sys.stderr, flush=True)
     return done
@@ -624,21 +638,53 @@ def section(runs: list[dict]) -> list[str]:
             f"- **{source}: {ok} of {len(ran)} {label} pass every check** "
             f"({len(group) - len(ran)} more not attempted); per check (pass or n/a): {per_check}"
         )
+        notes = sum("note" in r for r in ran)
+        if notes:
+            lines.append(f"  - {notes} carry 3-D weights outside Linear/Conv modules (fused MoE")
+            lines[-1] += " experts), not adapted and invisible to the checks"
+        lines.append("  - most frequent failures (models):")
+        lines += [f"    - {n} x {key}" for key, n in frequent(ran).most_common(8)]
+        lines.append("  - most frequent reasons for not attempting (models):")
+        skipped = Counter(_pattern(r["reason"]) for r in group if r["status"] != "ran")
+        lines += [f"    - {n} x {key}" for key, n in skipped.most_common(5)]
     lines += ["", "| source | model | class | capture | adapted / skipped | " + " | ".join(CHECKS)]
     lines[-1] += " | failure reasons |"
     lines.append("|" + "---|" * (6 + len(CHECKS)))
     for r in records:
-        if r["status"] == "ran":
-            cells = " | ".join(cell(r["checks"].get(c)) for c in CHECKS)
-            counts = f"{r.get('adapted', '-')} / {len(r['skipped']) if 'skipped' in r else '-'}"
-        else:
-            cells, counts = " | ".join("-" for _ in CHECKS), "-"
-        reasons = failure_reasons(r).replace("|", "/")
+        if r["status"] != "ran":
+            continue
+        cells = " | ".join(cell(r["checks"].get(c)) for c in CHECKS)
+        counts = f"{r.get('adapted', '-')} / {len(r['skipped']) if 'skipped' in r else '-'}"
+        reasons = failure_reasons(r).replace("|diff|", "abs diff").replace("|", "/")
         lines.append(
             f"| {r['source']} | {r['name']} | {r.get('class', '-')} | {r.get('capture', '-')} "
             f"| {counts} | {cells} | {reasons} |"
         )
+    lines += ["", "Not attempted:", "", "| source | model | reason |", "|---|---|---|"]
+    for r in records:
+        if r["status"] != "ran":
+            lines.append(f"| {r['source']} | {r['name']} | {r['reason'].replace('|', '/')} |")
     return lines
+
+
+def _pattern(message: str) -> str:
+    """A message with numbers blanked and cut short, so like failures count together."""
+    message = message.replace("|diff|", "abs diff")
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", message)[:90].replace("|", "/")
+
+
+def frequent(records: list[dict]) -> Counter:
+    """How many models fail each (check, message pattern)."""
+    counts: Counter = Counter()
+    for r in records:
+        keys = set()
+        for name in CHECKS:
+            check = r["checks"].get(name, {})
+            if check.get("status") in ("fail", "error"):
+                message = check["message"]
+                keys.add(message if message.startswith("transform") else f"{name}: {message}")
+        counts.update(_pattern(k) for k in keys)
+    return counts
 
 
 def write_results(lines: list[str], path: Path) -> None:
