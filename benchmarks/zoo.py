@@ -640,10 +640,12 @@ def section(runs: list[dict]) -> list[str]:
         )
         notes = sum("note" in r for r in ran)
         if notes:
-            lines.append(f"  - {notes} carry 3-D weights outside Linear/Conv modules (fused MoE")
+            lines.append(
+                f"  - {notes} carry 3-D weights outside Linear/Conv modules (e.g. fused MoE"
+            )
             lines[-1] += " experts), not adapted and invisible to the checks"
         lines.append("  - most frequent failures (models):")
-        lines += [f"    - {n} x {key}" for key, n in frequent(ran).most_common(8)]
+        lines += [f"    - {n} x {key}" for key, n in frequent(ran).most_common(10)]
         lines.append("  - most frequent reasons for not attempting (models):")
         skipped = Counter(_pattern(r["reason"]) for r in group if r["status"] != "ran")
         lines += [f"    - {n} x {key}" for key, n in skipped.most_common(5)]
@@ -682,7 +684,9 @@ def frequent(records: list[dict]) -> Counter:
             check = r["checks"].get(name, {})
             if check.get("status") in ("fail", "error"):
                 message = check["message"]
-                keys.add(message if message.startswith("transform") else f"{name}: {message}")
+                whole = ("transform", "timed out", "worker", "no answer", "the worker")
+                # a failure of the whole model counts once, not once per check
+                keys.add(message if message.startswith(whole) else f"{name}: {message}")
         counts.update(_pattern(k) for k in keys)
     return counts
 
