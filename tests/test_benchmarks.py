@@ -101,3 +101,22 @@ def test_memory_projection_matches_the_real_statistics(tmp_path):
     for kind in ("evagraph", "before", "peft"):
         formula, measured = re.search(rf"\| {kind} \| ([\d,]+) \| ([\d,]+) \|", text).groups()
         assert formula == measured
+
+
+@pytest.mark.slow
+def test_zoo_sweep_records_every_check_per_model(tmp_path):
+    raw, results = tmp_path / "zoo.json", tmp_path / "results.md"
+    results.write_text("# Benchmark results\n\n## Model zoo sweep (issue 17)\n\nold\n\n## Next\n")
+    run("zoo.py", "--only=test_resnet,llama", f"--out={raw}", "--write-results",
+        f"--results={results}")  # fmt: skip
+    records = {r["name"]: r for r in json.loads(raw.read_text())["results"]}
+    assert set(records) == {"test_resnet", "llama"}
+    for record in records.values():
+        assert record["status"] == "ran", record
+        checks = record["checks"]
+        assert set(checks) == {"init_equal", "lora_only", "merge", "class_kept", "peft", "skipped"}
+        assert all(c["status"] == "pass" for c in checks.values()), checks
+    text = results.read_text()
+    assert "old" not in text and text.count("## Model zoo sweep (issue 17)") == 1
+    assert "## Next" in text and "timm: 1 of 1 timm families pass every check" in text
+    assert "| hf | llama | LlamaForCausalLM | export |" in text
