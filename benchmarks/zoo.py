@@ -362,10 +362,14 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
     info = {"capture": report.capture, "adapted": len(report.layers), "skipped": report.skipped}
     # weights held as bare 3-D parameters (fused MoE experts), which no check above sees
     convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
+    experts = {r.name.rpartition("[")[0] for r in report.layers if r.name.endswith("]")}
     bare = [
         n
         for n, p in model.named_parameters()
-        if p.dim() == 3 and min(p.shape) > 1 and id(p) not in convs  # not cls/pos tokens
+        if p.dim() == 3
+        and min(p.shape) > 1
+        and id(p) not in convs  # not cls/pos tokens
+        and n not in experts  # fused experts adapted one by one
     ]
     if bare:
         info["note"] = (

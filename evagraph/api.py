@@ -265,8 +265,15 @@ def _adapt(
             )
         )
     skipped = dict(state.skipped)
+    few = state.few_rows(settings.budget)
     for n, r in ranks.items():
         if r:
+            continue
+        if n in few:
+            skipped[n] = (
+                f"rank 0: the router sent this expert {few[n]} row(s), too few for a rank "
+                f"(more than budget={settings.budget} needed)"
+            )
             continue
         dead = not bool((state.components[state.layer_group[n]].explained_variance > 0).any())
         skipped[n] = (

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from safetensors.torch import save_file
 from torch import nn
 
@@ -60,6 +61,8 @@ def _describe(adapter: LoraAdapter) -> dict:
         "kind": "linear" if conv is None else "conv",
         "base_weight": adapter.base_weight,
         "weight_transposed": adapter.weight_transposed,
+        "host": adapter.host,
+        "expert": adapter.expert,
         "rank": adapter.rank,
         "alpha": adapter.scaling * adapter.rank,
         "scaling": adapter.scaling,
@@ -103,6 +106,8 @@ def _adapter_from(entry: _Entry, A: torch.Tensor, B: torch.Tensor) -> LoraAdapte
         entry.name,
         entry.base_weight,
         entry.weight_transposed,
+        entry.host,
+        entry.expert,
     )
     with torch.no_grad():
         adapter.lora_B.weight.copy_(B)
@@ -165,6 +170,8 @@ class _Entry:
     dropout: float
     A_shape: list[int]
     B_shape: list[int]
+    host: str | None = None
+    expert: int | None = None
 
 
 def _first_line(err: BaseException) -> str:
@@ -316,6 +323,10 @@ def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
         A_shape = expect(e, "lora_A_shape", "a list of integers >= 1", source, where)
         B_shape = expect(e, "lora_B_shape", "a list of integers >= 1", source, where)
         base = expect(e, "base_weight", "a string", source, where, default="") or f"{name}.weight"
+        host = expect(e, "host", "null or a string", source, where, default=None)
+        expert = expect(e, "expert", "null or an integer >= 0", source, where, default=None)
+        if expert is not None and host is None:
+            raise ModelLoadError(f"{source}: {where}: an expert adapter needs its host module")
         entries[name] = _Entry(
             name,
             kind,
@@ -327,6 +338,8 @@ def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
             dropout=float(expect(e, "dropout", "a finite number in [0, 1)", source, where, 0.0)),
             A_shape=A_shape,
             B_shape=B_shape,
+            host=host,
+            expert=expert,
         )
     return list(entries.values())
 
@@ -401,7 +414,7 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
     stride, padding and dilation live in the graph and are not checked.
     """
     try:
-        module = model.get_submodule(layer.name)
+        module = model.get_submodule(layer.name) if layer.host is None else None
     except AttributeError:
         module = None
     actual = _layer_of_module(layer.name, module) if module is not None else None
@@ -440,6 +453,22 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
         expected = (layer.in_features, layer.out_features)
     else:
         expected = (layer.out_features, layer.in_features)
+    if layer.expert is not None:  # one slice of a fused [E, ...] weight
+        experts = weight.shape[0] if weight.dim() == 3 else 0
+        if layer.expert >= experts:
+            raise ModelLoadError(
+                f"layer {layer.name}: {source} has expert {layer.expert} of {layer.weight}, "
+                f"but the model's weight has shape {tuple(weight.shape)}"
+            )
+        expected = (experts, *expected)
+    if layer.host is not None:
+        try:
+            model.get_submodule(layer.host)
+        except AttributeError:
+            raise ModelLoadError(
+                f"layer {layer.name}: {source} adapts it inside module {layer.host}, which "
+                "the model does not have"
+            ) from None
     if tuple(weight.shape) != expected:
         raise ModelLoadError(
             f"layer {layer.name}: {source} has {_describe_layer(layer)} (weight "
@@ -454,7 +483,8 @@ def _adapter_layer(adapter: LoraAdapter) -> Layer:
     A, B = adapter.lora_A.weight, adapter.lora_B.weight
     kind = "linear" if conv is None else "conv"
     return Layer(adapter.layer_name, kind, "", A[0].numel(), B.shape[0], adapter.base_weight,
-                 conv=conv, weight_transposed=adapter.weight_transposed)  # fmt: skip
+                 conv=conv, weight_transposed=adapter.weight_transposed, host=adapter.host,
+                 expert=adapter.expert)  # fmt: skip
 
 
 def check_adapters(model: nn.Module, adapters: dict[str, LoraAdapter], source: str) -> None:
@@ -483,7 +513,12 @@ def attach_adapters(
     check_adapters(work, adapters, source or "the adapters")
 
     def wrappable(name: str) -> bool:
+        host = adapters[name].host
+        if host is not None and isinstance(work, fx.GraphModule):
+            return False  # a flat graph does not call its host modules
         try:
+            if host is not None:
+                return isinstance(work.get_submodule(host), nn.Module)
             return _module_layer(work.get_submodule(name)) is not None
         except AttributeError:
             return False

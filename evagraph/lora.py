@@ -34,6 +34,8 @@ class LoraAdapter(nn.Module):
         layer_name: str = "",
         base_weight: str = "",
         weight_transposed: bool = False,
+        host: str | None = None,
+        expert: int | None = None,
     ) -> None:
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
@@ -44,6 +46,9 @@ class LoraAdapter(nn.Module):
         # (in, out) like HF Conv1D: what merging needs.
         self.base_weight = base_weight or f"{layer_name}.weight"
         self.weight_transposed = weight_transposed
+        # Adapters of ops on parameters (``Layer.host``): the module whose call sees the
+        # changed weight, and the expert's index in a fused [E, ...] weight.
+        self.host, self.expert = host, expert
 
     @property
     def rank(self) -> int:
@@ -53,10 +58,13 @@ class LoraAdapter(nn.Module):
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return (self.lora_B(h) * self.scaling).to(x.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * B A`` shaped like the base weight (float32): what merging adds to it."""
-        A = self.lora_A.weight.detach().float()
-        B = self.lora_B.weight.detach().float().reshape(self.lora_B.weight.shape[0], -1)
+    def delta_weight(self, grad: bool = False) -> torch.Tensor:
+        """``scale * B A`` shaped like the base weight (one expert's slice of it), float32:
+        what merging adds to it; with ``grad``, differentiable (weight-space adapters)."""
+        A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if not grad:
+            A, B = A.detach(), B.detach()
+        B = B.reshape(B.shape[0], -1)
         delta = self.scaling * (B @ A.reshape(A.shape[0], -1))
         if A.dim() > 2:  # conv: B is 1x1, so B(A(x)) is one conv with weight B @ A
             return delta.reshape(B.shape[0], *A.shape[1:])
@@ -73,6 +81,8 @@ class LoraAdapter(nn.Module):
         layer_name: str = "",
         base_weight: str = "",
         weight_transposed: bool = False,
+        host: str | None = None,
+        expert: int | None = None,
     ) -> LoraAdapter:
         """An adapter whose A rows are ``A`` (rank x d) and whose B is zero."""
         rank, d = A.shape
@@ -100,7 +110,10 @@ class LoraAdapter(nn.Module):
         with torch.no_grad():
             lora_A.weight.copy_(weight_A)
             lora_B.weight.zero_()
-        return cls(lora_A, lora_B, scaling, dropout, layer_name, base_weight, weight_transposed)
+        return cls(
+            lora_A, lora_B, scaling, dropout, layer_name, base_weight, weight_transposed, host,
+            expert,
+        )  # fmt: skip
 
 
 class LoraLayer(nn.Module):
@@ -115,6 +128,53 @@ class LoraLayer(nn.Module):
 
     def __getattr__(self, name: str):
         # Code that reads e.g. `layer.weight` or `layer.in_features` keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
+
+
+class ParamLoraLayer(nn.Module):
+    """A module run with LoRA added to parameters it uses in its own ops: ``base_layer`` is
+    called with each adapted parameter ``W`` replaced by ``W + scale * B A`` (per expert
+    ``W[e] + scale * B_e A_e`` for a fused [E, ...] expert weight), as PEFT's
+    ``target_parameters`` LoRA does. For ops on a parameter that are no linear/conv module
+    (an MoE router's ``F.linear``, fused experts behind a grouped matmul): the model keeps its
+    class, and the weight is what changes, so the result is exact whatever the op.
+
+    ``loras`` maps each parameter's path under ``base_layer`` to its adapters. Dropout
+    cannot be applied to the input of a weight-space update: such adapters have none.
+    """
+
+    def __init__(self, base_layer: nn.Module, loras: dict[str, list[LoraAdapter]]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # ModuleDict keys cannot hold dots or brackets: adapters keyed by position.
+        self.lora = nn.ModuleList(a for adapters in loras.values() for a in adapters)
+        self.params = {path: [a.layer_name for a in adapters] for path, adapters in loras.items()}
+
+    def adapters(self, path: str) -> list[LoraAdapter]:
+        """The adapters of the parameter at ``path`` under ``base_layer``."""
+        names = self.params[path]
+        return [a for a in self.lora if a.layer_name in names]
+
+    def forward(self, *args, **kwargs):
+        swapped = {}
+        for path in self.params:
+            weight = self.base_layer.get_parameter(path)
+            adapters = self.adapters(path)
+            if adapters[0].expert is None:
+                delta = adapters[0].delta_weight(grad=True)
+            else:
+                slices: list[torch.Tensor | None] = [None] * weight.shape[0]
+                for a in adapters:
+                    slices[a.expert] = a.delta_weight(grad=True)
+                zero = torch.zeros(weight.shape[1:], device=weight.device)
+                delta = torch.stack([zero if d is None else d for d in slices])
+            swapped[path] = weight + delta.to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, swapped, args, kwargs, strict=False)
+
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .artifacts import attach_adapters, check_adapters, load_adapters
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
+from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
 
 # Attribute of a merged model: the names of the layers whose adapters were folded into it.
@@ -66,21 +66,30 @@ def _fold(
     merge/unmerge was given, so it is replaced, never written."""
     weight = getattr(owner, attr)
     # Layers with tied weights (one Parameter) have one adapter each; one weight cannot hold
-    # both deltas, and folding both would change every such layer by the sum of them.
-    if id(weight) in folded:
-        raise ConfigError(
-            f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base weight "
-            f"({adapter.base_weight}): it cannot hold both deltas, so they cannot be merged"
-        )
-    folded[id(weight)] = adapter.layer_name
+    # both deltas, and folding both would change every such layer by the sum of them. The
+    # experts of a fused weight each own their slice of it.
+    if adapter.expert is None:
+        if id(weight) in folded:
+            raise ConfigError(
+                f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base "
+                f"weight ({adapter.base_weight}): it cannot hold both deltas, so they cannot "
+                "be merged"
+            )
+        folded[id(weight)] = adapter.layer_name
     delta = adapter.delta_weight().to(weight.device)
-    if delta.shape != weight.shape:
+    shape = weight.shape if adapter.expert is None else weight.shape[1:]
+    if delta.shape != shape or (adapter.expert or 0) >= (len(weight) if weight.dim() else 1):
         raise ConfigError(
             f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base weight "
             f"{adapter.base_weight} {tuple(weight.shape)}"
         )
-    new = (weight.float() + sign * delta).to(weight.dtype)
-    setattr(owner, attr, nn.Parameter(new, requires_grad=weight.requires_grad))
+    new = weight.float()
+    if adapter.expert is None:
+        new = new + sign * delta
+    else:
+        new = new.clone()
+        new[adapter.expert] += sign * delta
+    setattr(owner, attr, nn.Parameter(new.to(weight.dtype), requires_grad=weight.requires_grad))
 
 
 def _fold_at(model: nn.Module, adapter: LoraAdapter, sign: float, folded: dict[int, str]) -> None:
@@ -102,6 +111,7 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(merged, fx.GraphModule)
         else []
     )
+    # Weight-space adapters (ParamLoraLayer) change the weight itself: always foldable.
     _refuse_unfoldable(
         [(m.lora, m.base_layer) for m in merged.modules() if isinstance(m, LoraLayer)]
         + [(a, _owner(merged, a)) for a in graph_adapters if isinstance(a, LoraAdapter)]
@@ -117,6 +127,15 @@ def merge(model: nn.Module) -> nn.Module:
                 _fold(module.base_layer, "weight", module.lora, +1.0, folded)
                 unwrapped.add(id(module))
                 names.add(module.lora.layer_name)
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, module.base_layer)
+        elif isinstance(module, ParamLoraLayer):
+            found = True
+            for path in module.params:
+                owner, _, attr = path.rpartition(".")
+                for adapter in module.adapters(path):
+                    _fold(module.base_layer.get_submodule(owner), attr, adapter, +1.0, folded)
+                    names.add(adapter.layer_name)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.base_layer)
     if isinstance(merged, fx.GraphModule):  # adapters spliced into a graph
@@ -194,7 +213,7 @@ def unmerge(
                 f"layer(s) {', '.join(diff)})"
             )
     check_adapters(merged, found, source)  # before any weight is changed
-    _refuse_unfoldable([(a, _owner(merged, a)) for a in found.values()])
+    _refuse_unfoldable([(a, _owner(merged, a)) for a in found.values() if a.host is None])
     work = share_weights_copy(merged)
     work.__dict__.pop(MERGED, None)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))

@@ -10,6 +10,7 @@ evagraph's A and B copied in, ``save_pretrained``), so the format is PEFT's own.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lora import LoraAdapter, LoraLayer, refuse_adapted, share_weights_copy
+from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import _layer_of_module, _module_layer, forward_mismatch
 
 
@@ -32,11 +33,11 @@ def _peft():
 
 
 def unwrap(adapted: nn.Module) -> nn.Module:
-    """``adapted`` with each LoraLayer replaced by its base layer (no merging), as a new module
-    tree over the same base weights (``share_weights_copy``): nothing is copied."""
+    """``adapted`` with each LoraLayer / ParamLoraLayer replaced by its base layer (no
+    merging), as a new module tree over the same base weights (``share_weights_copy``)."""
     base = share_weights_copy(adapted)
     for name, module in list(base.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, ParamLoraLayer)):
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, module.base_layer)
     base.requires_grad_(True)
@@ -53,26 +54,75 @@ def _check_representable(name: str, lora: LoraAdapter) -> None:
         )
 
 
+def _by_parameter(adapted: nn.Module) -> dict[str, list[LoraAdapter]]:
+    """Weight-space adapters (``ParamLoraLayer``: routers, fused experts) by base weight."""
+    found: dict[str, list[LoraAdapter]] = {}
+    for m in adapted.modules():
+        if isinstance(m, ParamLoraLayer):
+            for a in m.lora:
+                found.setdefault(a.base_weight, []).append(a)
+    return found
+
+
+def _check_parameter(adapted: nn.Module, weight: str, adapters: list[LoraAdapter]) -> None:
+    """PEFT's ``target_parameters`` LoRA reads a 2-D weight as (out, in) and a 3-D one as
+    (experts, out, in), or (experts, in, out) when its module says ``is_transposed``."""
+    first = adapters[0]
+    owner = adapted.get_submodule(first.host).base_layer.get_submodule(
+        weight.removeprefix(first.host + ".").rpartition(".")[0]
+    )
+    fused = first.expert is not None
+    transposed = bool(getattr(owner, "is_transposed", False)) if fused else False
+    if first.weight_transposed != transposed:
+        raise ConfigError(
+            f"layer {first.layer_name}: PEFT's parameter LoRA would read {weight} in the other "
+            "orientation than the op that uses it, so this adapter cannot be expressed in "
+            "PEFT's format"
+        )
+
+
 def peft_config_for(adapted: nn.Module, **extra) -> object:
-    """The ``peft.LoraConfig`` that describes ``adapted``'s adapters (ranks, alphas, dropout)."""
+    """The ``peft.LoraConfig`` that describes ``adapted``'s adapters (ranks, alphas, dropout).
+
+    Module adapters are ``target_modules``; weight-space adapters ``target_parameters``
+    (PEFT's ParamWrapper), one rank per parameter: the experts of a fused weight share the
+    largest of their ranks, the others padded with zero directions, and their scales are
+    folded into B (``to_peft``), so PEFT computes exactly what evagraph does.
+    """
     peft = _peft()
     adapters = {m.layer_name: m for m in adapted.modules() if isinstance(m, LoraAdapter)}
-    if not adapters or not all(isinstance(adapted.get_submodule(n), LoraLayer) for n in adapters):
+    params = _by_parameter(adapted)
+    in_params = {a.layer_name for group in params.values() for a in group}
+    wrapped = {n for n in adapters if n not in in_params}
+    if not adapters or not all(isinstance(adapted.get_submodule(n), LoraLayer) for n in wrapped):
         raise ConfigError(
             "PEFT export needs a model whose adapters wrap modules (an nn.Module such as an "
             "HF model), not adapters spliced into a graph"
         )
-    for name, lora in adapters.items():
-        _check_representable(name, lora)
-    ranks = {n: a.rank for n, a in adapters.items()}
-    alphas = {n: a.scaling * a.rank for n, a in adapters.items()}
+    for name in wrapped:
+        _check_representable(name, adapters[name])
+    for weight, group in params.items():
+        _check_parameter(adapted, weight, group)
+    ranks = {n: adapters[n].rank for n in wrapped}
+    alphas = {n: adapters[n].scaling * adapters[n].rank for n in wrapped}
+    for weight, group in params.items():
+        if group[0].expert is None:
+            ranks[weight], alphas[weight] = group[0].rank, group[0].scaling * group[0].rank
+        else:  # scale 1: each expert's own scale goes into its B
+            ranks[weight] = alphas[weight] = max(a.rank for a in group)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(round(alphas[n], 9) for n in ranks if ranks[n] == r).most_common(1)[0][0]
-    dropouts = {getattr(a.lora_dropout, "p", 0.0) for a in adapters.values()}
+    dropouts = {getattr(adapters[n].lora_dropout, "p", 0.0) for n in wrapped} | {0.0}
+    if params and max(dropouts) > 0:
+        raise ConfigError(
+            f"PEFT's parameter LoRA (for {next(iter(params))}) has no dropout, and a PEFT "
+            "config holds one dropout for all layers: adapt with dropout=0 to export to PEFT"
+        )
     return peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=sorted(adapters),
+        target_modules=sorted(wrapped),
+        target_parameters=sorted(params) or None,
         rank_pattern={n: k for n, k in ranks.items() if k != r},
         alpha_pattern={n: a for n, a in alphas.items() if abs(a - alpha) > 1e-9},
         lora_dropout=max(dropouts),
@@ -80,15 +130,49 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
     )
 
 
+def _param_wrapper(inner: nn.Module, weight: str) -> nn.Module:
+    """PEFT's ParamWrapper of ``weight`` (nested when a module has several)."""
+    module_name, _, param = weight.rpartition(".")
+    module = inner.get_submodule(module_name)
+    while getattr(module, "parameter_name", param) != param:
+        module = module.base_layer
+    return module
+
+
+def _copy_parameter_lora(target: nn.Module, group: list[LoraAdapter]) -> None:
+    """evagraph's adapters of one weight into PEFT's ParamWrapper: A rows ``e * r + j``,
+    B columns ``j * E + e`` (PEFT's layout), zero where an expert's rank is below r."""
+    A, B = target.lora_A["default"].weight, target.lora_B["default"].weight
+    if group[0].expert is None:
+        A.copy_(group[0].lora_A.weight)
+        B.copy_(group[0].lora_B.weight)
+        return
+    experts, r = target.num_experts, A.shape[0] // target.num_experts
+    A.zero_()
+    B.zero_()
+    for a in group:
+        k, e = a.rank, a.expert
+        A[e * r : e * r + k] = a.lora_A.weight
+        B[:, torch.arange(k) * experts + e] = a.lora_B.weight * a.scaling
+
+
 @torch.no_grad()
 def to_peft(adapted: nn.Module) -> nn.Module:
     """A ``peft.PeftModel`` carrying ``adapted``'s adapters over its base weights (shared)."""
     peft = _peft()
     config = peft_config_for(adapted)
-    peft_model = peft.get_peft_model(unwrap(adapted), config)
+    with warnings.catch_warnings():
+        # PEFT checks pattern keys against module names; a parameter's key (its own rank)
+        # is applied all the same, which to_peft's copy below relies on and the tests check.
+        warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not")
+        peft_model = peft.get_peft_model(unwrap(adapted), config)
     inner = peft_model.base_model.model
+    params = _by_parameter(adapted)
+    for weight, group in params.items():
+        _copy_parameter_lora(_param_wrapper(inner, weight), group)
+    in_params = {a.layer_name for group in params.values() for a in group}
     for module in adapted.modules():
-        if isinstance(module, LoraAdapter):
+        if isinstance(module, LoraAdapter) and module.layer_name not in in_params:
             target = inner.get_submodule(module.layer_name)
             target.lora_A["default"].weight.copy_(module.lora_A.weight)
             target.lora_B["default"].weight.copy_(module.lora_B.weight)

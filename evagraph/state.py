@@ -82,9 +82,23 @@ class EvaState:
                 "budget or rho"
             )
         ratios = {
-            m: self.components[g].explained_variance_ratio for m, g in self.layer_group.items()
+            m: torch.zeros_like(c.explained_variance_ratio)
+            if m in self.few_rows(budget)
+            else c.explained_variance_ratio
+            for m, g in self.layer_group.items()
+            if (c := self.components[g]) is not None
         }
         return allocate(ratios, budget, rho, list(self.groups.values()))
+
+    def few_rows(self, budget: int) -> dict[str, int]:
+        """Experts the router sent no more than ``budget`` rows to, with their row counts:
+        rank 0 (a PCA of n rows has n - 1 directions; for dense layers that is an error)."""
+        return {
+            m: n
+            for m, layer in self.layers.items()
+            if layer.expert is not None
+            and (n := self.components[self.layer_group[m]].n_rows) <= budget
+        }
 
     def save(self, path: str | Path) -> None:
         tensors = {}
@@ -161,7 +175,8 @@ _LAYER_FIELDS = {
     "name": "a string", "kind": "'linear' or 'conv'", "in_features": "an integer >= 1",
     "out_features": "an integer >= 1", "weight": "a non-empty string", "op": "a string",
     "nodes": "a list of strings", "inputs": "a list of strings", "module": "null or a string",
-    "weight_transposed": "a boolean",
+    "weight_transposed": "a boolean", "host": "null or a string",
+    "expert": "null or an integer >= 0", "offsets": "null or a string",
 }  # fmt: skip
 _REQUIRED = ("name", "kind", "in_features", "out_features", "weight")
 

@@ -51,8 +51,13 @@ def _check_adapted(model, adapted, report, batch):
     reported = {layer.name for layer in report.layers} | set(report.skipped)
     assert layers <= reported
     params = dict(model.named_parameters())
-    for extra in reported - layers:  # fused MoE expert weights, reported by parameter
-        assert params[extra].dim() >= 3 and "not adapted yet" in report.skipped[extra], extra
+    for extra in reported - layers:
+        if f"{extra}.weight" in params:  # an op on a module's parameter (a router's F.linear)
+            continue
+        # fused MoE expert weights: by expert, or by parameter where not adapted
+        weight = extra.rpartition("[")[0] if extra.endswith("]") else extra
+        assert params[weight].dim() == 3, extra
+        assert extra != weight or "not adapted yet" in report.skipped[extra], extra
 
 
 MOE = {
@@ -280,22 +285,99 @@ def test_saved_adapter_is_not_applied_to_a_router(tmp_path):
         evagraph.apply_adapter(other, tmp_path / "a")
 
 
-def test_fused_moe_expert_weights_are_reported_not_silently_left_out():
-    """Mixtral's experts are 3-D parameters used by a grouped matmul: not adapted yet, so each
-    is listed in report.skipped with the reason; the rest is adapted as usual."""
+def _routed_rows(model, batches):
+    """Per expert of layer 0, the rows each fused weight saw (exactly, from a hook on the
+    experts module): gate_up_proj's inputs and down_proj's, padding left out."""
+    experts = model.model.layers[0].mlp.experts
+    seen = {}
+
+    def hook(module, args, _):
+        hidden, index, _ = args
+        seen["x"], seen["index"] = hidden.detach(), index
+
+    handle = experts.register_forward_hook(hook)
+    rows = {}
+    try:
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch)
+            keep = batch["attention_mask"].reshape(-1).bool()
+            for e in range(experts.num_experts):
+                routed = (seen["index"] == e).any(-1) & keep
+                x = seen["x"][routed]
+                gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                h = experts.act_fn(gate) * up
+                rows.setdefault(("gate_up_proj", e), []).append(x)
+                rows.setdefault(("down_proj", e), []).append(h)
+    finally:
+        handle.remove()
+    return {key: torch.cat(r).double() for key, r in rows.items()}
+
+
+def test_mixtral_experts_are_adapted_from_the_rows_routed_to_them(tmp_path):
+    """Each expert of a fused weight is a layer of its own: its statistics are the PCA of
+    exactly the (unpadded) rows the router sent it, experts that got too few rows get rank
+    0 with the reason, and the adapted model keeps its class, its output at init, merges,
+    saves and re-applies."""
     config = T.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=100, num_local_experts=4, num_experts_per_tok=2,
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=100, num_local_experts=8, num_experts_per_tok=1,
     )  # fmt: skip
+    torch.manual_seed(0)
     model = T.MixtralForCausalLM(config).eval()
-    batch = {"input_ids": torch.randint(0, 100, (2, 8))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adapted, report = evagraph.transform(model, [batch], budget=2, progress=False)
-    for name in ("gate_up_proj", "down_proj"):
-        reason = report.skipped[f"model.layers.0.mlp.experts.{name}"]
-        assert "3-D parameter" in reason and "not adapted yet" in reason, reason
-    assert "model.layers.0.self_attn.q_proj" in report.ranks
-    # the class is not kept yet (the router is spliced into the graph: issue 17, item 2)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 7:] = 0
+        ids = torch.randint(0, 100, (2, 12), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    adapted, report, state = _transform(model, batches, tau=1.0, return_state=True)
+    _check_adapted(model, adapted, report, batches[0])
+    assert report.steps == 3  # tau = 1: every batch is consumed by every group
+    expected = _routed_rows(model, batches)
+    few = 0
+    for (param, e), rows in expected.items():
+        name = f"model.layers.0.mlp.experts.{param}[{e}]"
+        group = state.layer_group[name]
+        assert state.components[group].n_rows == len(rows), name
+        if len(rows) <= 2:  # budget 2: a PCA of so few rows gives too few directions
+            few += 1
+            assert report.ranks[name] == 0
+            assert "the router sent this expert" in report.skipped[name], name
+            continue
+        centred = rows - rows.mean(0)
+        values, vectors = torch.linalg.eigh(centred.T @ centred / (len(rows) - 1))
+        got = state.components[group]
+        top = min(2, len(rows) - 1)
+        ratios = values.flip(0)[:top] / values.sum()
+        torch.testing.assert_close(
+            got.explained_variance_ratio[:top].double(), ratios, rtol=1e-4, atol=1e-6
+        )
+        cos = (got.components[:top].double() * vectors.flip(1)[:, :top].T).sum(1).abs()
+        assert bool((cos > 0.999).all()), (name, cos)
+    assert few  # the seed routes few rows to some expert
+    assert sum(r for n, r in report.ranks.items() if "experts" in n) > 0
+    _perturb_b(adapted)
+    batch = batches[0]
     with torch.no_grad():
-        assert torch.allclose(adapted(**batch).logits, model(**batch).logits, atol=1e-5)
+        out = _call(adapted, batch)
+        assert not torch.allclose(out, _call(model, batch), atol=1e-4)
+        merged = evagraph.merge(adapted)
+        assert type(merged) is type(model)
+        torch.testing.assert_close(_call(merged, batch), out, atol=1e-4, rtol=1e-4)
+        evagraph.save_adapter(adapted, tmp_path / "a")
+        again = evagraph.apply_adapter(model, tmp_path / "a")
+        torch.testing.assert_close(_call(again, batch), out, atol=1e-5, rtol=1e-5)
+        back = evagraph.unmerge(merged, tmp_path / "a")
+        torch.testing.assert_close(_call(back, batch), out, atol=1e-4, rtol=1e-4)
+        # PEFT's target_parameters LoRA holds the routers' and experts' adapters exactly
+        peft = pytest.importorskip("peft")
+        config = evagraph.peft.peft_config_for(adapted)
+        assert "model.layers.0.mlp.experts.gate_up_proj" in config.target_parameters
+        torch.testing.assert_close(_call(evagraph.to_peft(adapted), batch), out)
+        evagraph.save_peft(adapted, tmp_path / "p")
+        loaded = peft.PeftModel.from_pretrained(model, tmp_path / "p")
+        torch.testing.assert_close(_call(loaded, batch), out)
+    assert hasattr(adapted, "generate")
+    adapted.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)

@@ -65,7 +65,7 @@ class _Group:
     ratios: torch.Tensor | None = None  # last explained-variance ratios (k,), on the host
     component_ok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     seen: int = 0  # minibatches consumed
-    n_rows: int = 0  # rows seen, set when closed
+    n_rows: int = 0  # rows seen: set when closed, and after each minibatch for experts
     runs: list[list[int]] = field(default_factory=list)  # consumed minibatches, [start, stop)
 
     def consume(self, step: int) -> None:
@@ -118,17 +118,21 @@ class _Calibrator:
         grp.stat = make_statistic(
             self.settings.statistic, self.probed.dims[g], k, self.device, self.sync
         )
+        expert = self.probed.experts.get(g)
         for p in self.probed.group_probes[g]:
-            self.probed.probes[p].sinks.append(grp.stat.update)
+            self.probed.probes[p].sinks_for(expert).append(grp.stat.update)
 
     def close(self, g: str) -> None:
         """Finalise group ``g``: its components stay, its statistic and sinks go."""
         grp = self.groups[g]
         for p in self.probed.group_probes[g]:
-            sinks = self.probed.probes[p].sinks
+            sinks = self.probed.probes[p].sinks_for(self.probed.experts.get(g))
             sinks[:] = [s for s in sinks if getattr(s, "__self__", None) is not grp.stat]
         grp.final = grp.stat.finalize()
         grp.n_rows = int(round(float(grp.stat.count)))
+        if grp.final is None and g in self.probed.experts:  # fewer than 2 rows routed to it
+            grp.final = _no_components(self.probed.dims[g], self.settings.max_components)
+            grp.final.n_rows = grp.n_rows
         grp.stat = None
 
     def active(self) -> list[str]:
@@ -162,6 +166,8 @@ class _Calibrator:
             grp.consume(step)
             est = grp.stat.estimate()
             finite = grp.stat.finite().reshape(1).float()
+            if g in self.probed.experts:  # its row count decides whether it may have a rank
+                finite = torch.cat([finite, grp.stat.count.reshape(1).float()])
             if est is None:
                 parts.append(finite)
                 sizes.append((g, 0))
@@ -186,6 +192,9 @@ class _Calibrator:
                     f"{', '.join(self.groups[g].layers)} at calibration batch {step}: check "
                     "the data and the weights of the layers before them"
                 )
+            if g in self.probed.experts:
+                at += 1
+                self.groups[g].n_rows = int(host[at])
             if k:
                 grp = self.groups[g]
                 cos, grp.ratios = host[at + 1 : at + 1 + k], host[at + 1 + k : at + 1 + 2 * k]
@@ -194,10 +203,17 @@ class _Calibrator:
             at += 1 + 2 * k
 
     def allocate(self) -> None:
-        """The current allotment, once every group has ratios."""
-        if all(grp.ratios is not None for grp in self.groups.values()):
+        """The current allotment, once every group has ratios (an expert no row was routed
+        to yet counts as having no variance: it may never get one)."""
+        experts = self.probed.experts
+        if all(grp.ratios is not None or g in experts for g, grp in self.groups.items()):
+            none = torch.zeros(self.settings.max_components)
+            few = {g for g in experts if self.groups[g].n_rows <= self.settings.budget}
             self.ranks = allocate(
-                {m: self.groups[g].ratios for m, g in self.layer_group.items()},
+                {
+                    m: none if g in few or (r := self.groups[g].ratios) is None else r
+                    for m, g in self.layer_group.items()
+                },
                 self.settings.budget,
                 self.settings.rho,
                 [grp.layers for grp in self.groups.values()],
@@ -253,6 +269,8 @@ class _Calibrator:
     def detach(self) -> None:
         for probe in self.probed.probes.values():
             probe.sinks.clear()
+            for sinks in probe.expert_sinks.values():
+                sinks.clear()
             probe.active = False
 
 
@@ -303,6 +321,14 @@ def calibrate(
     return _finish(run, steps)
 
 
+def _no_components(d: int, k: int) -> Components:
+    """Components of no variance (an expert no rows reached): what allocation reads as
+    nothing to allot, of the usual shapes so the state and report treat it as any group."""
+    k = min(k, d)
+    zero = torch.zeros(k, dtype=torch.float64)
+    return Components(torch.eye(k, d), zero, zero.float(), zero, torch.zeros(d), 0)
+
+
 def _forward(module: torch.nn.Module, batch: Any, forward: Callable, step: int) -> None:
     """Run one batch. The model's own exceptions are the data's fault (``DataError``);
     evagraph's (from a probe or a statistic) propagate as they are."""
@@ -342,10 +368,14 @@ def _finish(run: _Calibrator, steps: int) -> Calibration:
     # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
     # the average rank, which is a data problem, not a degenerate statistic. Groups that
     # converged had what they needed (e.g. no variance: rank 0 after one minibatch).
+    # An expert the router sent few rows to is the model's routing, not the data's fault:
+    # it gets rank 0 (the allocation and the report say why).
     few = {
         g: n
         for g, grp in run.groups.items()
-        if (n := grp.n_rows) <= settings.budget and not all(ok[m] for m in grp.layers)
+        if (n := grp.n_rows) <= settings.budget
+        and not all(ok[m] for m in grp.layers)
+        and g not in run.probed.experts
     }
     if few:
         g, n = min(few.items(), key=lambda item: item[1])

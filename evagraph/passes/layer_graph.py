@@ -76,11 +76,21 @@ class Layer:
     module: str | None = None  # owning nn.Module in the model, if the layer is one
     conv: ConvSpec | None = None
     weight_transposed: bool = False  # HF Conv1D stores (in, out)
+    # An op on a parameter of a module that is no linear/conv layer (an MoE router's
+    # F.linear, a fused expert weight): the module the op runs in, whose call the adapter
+    # wraps by changing the weight it sees (None: module layers, and graphs of their own).
+    host: str | None = None
+    # One expert of a fused expert weight [E, ...]: its index, the node holding the group
+    # offsets of the grouped matmul (its rows are input[offs[e-1]:offs[e]]), and the gather
+    # that sorted the rows by expert, (source rows, index), when the graph shows one.
+    expert: int | None = None
+    offsets: str | None = None
+    gather: list[str] | None = None
 
     @property
     def row_key(self) -> tuple:
         """Layers with the same inputs and row key see identical rows."""
-        return (tuple(self.inputs), self.kind, self.conv)
+        return (tuple(self.inputs), self.kind, self.conv, self.expert)
 
 
 @dataclass
@@ -100,6 +110,7 @@ class LayerGraph:
     outputs: set[str]
     unsupported: dict[str, str]
     graph: nx.DiGraph
+    model_is_graph: bool = False  # the model itself is a GraphModule (a loaded .pt2)
 
 
 # Functional and ATen ops that are a linear or a convolution; their arguments follow the
@@ -194,10 +205,13 @@ def _view_step(node: fx.Node, ndim: int, swapped: bool) -> tuple[int, bool] | No
     return None
 
 
-def _weight_operand(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, str, bool] | None:
-    """A matmul operand that is a 2-D parameter seen as a matrix: through transposes, and
-    leading dims added to broadcast it over a batch. (parameter, its qualified name, whether
-    the operand is its transpose), or None."""
+def _weight_operand(
+    gm: fx.GraphModule, node: Any, ndim: int = 2
+) -> tuple[torch.Tensor, str, bool] | None:
+    """A matmul operand that is an ``ndim``-D parameter (a matrix, or a stack of expert
+    matrices) seen through transposes of its last two dims, and leading dims added to
+    broadcast it over a batch. (parameter, its qualified name, whether the operand is its
+    transpose), or None."""
     chain = []
     while isinstance(node, fx.Node) and node.op != "get_attr":
         if node.op not in ("call_function", "call_method") or node.target not in _VIEW_OPS:
@@ -205,9 +219,9 @@ def _weight_operand(gm: fx.GraphModule, node: Any) -> tuple[torch.Tensor, str, b
         chain.append(node)
         node = node.args[0] if node.args else None
     weight = _param(gm, node)
-    if weight is None or weight.dim() != 2:
+    if weight is None or weight.dim() != ndim:
         return None
-    ndim, swapped = 2, False
+    swapped = False
     for step in reversed(chain):
         after = _view_step(step, ndim, swapped)
         if after is None:
@@ -312,8 +326,67 @@ def _function_layer(
         if reason is not None:
             return None, (owner_name, f"{reason}: not adapted")
         layer.module = owner_name
+    else:
+        layer.host = _host(innermost, owner_name)
     layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
     return layer, None
+
+
+def _host(innermost: str | None, owner: str) -> str | None:
+    """The module an op on ``owner``'s parameter runs in, for the adapter to wrap: the
+    innermost module of the call and the weight's owner, or the closest module holding both
+    (a parent that reads a child's weight). None at the model's root, which cannot be
+    wrapped (the graph is rewritten instead)."""
+    if innermost is None:
+        return owner or None
+    a, b = innermost.split("."), owner.split(".") if owner else []
+    common = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common) or None
+
+
+_GROUPED_MM = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
+_CASTS = {_aten.to.dtype, _aten._to_copy.default, _aten.to.dtype_layout, _aten.contiguous.default}
+
+
+def _expert_layers(
+    gm: fx.GraphModule, node: fx.Node, model: nn.Module
+) -> tuple[list[Layer], Unsupported | None]:
+    """A grouped matmul ``x @ W[e]`` on rows grouped by expert (HF's fused experts,
+    ``experts.gate_up_proj [E, out, in]``) -> one linear Layer per expert, named
+    ``{weight}[e]``; [] if the weight operand is not a 3-D parameter (or a transposed view)."""
+    args = _bind(node, ("input", "weight", "offs"))
+    operand = _weight_operand(gm, args.get("weight"), ndim=3)
+    offs = args.get("offs")
+    if operand is None or not isinstance(offs, fx.Node) or not isinstance(args["input"], fx.Node):
+        return [], None
+    weight, wname, swapped = operand
+    experts, first, second = weight.shape
+    # x @ W'[e] with W' = W[e].T: W[e] is (out, in) as nn.Linear stores it; else (in, out).
+    in_f, out_f = (second, first) if swapped else (first, second)
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    host = _host(stack[-1][0] if stack else None, wname.rpartition(".")[0])
+    # Rows sorted by expert by a gather of the token rows: the mask of a token follows it.
+    src = args["input"]
+    while src.op == "call_function" and src.target in _CASTS:
+        src = src.args[0]
+    gather = None
+    if src.op == "call_function" and src.target is _aten.index.Tensor:
+        index = src.args[1]
+        if len(index) == 1 and isinstance(index[0], fx.Node):
+            gather = [src.args[0].name, index[0].name]
+    op = _op_name(gm, node)
+    layers = []
+    for e in range(experts):
+        layer = Layer(f"{wname}[{e}]", "linear", op, in_f, out_f, wname)
+        layer.weight_transposed, layer.host, layer.expert = not swapped, host, e
+        layer.offsets, layer.gather = offs.name, gather
+        layer.inputs.append(args["input"].name)
+        layers.append(layer)
+    return layers, None
 
 
 def _module_layer(m: Any) -> tuple[str, ConvSpec | None] | None:
@@ -526,9 +599,14 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
     layers: dict[str, Layer] = {}
     unsupported: dict[str, str] = {}
     layer_of_node: dict[fx.Node, str] = {}
+    experts_of_node: dict[fx.Node, list[str]] = {}
     for node in gm.graph.nodes:
+        found: list[Layer] = []
         if node.op == "call_module":
             layer, reason = _call_module_layer(gm, node)
+        elif node.op == "call_function" and _op_name(gm, node) in _GROUPED_MM:
+            found, reason = _expert_layers(gm, node, model if model is not None else gm)
+            layer = None
         elif node.op == "call_function":
             layer, reason = _function_layer(gm, node, model if model is not None else gm)
         else:
@@ -536,17 +614,32 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         if reason is not None:
             unsupported.setdefault(*reason)
             continue
-        if layer is None:
-            continue
-        if not layer.inputs[-1]:
-            unsupported.setdefault(layer.name, "its input is not a graph value")
-            continue
-        existing = layers.setdefault(layer.name, layer)  # a layer called twice keeps both calls
-        if existing is not layer:
-            existing.inputs.append(layer.inputs[-1])
-        existing.nodes.append(node.name)
-        layer_of_node[node] = layer.name
+        if layer is not None:
+            found = [layer]
+        for layer in found:
+            if not layer.inputs[-1]:
+                unsupported.setdefault(layer.name, "its input is not a graph value")
+                continue
+            existing = layers.setdefault(layer.name, layer)  # called twice: keeps both calls
+            if existing is not layer:
+                existing.inputs.append(layer.inputs[-1])
+            existing.nodes.append(node.name)
+            # One node, several experts: the first stands for the node in the data flow.
+            layer_of_node.setdefault(node, layer.name)
+            experts_of_node.setdefault(node, []).append(layer.name)
 
+    model_is_graph = model is None or isinstance(model, fx.GraphModule)
+    if model_is_graph:  # a flat graph: no experts module to wrap
+        for node, names in list(experts_of_node.items()):
+            if layers[names[0]].expert is None:
+                continue
+            for name in names:
+                layers.pop(name, None)
+            unsupported[names[0].rpartition("[")[0]] = (
+                "fused expert weights in a graph of its own (.pt2): not adapted yet; adapt "
+                "the model as a module"
+            )
+            del layer_of_node[node], experts_of_node[node]
     # Sources each node depends on without passing through a layer: layers and graph inputs.
     reach: dict[fx.Node, frozenset] = {}
     graph = nx.DiGraph()
@@ -564,9 +657,9 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
             continue
         upstream = frozenset().union(*(reach.get(n, frozenset()) for n in node.all_input_nodes))
         if node in layer_of_node:
-            me = layer_of_node[node]
-            graph.add_edges_from((src, me) for src in upstream if src in layers and src != me)
-            reach[node] = frozenset([me])
+            for me in experts_of_node[node]:
+                graph.add_edges_from((s, me) for s in upstream if s in layers and s != me)
+            reach[node] = frozenset(experts_of_node[node])
         else:
             reach[node] = upstream
 
@@ -593,9 +686,15 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
                     "not called as a layer in the captured graph (inside an opaque module, "
                     "or unused)"
                 )
+    # Experts of one grouped matmul share its row order: the gather found for one applies
+    # to all calls on the same offsets (down_proj reads what gate_up_proj's rows became).
+    gathers = {la.offsets: la.gather for la in layers.values() if la.gather is not None}
+    for layer in layers.values():
+        if layer.expert is not None and layer.gather is None:
+            layer.gather = gathers.get(layer.offsets)
     for name, reason in _batched_weights(gm, layers).items():
         unsupported.setdefault(name, reason)
-    return LayerGraph(gm, layers, groups, outputs, unsupported, graph)
+    return LayerGraph(gm, layers, groups, outputs, unsupported, graph, model_is_graph)
 
 
 _BATCHED_MATMULS = ("mm", "bmm", "matmul", "linear", "einsum", "baddbmm", "addmm", "grouped_mm")

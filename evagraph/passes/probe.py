@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -73,7 +73,13 @@ class ProbeFailure(Exception):
 
 
 class Probe(nn.Module):
-    """Identity on its input; feeds the input's rows to ``sinks`` while ``active``."""
+    """Identity on its input; feeds the input's rows to ``sinks`` while ``active``.
+
+    With ``experts`` (the input of a grouped matmul over fused expert weights, its rows
+    sorted by expert), the rows between consecutive group offsets go to that expert's sinks
+    (``expert_sinks[e]``): each expert sees only the rows routed to it. A token's mask
+    follows it through the gather that sorted the rows, when the graph shows one.
+    """
 
     def __init__(
         self,
@@ -81,21 +87,34 @@ class Probe(nn.Module):
         conv: ConvSpec | None,
         label_mask_value: int | None = None,
         dim: int | None = None,
+        experts: int | None = None,
     ) -> None:
         super().__init__()
         self.kind, self.conv, self.dim = kind, conv, dim
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
+        self.experts = experts
+        self.expert_sinks: dict[int, list[RowSink]] = {e: [] for e in range(experts or 0)}
         self.fired = False  # sinks called since the flag was last cleared (see ``replay``)
+
+    def sinks_for(self, expert: int | None) -> list[RowSink]:
+        """The sink list a statistic of all rows (None) or of one expert's rows joins."""
+        return self.sinks if expert is None else self.expert_sinks[expert]
+
+    def _fed(self) -> bool:
+        return bool(self.sinks) or any(self.expert_sinks.values())
 
     def forward(
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.active and self.sinks:
+        if self.active and self._fed():
             # Token labels line up with the mask; sequence labels (one per sample) do not.
             use_labels = labels is not None and self.label_mask_value is not None
             if use_labels and (mask is None or labels.shape == mask.shape):
@@ -103,24 +122,55 @@ class Probe(nn.Module):
                 mask = keep if mask is None else mask.bool() & keep
             try:
                 with torch.no_grad():
-                    rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
+                    if self.experts is None:
+                        rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
+                    else:
+                        rows, weights = self._expert_rows(x.detach(), mask, source, index)
                     # Rows of another width: the layer after the probe raises the model's own
                     # error for data that does not fit it; the statistics must not raise first.
                     if self.dim is None or rows.shape[-1] == self.dim:
                         self.fired = True
                         for sink in self.sinks:
                             sink(rows, weights)
+                        if self.experts is not None:
+                            self._feed_experts(rows, weights, offsets)
             except Exception as err:
                 raise ProbeFailure from err
         return x
+
+    @staticmethod
+    def _expert_rows(
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        source: torch.Tensor | None,
+        index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = x.reshape(-1, x.shape[-1])
+        if mask is None or source is None or index is None:
+            return rows, None
+        if mask.numel() != source.shape[0] or index.numel() != len(rows):
+            return rows, None  # not the token rows the mask describes
+        return rows, mask.reshape(-1)[index.reshape(-1)].to(torch.float32)
+
+    def _feed_experts(
+        self, rows: torch.Tensor, weights: torch.Tensor | None, offsets: torch.Tensor
+    ) -> None:
+        ends = offsets.tolist()  # one host sync per call, for every expert
+        start = 0
+        for e, end in enumerate(ends[: self.experts]):
+            if self.expert_sinks[e] and end > start:
+                w = None if weights is None else weights[start:end]
+                for sink in self.expert_sinks[e]:
+                    sink(rows[start:end], w)
+            start = end
 
     def replay(self, device: torch.device) -> None:
         """Feed the sinks one row of weight 0 if they were not fed since ``fired`` was cleared:
         a process whose forward failed still joins the collectives its peers' statistics are
         waiting in (data-parallel calibration), adding nothing to them."""
-        if self.active and self.sinks and not self.fired and self.dim is not None:
+        if self.active and self._fed() and not self.fired and self.dim is not None:
             rows = torch.zeros(1, self.dim, device=device)
-            for sink in self.sinks:
+            for sink in self.sinks + [s for ss in self.expert_sinks.values() for s in ss]:
                 sink(rows, torch.zeros(1, device=device))
 
 
@@ -131,6 +181,7 @@ class ProbedGraph:
     gm: copy of the captured graph with probes inserted (it shares the model's parameters).
     probes: probe submodule name -> Probe. groups: decomposition id -> target layers it serves.
     group_probes: decomposition id -> probes whose rows it consumes. dims: id -> row width.
+    experts: decomposition id -> the expert whose routed rows it takes from its probes.
     """
 
     gm: fx.GraphModule
@@ -138,6 +189,7 @@ class ProbedGraph:
     groups: dict[str, list[str]]
     group_probes: dict[str, list[str]]
     dims: dict[str, int]
+    experts: dict[str, int] = field(default_factory=dict)  # group -> its expert's index
 
 
 def insert_probes(
@@ -158,42 +210,58 @@ def insert_probes(
     labels = inputs.get("labels") if label_mask_value is not None else None
     targets = set(selection.targets)
 
-    consumers: dict[tuple, list[str]] = {}  # (input node, kind, conv) -> calling nodes
+    # (input node, kind, conv, the grouped matmul's offsets for experts) -> calling nodes
+    consumers: dict[tuple, list[str]] = {}
     widths: dict[tuple, int] = {}  # the same key -> row width
+    extra: dict[tuple, tuple[int, list[str] | None]] = {}  # experts: (E, gather nodes)
     groups: dict[str, list[str]] = {}
     group_keys: dict[str, list[tuple]] = {}
+    experts: dict[str, int] = {}
     for gid, members in layer_graph.groups.items():
         members = [m for m in members if m in targets]
         if not members:
             continue
         groups[gid] = members
         first = layer_graph.layers[members[0]]
-        group_keys[gid] = [(inp, first.kind, first.conv) for inp in dict.fromkeys(first.inputs)]
+        group_keys[gid] = [
+            (inp, first.kind, first.conv, first.offsets) for inp in dict.fromkeys(first.inputs)
+        ]
+        if first.expert is not None:
+            experts[gid] = first.expert
         for m in members:
             layer = layer_graph.layers[m]
             for node_name, inp in zip(layer.nodes, layer.inputs):
-                consumers.setdefault((inp, layer.kind, layer.conv), []).append(node_name)
-                widths[(inp, layer.kind, layer.conv)] = layer.in_features
+                key = (inp, layer.kind, layer.conv, layer.offsets)
+                consumers.setdefault(key, []).append(node_name)
+                widths[key] = layer.in_features
+                if layer.expert is not None:
+                    count = layer_graph.gm.get_parameter(layer.weight).shape[0]
+                    extra[key] = (count, layer.gather)
 
     probes: dict[str, Probe] = {}
     probe_of_key: dict[tuple, str] = {}
     for i, (key, calls) in enumerate(consumers.items()):
-        inp, kind, conv = key
+        inp, kind, conv, offsets = key
         name = f"evagraph_probe_{i}"
-        probe = Probe(kind, conv, label_mask_value, widths[key])
+        count, gather = extra.get(key, (None, None))
+        probe = Probe(kind, conv, label_mask_value, widths[key], count)
         probes[name], probe_of_key[key] = probe, name
         gm.add_submodule(name, probe)
         first_call = nodes[min(calls, key=order.__getitem__)]
+        args = (nodes[inp], mask, labels)
+        if offsets is not None:
+            source, index = (nodes[n] for n in gather) if gather else (None, None)
+            args += (nodes[offsets], source, index)
         # Before the first consumer, so the mask placeholder is always already defined.
         with graph.inserting_before(first_call):
-            probe_node = graph.call_module(name, (nodes[inp], mask, labels))
+            probe_node = graph.call_module(name, args)
         for call in calls:
             nodes[call].replace_input_with(nodes[inp], probe_node)
 
     gm.recompile()
     group_probes = {gid: [probe_of_key[k] for k in keys] for gid, keys in group_keys.items()}
     dims = {gid: layer_graph.layers[m[0]].in_features for gid, m in groups.items()}
-    return ProbedGraph(gm, probes, groups, group_probes, dims)
+    return ProbedGraph(gm, probes, groups, group_probes, dims, experts)
 
 
 def with_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:

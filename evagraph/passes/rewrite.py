@@ -27,7 +27,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import AdapterSettings
-from ..lora import LoraAdapter, LoraLayer
+from ..errors import ConfigError
+from ..lora import LoraAdapter, LoraLayer, ParamLoraLayer
 from ..stats import Components
 from .layer_graph import Layer, LayerGraph
 
@@ -47,8 +48,15 @@ def layer_scaling(rank: int, settings: AdapterSettings) -> tuple[float, float]:
 
 
 def needs_graph_rewrite(layer_graph: LayerGraph, names: Iterable[str]) -> bool:
-    """True when some layer in ``names`` is not an nn.Module we can wrap (see module doc)."""
-    return any(layer_graph.layers[n].module is None for n in names)
+    """True when some layer in ``names`` is neither an nn.Module we can wrap nor an op on a
+    parameter inside one (its ``host``), or the model is itself a graph (see module doc)."""
+    # A model that is a GraphModule (a loaded .pt2) runs its flat graph, not its submodules'
+    # forwards, so wrapping a host module would change nothing: its graph is rewritten.
+    graph = layer_graph.model_is_graph
+    return any(
+        (layer := layer_graph.layers[n]).module is None and (layer.host is None or graph)
+        for n in names
+    )
 
 
 def init_adapters(
@@ -83,10 +91,12 @@ def init_adapters(
             layer.out_features,
             layer.conv,
             scale,
-            settings.dropout,
+            0.0 if layer.host is not None else settings.dropout,
             layer_name=name,
             base_weight=layer.weight,
             weight_transposed=layer.weight_transposed,
+            host=layer.host,
+            expert=layer.expert,
         )
     return adapters
 
@@ -110,17 +120,45 @@ def rewrite(
         for path, m in model.named_modules(remove_duplicate=False):
             paths.setdefault(id(m), []).append(path)
         for name, adapter in adapters.items():
+            if adapter.host is not None:
+                continue
             base = model.get_submodule(name)
             wrapped = LoraLayer(base, adapter)
             for path in paths.get(id(base), [name]):
                 parent_name, _, child = path.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, wrapped)
+        _wrap_hosts(model, [a for a in adapters.values() if a.host is not None])
         adapted = model
     adapted.requires_grad_(False)
     for adapter in adapters.values():
         adapter.requires_grad_(True)
         adapter.train(model.training)
     return adapted
+
+
+def _wrap_hosts(model: nn.Module, adapters: list[LoraAdapter]) -> None:
+    """Wrap each host module in a ``ParamLoraLayer`` carrying the adapters of its
+    parameters. A host inside another host is served by the outer one (one call swaps every
+    weight), and the adapters record the host they ended up in (what save_adapter writes)."""
+    hosts = sorted({a.host for a in adapters}, key=len)
+    outer: dict[str, str] = {}
+    for h in hosts:
+        outer[h] = next((o for o in hosts if h.startswith(o + ".")), h)
+    by_host: dict[str, dict[str, list[LoraAdapter]]] = {}
+    for a in adapters:
+        host = a.host = outer[a.host]
+        path = a.base_weight.removeprefix(host + ".")
+        if path == a.base_weight:
+            raise ConfigError(
+                f"layer {a.layer_name}: its weight {a.base_weight} is not under the module "
+                f"{host} whose call uses it"
+            )
+        by_host.setdefault(host, {}).setdefault(path, []).append(a)
+    for host, loras in by_host.items():
+        parent, _, child = host.rpartition(".")
+        setattr(
+            model.get_submodule(parent), child, ParamLoraLayer(model.get_submodule(host), loras)
+        )
 
 
 def _splice_graph(layer_graph: LayerGraph, adapters: Mapping[str, LoraAdapter]) -> fx.GraphModule:
