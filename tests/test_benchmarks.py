@@ -107,8 +107,10 @@ def test_memory_projection_matches_the_real_statistics(tmp_path):
 def test_zoo_sweep_records_every_check_per_model(tmp_path):
     raw, results = tmp_path / "zoo.json", tmp_path / "results.md"
     results.write_text("# Benchmark results\n\n## Model zoo sweep (issue 17)\n\nold\n\n## Next\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("- a\n<!-- zoo:begin: generated -->\nold\n<!-- zoo:end -->\n- b\n")
     run("zoo.py", "--only=test_resnet,llama", f"--out={raw}", "--write-results",
-        f"--results={results}")  # fmt: skip
+        f"--results={results}", f"--readme={readme}")  # fmt: skip
     records = {r["name"]: r for r in json.loads(raw.read_text())["results"]}
     assert set(records) == {"test_resnet", "llama"}
     for record in records.values():
@@ -120,3 +122,6 @@ def test_zoo_sweep_records_every_check_per_model(tmp_path):
     assert "old" not in text and text.count("## Model zoo sweep (issue 17)") == 1
     assert "## Next" in text and "timm: 1 of 1 timm families pass every check" in text
     assert "| hf | llama | LlamaForCausalLM | export |" in text
+    shown = " ".join(readme.read_text().split())  # the README bullet, from the same records
+    assert "Last run: 1 of 1 timm families and 1 of 1 transformers model types" in shown
+    assert "old" not in shown and shown.startswith("- a ") and shown.endswith(" - b")

@@ -110,25 +110,12 @@ def check_well_formed(command: str) -> None:
 # -- the files the README names ------------------------------------------------------------
 
 
-def _tiny_llama_dir(path: Path) -> None:
-    import transformers
-    from test_text_data import make_tokenizer
-
-    tok = make_tokenizer()
-    tok.save_pretrained(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-
-
 def _workspace(d: Path) -> None:
     import timm
-    from test_text_data import WORDS, make_tokenizer
+    from test_text_data import WORDS, make_tokenizer, save_tiny_llama
 
     torch.manual_seed(0)
-    _tiny_llama_dir(d / "my-llama")
+    save_tiny_llama(d / "my-llama")
     for name in ("llama-dir", "llama-8b", "llama-70b"):
         shutil.copytree(d / "my-llama", d / name)
     g = torch.Generator().manual_seed(0)

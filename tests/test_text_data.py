@@ -51,19 +51,24 @@ def make_tokenizer(chat: bool = True):
     return fast
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A tokenizer and a tiny random Llama saved in one directory."""
-    d = tmp_path_factory.mktemp("llama")
+def save_tiny_llama(path: Path) -> Path:
+    """Save ``make_tokenizer()`` and a tiny random Llama (seed 0) into one Hugging Face
+    directory, as ``compile MODEL_DIR`` reads it (also the README tests' ``./my-llama``)."""
     tok = make_tokenizer()
-    tok.save_pretrained(d)
+    tok.save_pretrained(path)
     config = transformers.LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(d)
-    return d
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A tokenizer and a tiny random Llama saved in one directory."""
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(autouse=True)
