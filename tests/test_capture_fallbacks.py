@@ -85,21 +85,60 @@ def test_timm_cpubone_static_shapes():
         torch.testing.assert_close(adapted(data[0]), model(data[0]))
 
 
-@pytest.mark.slow
-def test_dbrx_data_dependent_guard_is_a_capture_error():
-    """DBRX loops over the experts its tokens were routed to: no static shape decides that,
-    so export is not retried and the error names the loop."""
-    T = pytest.importorskip("transformers")
-    config = T.DbrxConfig(
-        d_model=32,
-        n_heads=4,
-        n_layers=1,
-        max_seq_len=64,
-        vocab_size=100,
-        attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
-        ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+class Routed(nn.Module):
+    """Loops over the rows its input picks (a stand-in for DBRX's experts): a guard on tensor
+    values, which no shape decides."""
+
+    def __init__(self, same_shape: bool = True) -> None:
+        super().__init__()
+        self.w, self.same_shape = nn.Parameter(torch.randn(4, 16)), same_shape
+
+    def forward(self, x, scale=1.0):
+        out = torch.zeros_like(x)
+        for i in (x[:, 0] > 0).nonzero():
+            out[i] = x[i] * self.w[i % 4] * scale
+        return out if self.same_shape else out.sum(0)
+
+
+class WithRouted(nn.Module):
+    def __init__(self, same_shape: bool = True) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.routed = Routed(same_shape)
+
+    def forward(self, x):
+        return self.head(self.routed(torch.tanh(self.a(x)), scale=2.0))
+
+
+def test_data_dependent_module_is_kept_opaque():
+    """Export is retried with the module that guards on tensor values as one call_module node
+    (its output is shaped like its input), for inputs of any shape."""
+    model, data = WithRouted().eval(), batches()
+    captured = capture(model, data[0])
+    assert captured.method == "export" and captured.static is None
+    calls = [n for n in captured.gm.graph.nodes if n.op == "call_module"]
+    assert [(n.target, n.kwargs) for n in calls if n.target == "routed"] == [
+        ("routed", {"scale": 2.0})
+    ]
+    assert captured.gm.get_submodule("routed") is model.routed
+    with torch.no_grad():
+        for x in [*data, torch.randn(3, 16)]:
+            torch.testing.assert_close(captured.gm(x), model(x))
+    assert "forward" not in model.routed.__dict__  # the class's forward is back
+
+    adapted, report = evagraph.transform(model, data, budget=2, rho=1, progress=False)
+    assert {r.name for r in report.layers} == {"a"}
+    assert report.skipped["routed.w"] == (
+        "a 2-D parameter inside Routed routed, which the captured graph calls as one opaque "
+        "module: not adapted"
     )
-    model = T.DbrxForCausalLM(config).eval()
-    data = [{"input_ids": torch.randint(3, 100, (2, 8))}]
-    with pytest.raises(evagraph.CaptureError, match=r"data-dependent.*`for expert_idx in"):
-        evagraph.transform(model, data, budget=2, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(data[0]), model(data[0]))
+
+
+def test_data_dependent_guard_is_a_capture_error():
+    """Where no module shaped like its input holds the guard (here: its output is summed to
+    another shape), export is not retried and the error names the loop."""
+    loop = r"data-dependent.*test_capture_fallbacks.py:\d+ in forward: `for i in"
+    with pytest.raises(evagraph.CaptureError, match=loop):
+        evagraph.transform(WithRouted(same_shape=False).eval(), batches(), budget=2, progress=False)

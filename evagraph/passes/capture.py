@@ -12,8 +12,12 @@ Two captures, tried in order:
    this captures nearly any model that runs; its graph is ATen ops whose weights are the
    model's own parameters, which the layer-graph pass maps back to their modules.
 3. ``torch.export`` with static shapes, when 2 fails on the dynamic shapes themselves (a
-   guard on a size it cannot decide, a data-dependent branch): the graph then takes only
-   batches shaped as the example, which ``Captured.static`` tells calibration to check.
+   guard on a size it cannot decide): the graph then takes only batches shaped as the
+   example, which ``Captured.static`` tells calibration to check.
+A guard on tensor values (DBRX loops over the experts its tokens were routed to) holds for no
+shape. When it is raised inside a submodule whose output is shaped like one of its inputs, 2
+and 3 are retried with every module of that class kept opaque: export sees a placeholder op
+shaped like that input, which becomes a ``call_module`` node of the module itself, run eagerly.
 We keep fx first rather than exporting everything (as pt2e does) because it is an order of
 magnitude faster on the models it can trace and keeps the model's own leaf modules.
 """
@@ -29,12 +33,13 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
@@ -130,6 +135,16 @@ def _auto_dims(value: Any) -> Any:
     return None
 
 
+def _call_args(example: Any) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) a model is called with for ``example``: a mapping as keyword arguments,
+    a tuple/list positionally, anything else as the one input."""
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
 def export_program(
     model: nn.Module, example: Any, dynamic: bool = True
 ) -> torch.export.ExportedProgram:
@@ -140,17 +155,10 @@ def export_program(
     input. HF models are exported without their KV cache (``config.use_cache``), which the
     graph has no use for and which export cannot always flatten.
     """
-    if isinstance(example, Mapping):
-        args, kwargs = (), dict(example)
-    elif isinstance(example, (tuple, list)):
-        args, kwargs = tuple(example), {}
-    else:
-        args, kwargs = (example,), {}
+    args, kwargs = _call_args(example)
     # Export marks the input tensors' dims dynamic on the tensor objects themselves, which a
     # later export (the static retry, a user's torch.compile) would inherit: give it aliases.
-    args, kwargs = torch.utils._pytree.tree_map_only(
-        torch.Tensor, torch.Tensor.detach, (args, kwargs)
-    )
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
     # Submodules may hold their own config copies (T5's decoder stack): switch off them all.
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
     cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
@@ -183,6 +191,129 @@ class Captured:
     static: str | None = None
 
 
+@torch.library.custom_op("evagraph::opaque_module", mutates_args=())
+def _opaque_module(inputs: list[torch.Tensor], like: int, call: int) -> torch.Tensor:
+    """Placeholder, during export only, for call ``call`` of a module kept opaque, shaped like
+    ``inputs[like]``; ``_export_graph`` replaces it by a call of the module before any run."""
+    raise RuntimeError("evagraph::opaque_module is a capture placeholder and never runs")
+
+
+@_opaque_module.register_fake
+def _(inputs: list[torch.Tensor], like: int, call: int) -> torch.Tensor:
+    return torch.empty_like(inputs[like])
+
+
+# One call of an opaque module seen by export: the module, its (args, kwargs) spec, and the
+# flattened leaves with the tensors (the placeholder's inputs, in order) left as None.
+_Call = tuple[nn.Module, pytree.TreeSpec, list[Any]]
+
+
+def _innermost_module(model: nn.Module, err: BaseException) -> nn.Module | None:
+    """The innermost submodule of ``model`` (not ``model`` itself) whose ``forward`` was
+    running where ``err`` was raised, or None."""
+    submodules = {id(m) for name, m in model.named_modules() if name}
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        this = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
+        if id(this) in submodules:
+            found = this
+        tb = tb.tb_next
+    return found
+
+
+def _output_like_input(
+    model: nn.Module, example: Any, modules: list[nn.Module]
+) -> dict[nn.Module, int] | None:
+    """Runs ``model`` on ``example`` once and returns, for each of ``modules`` it calls, the
+    position among the module's tensor inputs of the one its output is shaped like (shape and
+    dtype); None when some call returns anything else, which a placeholder cannot stand for."""
+    like: dict[nn.Module, int | None] = {}
+
+    def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        i = next(
+            (
+                i
+                for i, t in enumerate(tensors)
+                if isinstance(out, torch.Tensor) and (t.shape, t.dtype) == (out.shape, out.dtype)
+            ),
+            None,
+        )
+        if like.setdefault(m, i) != i:  # each call must be shaped like the same input
+            like[m] = None
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        args, kwargs = _call_args(example)
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(i is None for i in like.values()):
+        return None
+    return {m: i for m, i in like.items() if i is not None}
+
+
+def _opaque_forward(module: nn.Module, like: int, calls: list[_Call]) -> Callable[..., Any]:
+    """A ``forward`` for ``module`` during export: records the call in ``calls`` and returns
+    the placeholder op on its tensor inputs."""
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves):
+            # a size passed in would be frozen into the call_module node
+            raise NotImplementedError(f"{type(module).__name__} takes a symbolic size")
+        calls.append((module, spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]))
+        return torch.ops.evagraph.opaque_module(tensors, like, len(calls) - 1)
+
+    return forward
+
+
+def _export_graph(
+    model: nn.Module, example: Any, opaque: Mapping[nn.Module, int], dynamic: bool = True
+) -> fx.GraphModule:
+    """``export_program(model, example, dynamic).module()``, with each module in ``opaque``
+    (module -> the tensor input its output is shaped like) one ``call_module`` node."""
+    calls: list[_Call] = []
+    # An instance attribute shadows the class's forward; one already there (a hook some
+    # library installed) is put back.
+    saved = {m: m.__dict__.get("forward") for m in opaque}
+    for m, like in opaque.items():
+        m.forward = _opaque_forward(m, like, calls)
+    try:
+        gm = export_program(model, example, dynamic).module()
+    finally:
+        for m, forward in saved.items():
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+    if not calls:
+        return gm
+    names = {id(m): name for name, m in model.named_modules()}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.evagraph.opaque_module.default:
+            continue
+        inputs, _, call = node.args
+        module, spec, leaves = calls[call]
+        tensors = iter(inputs)
+        args, kwargs = pytree.tree_unflatten(
+            [next(tensors) if x is None else x for x in leaves], spec
+        )
+        gm.add_submodule(names[id(module)], module)  # the model's own module and weights
+        with graph.inserting_before(node):
+            new = graph.call_module(names[id(module)], tuple(args), kwargs)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def capture(model: nn.Module, example: Any = None) -> Captured:
     """Capture ``model`` as a GraphModule: fx symbolic trace, else torch.export.
 
@@ -204,18 +335,31 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
             f"{_user_frame(fx_error)}) and "
             "torch.export needs an example batch"
         ) from fx_error
-    try:
-        return Captured(export_program(model, example).module(), "export")
-    except Exception as err:
-        dynamic_error = err
+    opaque: dict[nn.Module, int] = {}
+    while True:
+        try:
+            return Captured(_export_graph(model, example, opaque), "export")
+        except Exception as err:
+            dynamic_error = err
+        if not isinstance(dynamic_error, GuardOnDataDependentSymNode):
+            break
+        # A guard on tensor values holds for no static shape either: keep the module that
+        # raised it opaque, with all of its class (same code), if a placeholder can stand for it.
+        culprit = _innermost_module(model, dynamic_error)
+        if culprit is None or culprit in opaque:
+            break
+        cls = type(culprit)
+        like = _output_like_input(model, example, [m for m in model.modules() if type(m) is cls])
+        if like is None or culprit not in like:
+            break
+        opaque.update(like)
     # Shape logic export cannot decide for every size (timm's CPUBone pads to a multiple of
-    # its stride) is decided for the example's sizes. A guard on tensor values (DBRX routes
-    # tokens to experts in a Python loop) stays undecidable: no retry.
+    # its stride) is decided for the example's sizes.
     dynamic = f"{_first_line(dynamic_error)}{_user_frame(dynamic_error)}"
     err = dynamic_error
     if not isinstance(dynamic_error, GuardOnDataDependentSymNode):
         try:
-            gm = export_program(model, example, dynamic=False).module()
+            gm = _export_graph(model, example, opaque, dynamic=False)
         except Exception as static_error:
             err = static_error
         else:

@@ -488,6 +488,24 @@ def _layer_of_module(name: str, m: Any) -> Layer | None:
     return layer
 
 
+def _opaque_weights(gm: fx.GraphModule, node: fx.Node) -> dict[str, str]:
+    """Parameter name -> reason, for the weights of a module ``node`` calls that is no layer:
+    one capture kept opaque (its Python branches on tensor values, as DBRX's experts do).
+    Linear/conv modules inside it are reported by module, not here."""
+    m = gm.get_submodule(node.target)
+    found: dict[str, str] = {}
+    for owner, sub in m.named_modules():
+        if _module_layer(sub) is not None:
+            continue
+        for local, p in sub.named_parameters(recurse=False):
+            name = ".".join(part for part in (node.target, owner, local) if part)
+            found[name] = (
+                f"a {p.dim()}-D parameter inside {type(m).__name__} {node.target}, which the "
+                "captured graph calls as one opaque module: not adapted"
+            )
+    return found
+
+
 def _call_module_layer(
     gm: fx.GraphModule, node: fx.Node
 ) -> tuple[Layer | None, Unsupported | None]:
@@ -604,6 +622,9 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         found: list[Layer] = []
         if node.op == "call_module":
             layer, reason = _call_module_layer(gm, node)
+            if layer is None and reason is None:
+                for name, why in _opaque_weights(gm, node).items():
+                    unsupported.setdefault(name, why)
         elif node.op == "call_function" and _op_name(gm, node) in _GROUPED_MM:
             found, reason = _expert_layers(gm, node, model if model is not None else gm)
             layer = None
