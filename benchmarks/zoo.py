@@ -356,8 +356,8 @@ def compare(a: Any, b: Any, tol: float = 1e-4) -> tuple[bool, str]:
 
 def run_checks(model: torch.nn.Module, batches: list) -> dict:
     import evagraph
+    from evagraph.layers import module_kind
     from evagraph.lora import LoraAdapter
-    from evagraph.passes.layer_graph import _module_layer
 
     checks: dict[str, dict] = {}
 
@@ -418,7 +418,7 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
         record("class_kept", ok, f"{name(type(adapted))} vs {name(type(model))}")
 
     def skipped() -> None:
-        adaptable = {n for n, m in model.named_modules() if _module_layer(m) is not None}
+        adaptable = {n for n, m in model.named_modules() if module_kind(m) is not None}
         named = {layer.name for layer in report.layers} | set(report.skipped)
         missing = sorted(adaptable - named)
         blank = [n for n, why in report.skipped.items() if not str(why).strip()]

@@ -22,17 +22,10 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .io import disk_errors, zip_target
+from .layers import ConvSpec, Layer, layer_of_module, module_kind
 from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights_copy
 from .passes.capture import capture, export_program
-from .passes.layer_graph import (
-    ConvSpec,
-    Layer,
-    LayerGraph,
-    _layer_of_module,
-    _module_layer,
-    build_layer_graph,
-    forward_mismatch,
-)
+from .passes.layer_graph import LayerGraph, build_layer_graph, forward_mismatch
 from .passes.rewrite import rewrite
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
@@ -53,7 +46,7 @@ def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
 
 
 def _describe(adapter: LoraAdapter) -> dict:
-    found = _module_layer(adapter.lora_A)
+    found = module_kind(adapter.lora_A)
     conv = found[1] if found else None
     dropout = adapter.lora_dropout.p if isinstance(adapter.lora_dropout, nn.Dropout) else 0.0
     return {
@@ -417,7 +410,7 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
         module = model.get_submodule(layer.name) if layer.host is None else None
     except AttributeError:
         module = None
-    actual = _layer_of_module(layer.name, module) if module is not None else None
+    actual = layer_of_module(layer.name, module) if module is not None else None
     if actual is not None:
         reason = forward_mismatch(module)  # e.g. an MoE router: its output is no tensor
         if reason is not None:
@@ -478,7 +471,7 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
 
 def _adapter_layer(adapter: LoraAdapter) -> Layer:
     """The layer an adapter was built for, read off its A and B."""
-    found = _module_layer(adapter.lora_A)
+    found = module_kind(adapter.lora_A)
     conv = found[1] if found else None
     A, B = adapter.lora_A.weight, adapter.lora_B.weight
     kind = "linear" if conv is None else "conv"
@@ -519,7 +512,7 @@ def attach_adapters(
         try:
             if host is not None:
                 return isinstance(work.get_submodule(host), nn.Module)
-            return _module_layer(work.get_submodule(name)) is not None
+            return module_kind(work.get_submodule(name)) is not None
         except AttributeError:
             return False
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .passes.layer_graph import ConvSpec
+from .layers import ConvSpec
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

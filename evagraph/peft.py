@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .layers import layer_of_module, module_kind
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
-from .passes.layer_graph import _layer_of_module, _module_layer, forward_mismatch
+from .passes.layer_graph import forward_mismatch
 
 
 def _peft():
@@ -45,7 +46,7 @@ def unwrap(adapted: nn.Module) -> nn.Module:
 
 
 def _check_representable(name: str, lora: LoraAdapter) -> None:
-    found = _module_layer(lora.lora_A)
+    found = module_kind(lora.lora_A)
     conv = found[1] if found else None
     if conv is not None and (any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros"):
         raise ConfigError(
@@ -226,7 +227,7 @@ def from_peft_eva_state_dict(
             raise ConfigError(
                 f"eva_state_dict names {name}, which the model does not have"
             ) from err
-        layer = _layer_of_module(name, module)
+        layer = layer_of_module(name, module)
         if layer is None or layer.kind != "linear":
             raise ConfigError(f"eva_state_dict entry {name} is not a linear layer of the model")
         reason = forward_mismatch(module)

@@ -21,8 +21,8 @@ from torch import nn
 
 from .artifacts import check_layer, expect, load_json, parse_conv, read_safetensors
 from .errors import ConfigError, ModelLoadError
+from .layers import Layer
 from .passes.allocate import allocate
-from .passes.layer_graph import Layer
 from .stats import Components
 
 _FORMAT = "evagraph-state/1"

@@ -2,12 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from evagraph.passes.layer_graph import _module_layer
+from evagraph.layers import module_kind
 from evagraph.passes.probe import conv_rows
 
 
 def check(conv: nn.Module, x: torch.Tensor) -> None:
-    _, spec = _module_layer(conv)
+    _, spec = module_kind(conv)
     rows = conv_rows(x, spec)
     w = conv.weight.reshape(conv.out_channels, -1)
     out = conv(x)

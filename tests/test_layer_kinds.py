@@ -14,7 +14,7 @@ import evagraph
 from evagraph.errors import ConfigError
 from evagraph.lora import LoraAdapter
 from evagraph.passes.capture import export_program
-from evagraph.passes.layer_graph import _module_layer, build_layer_graph, forward_mismatch
+from evagraph.passes.layer_graph import build_layer_graph, forward_mismatch, module_kind
 
 T = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -47,7 +47,7 @@ def _check_adapted(model, adapted, report, batch):
         torch.testing.assert_close(_call(adapted, batch), _call(model, batch), atol=1e-5, rtol=1e-5)
     lora = {id(p) for m in adapted.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
     assert lora and {id(p) for p in adapted.parameters() if p.requires_grad} == lora
-    layers = {n for n, m in model.named_modules() if _module_layer(m) is not None}
+    layers = {n for n, m in model.named_modules() if module_kind(m) is not None}
     reported = {layer.name for layer in report.layers} | set(report.skipped)
     assert layers <= reported
     params = dict(model.named_parameters())
@@ -243,7 +243,7 @@ def test_export_of_efficientnet_reports_depthwise_convs_once():
         if isinstance(m, nn.Conv2d) and m.groups > 1
     }
     assert depthwise and graph.unsupported == depthwise
-    layers = {n for n, m in model.named_modules() if _module_layer(m) is not None}
+    layers = {n for n, m in model.named_modules() if module_kind(m) is not None}
     assert set(graph.layers) | set(graph.unsupported) == layers
     assert all(graph.layers[n].module == n for n in graph.layers)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import evagraph
+from evagraph.layers import module_kind
 from evagraph.lora import LoraAdapter
-from evagraph.passes.layer_graph import _module_layer
 from evagraph.passes.probe import activation_rows
 from evagraph.stats import ExactCovariance, make_statistic
 
@@ -130,7 +130,7 @@ def call(model, batch):
 def rows_per_batch(model, name, batches):
     """Input rows of module ``name`` for each batch, padding excluded as the probes do."""
     module = model.get_submodule(name)
-    kind, conv = _module_layer(module)
+    kind, conv = module_kind(module)
     grabbed, mask = [], [None]
 
     def hook(m, args):
@@ -190,7 +190,7 @@ def test_model_matrix(source, name):
     assert sum(report.ranks.values()) == 2 * len(report.layers)
 
     # the report accounts for every linear/conv module
-    adaptable = {n for n, m in model.named_modules() if _module_layer(m) is not None}
+    adaptable = {n for n, m in model.named_modules() if module_kind(m) is not None}
     assert adaptable == {layer.name for layer in report.layers} | set(report.skipped)
 
     check_components(model, adapted, report, batches)

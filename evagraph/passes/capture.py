@@ -44,12 +44,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..errors import CaptureError
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """HF's GPT-2 style ``Conv1D``: a linear layer whose weight is stored (in, out)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+from ..layers import is_hf_conv1d
 
 
 class _LeafTracer(fx.Tracer):

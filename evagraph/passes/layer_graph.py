@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -27,70 +27,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import is_hf_conv1d
+from ..layers import ConvSpec, Layer, layer_of_module, module_kind
 
 _aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Geometry of a convolution: enough to unfold its input rows and to build LoRA's A conv."""
-
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] | str  # per spatial dim, or "same" / "valid"
-    dilation: tuple[int, ...]
-    groups: int = 1
-    padding_mode: str = "zeros"
-
-    @property
-    def ndim(self) -> int:
-        return len(self.kernel_size)
-
-    def pad_amounts(self) -> list[int]:
-        """Padding in ``F.pad`` order (last spatial dim first, left then right)."""
-        pads: list[int] = []
-        for i in reversed(range(self.ndim)):
-            if self.padding == "same":  # as torch's _ConvNd: the odd extra goes right
-                total = self.dilation[i] * (self.kernel_size[i] - 1)
-                pads += [total // 2, total - total // 2]
-            elif self.padding == "valid":
-                pads += [0, 0]
-            else:
-                pads += [self.padding[i], self.padding[i]]
-        return pads
-
-
-@dataclass
-class Layer:
-    """One adaptable layer. ``in_features`` is the width of its activation rows."""
-
-    name: str
-    kind: str  # "linear" or "conv"
-    op: str  # what the graph calls: "Linear", "Conv2d", "Conv1D", "aten.linear.default", ...
-    in_features: int
-    out_features: int
-    weight: str  # qualified name of the weight parameter
-    nodes: list[str] = field(default_factory=list)  # fx nodes calling it
-    inputs: list[str] = field(default_factory=list)  # fx nodes feeding those calls
-    module: str | None = None  # owning nn.Module in the model, if the layer is one
-    conv: ConvSpec | None = None
-    weight_transposed: bool = False  # HF Conv1D stores (in, out)
-    # An op on a parameter of a module that is no linear/conv layer (an MoE router's
-    # F.linear, a fused expert weight): the module the op runs in, whose call the adapter
-    # wraps by changing the weight it sees (None: module layers, and graphs of their own).
-    host: str | None = None
-    # One expert of a fused expert weight [E, ...]: its index, the node holding the group
-    # offsets of the grouped matmul (its rows are input[offs[e-1]:offs[e]]), and the gather
-    # that sorted the rows by expert, (source rows, index), when the graph shows one.
-    expert: int | None = None
-    offsets: str | None = None
-    gather: list[str] | None = None
-
-    @property
-    def row_key(self) -> tuple:
-        """Layers with the same inputs and row key see identical rows."""
-        return (tuple(self.inputs), self.kind, self.conv, self.expert)
 
 
 @dataclass
@@ -236,7 +175,7 @@ def _where(node: fx.Node, args: dict[str, Any], model: nn.Module) -> str:
     stack = list(node.meta.get("nn_module_stack", {}).values())
     if stack:
         try:
-            if _module_layer(model.get_submodule(stack[-1][0])) is not None:
+            if module_kind(model.get_submodule(stack[-1][0])) is not None:
                 return stack[-1][0]
         except AttributeError:
             pass
@@ -313,7 +252,7 @@ def _function_layer(
     innermost = stack[-1][0] if stack else None
     # It must also store its weight as the op reads it: an nn.Linear whose weight some op
     # reads as (in, out) is not a linear layer the module wrap would see.
-    own = _layer_of_module(owner_name, owner) if owner is not None else None
+    own = layer_of_module(owner_name, owner) if owner is not None else None
     if (
         own is not None
         and owner.weight is weight
@@ -389,22 +328,6 @@ def _expert_layers(
     return layers, None
 
 
-def _module_layer(m: Any) -> tuple[str, ConvSpec | None] | None:
-    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
-        return "linear", None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        spec = ConvSpec(
-            kernel_size=tuple(m.kernel_size),
-            stride=tuple(m.stride),
-            padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
-            dilation=tuple(m.dilation),
-            groups=m.groups,
-            padding_mode=m.padding_mode,
-        )
-        return "conv", spec
-    return None
-
-
 _PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -470,24 +393,6 @@ def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
     return None
 
 
-def _layer_of_module(name: str, m: Any) -> Layer | None:
-    """The Layer a linear/conv module at ``name`` is (widths from its weight), or None."""
-    found = _module_layer(m)
-    if found is None:
-        return None
-    kind, spec = found
-    w = m.weight
-    if is_hf_conv1d(m):
-        in_f, out_f, transposed = w.shape[0], w.shape[1], True
-    elif kind == "linear":
-        in_f, out_f, transposed = w.shape[1], w.shape[0], False
-    else:
-        in_f, out_f, transposed = w.shape[1] * math.prod(spec.kernel_size), w.shape[0], False
-    layer = Layer(name, kind, type(m).__name__, in_f, out_f, f"{name}.weight", conv=spec)
-    layer.module, layer.weight_transposed = name, transposed
-    return layer
-
-
 def _opaque_weights(gm: fx.GraphModule, node: fx.Node) -> dict[str, str]:
     """Parameter name -> reason, for the weights of a module ``node`` calls that is no layer:
     one capture kept opaque (its Python branches on tensor values, as DBRX's experts do).
@@ -495,7 +400,7 @@ def _opaque_weights(gm: fx.GraphModule, node: fx.Node) -> dict[str, str]:
     m = gm.get_submodule(node.target)
     found: dict[str, str] = {}
     for owner, sub in m.named_modules():
-        if _module_layer(sub) is not None:
+        if module_kind(sub) is not None:
             continue
         for local, p in sub.named_parameters(recurse=False):
             name = ".".join(part for part in (node.target, owner, local) if part)
@@ -506,11 +411,9 @@ def _opaque_weights(gm: fx.GraphModule, node: fx.Node) -> dict[str, str]:
     return found
 
 
-def _call_module_layer(
-    gm: fx.GraphModule, node: fx.Node
-) -> tuple[Layer | None, Unsupported | None]:
+def _callmodule_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, Unsupported | None]:
     m = gm.get_submodule(node.target)
-    layer = _layer_of_module(node.target, m)
+    layer = layer_of_module(node.target, m)
     if layer is None:
         return None, None
     if layer.conv is not None and layer.conv.groups != 1:
@@ -621,7 +524,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
     for node in gm.graph.nodes:
         found: list[Layer] = []
         if node.op == "call_module":
-            layer, reason = _call_module_layer(gm, node)
+            layer, reason = _callmodule_kind(gm, node)
             if layer is None and reason is None:
                 for name, why in _opaque_weights(gm, node).items():
                     unsupported.setdefault(name, why)
@@ -700,7 +603,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
 
     if model is not None:
         for qualname, m in model.named_modules():
-            if qualname in layers or qualname in unsupported or _module_layer(m) is None:
+            if qualname in layers or qualname in unsupported or module_kind(m) is None:
                 continue
             if not any(layer.weight == f"{qualname}.weight" for layer in layers.values()):
                 unsupported[qualname] = (

@@ -23,7 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_graph import ConvSpec, LayerGraph
+from ..layers import ConvSpec
+from .layer_graph import LayerGraph
 from .select import Selection
 
 RowSink = Callable[[torch.Tensor, "torch.Tensor | None"], None]

@@ -28,9 +28,10 @@ from torch import nn
 
 from ..config import AdapterSettings
 from ..errors import ConfigError
+from ..layers import Layer
 from ..lora import LoraAdapter, LoraLayer, ParamLoraLayer
 from ..stats import Components
-from .layer_graph import Layer, LayerGraph
+from .layer_graph import LayerGraph
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
