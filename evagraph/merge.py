@@ -120,7 +120,8 @@ def merge(model: nn.Module) -> nn.Module:
     names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
     unwrapped: set[int] = set()
-    for name, module in list(merged.named_modules(remove_duplicate=False)):
+    # Innermost first: a LoraLayer inside a ParamLoraLayer's module keeps its path until then.
+    for name, module in reversed(list(merged.named_modules(remove_duplicate=False))):
         if isinstance(module, LoraLayer):
             found = True
             if id(module) not in unwrapped:

@@ -37,7 +37,8 @@ def unwrap(adapted: nn.Module) -> nn.Module:
     """``adapted`` with each LoraLayer / ParamLoraLayer replaced by its base layer (no
     merging), as a new module tree over the same base weights (``share_weights_copy``)."""
     base = share_weights_copy(adapted)
-    for name, module in list(base.named_modules()):
+    # Innermost first: a LoraLayer inside a ParamLoraLayer's module keeps its path until then.
+    for name, module in reversed(list(base.named_modules())):
         if isinstance(module, (LoraLayer, ParamLoraLayer)):
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, module.base_layer)
@@ -69,9 +70,14 @@ def _check_parameter(adapted: nn.Module, weight: str, adapters: list[LoraAdapter
     """PEFT's ``target_parameters`` LoRA reads a 2-D weight as (out, in) and a 3-D one as
     (experts, out, in), or (experts, in, out) when its module says ``is_transposed``."""
     first = adapters[0]
-    owner = adapted.get_submodule(first.host).base_layer.get_submodule(
-        weight.removeprefix(first.host + ".").rpartition(".")[0]
-    )
+    owner_path = weight.rpartition(".")[0]
+    if owner_path != first.host:
+        raise ConfigError(
+            f"layer {first.layer_name}: PEFT's parameter LoRA changes {weight} only while its "
+            f"own module {owner_path or '(the model)'} runs, but the op using it runs in "
+            f"{first.host}, so this adapter cannot be expressed in PEFT's format"
+        )
+    owner = adapted.get_submodule(first.host).base_layer
     fused = first.expert is not None
     transposed = bool(getattr(owner, "is_transposed", False)) if fused else False
     if first.weight_transposed != transposed:
@@ -175,6 +181,12 @@ def to_peft(adapted: nn.Module) -> nn.Module:
     for module in adapted.modules():
         if isinstance(module, LoraAdapter) and module.layer_name not in in_params:
             target = inner.get_submodule(module.layer_name)
+            if "default" not in getattr(target, "lora_A", {}):
+                raise ConfigError(
+                    f"layer {module.layer_name}: PEFT left this {type(target).__name__} "
+                    "unwrapped (its own rules for this model type), so the adapter cannot be "
+                    "expressed in PEFT's format; exclude the layer to export to PEFT"
+                )
             target.lora_A["default"].weight.copy_(module.lora_A.weight)
             target.lora_B["default"].weight.copy_(module.lora_B.weight)
             if abs(target.scaling["default"] - module.scaling) > 1e-6 * abs(module.scaling):

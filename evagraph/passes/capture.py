@@ -186,6 +186,10 @@ class Captured:
     static: str | None = None
 
 
+# Meta key of the call_module nodes that stand for a module kept opaque.
+OPAQUE = "evagraph_opaque"
+
+
 @torch.library.custom_op("evagraph::opaque_module", mutates_args=())
 def _opaque_module(inputs: list[torch.Tensor], like: int, call: int) -> torch.Tensor:
     """Placeholder, during export only, for call ``call`` of a module kept opaque, shaped like
@@ -303,6 +307,7 @@ def _export_graph(
         with graph.inserting_before(node):
             new = graph.call_module(names[id(module)], tuple(args), kwargs)
         new.meta.update(node.meta)
+        new.meta[OPAQUE] = True  # the layer-graph pass reports what it holds as not adapted
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     gm.recompile()

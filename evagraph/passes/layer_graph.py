@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvSpec, Layer, layer_of_module, module_kind
+from .capture import OPAQUE
 
 _aten = torch.ops.aten
 
@@ -462,19 +463,30 @@ def _is_position_reduction(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_shape(node: fx.Node, memo: dict) -> bool:
     """Nodes that compute sizes rather than tensors (x.size(0), sym_size, their arithmetic)."""
-    if node not in memo:
-        val = node.meta.get("val")
+    # Iterative (post-order): a deep graph (MobileNetV5) exceeds Python's recursion limit.
+    stack = [node]
+    while stack:
+        top = stack[-1]
+        if top in memo:
+            stack.pop()
+            continue
+        val = top.meta.get("val")
         if (
             isinstance(val, (int, torch.SymInt))
-            or (node.op == "call_method" and node.target in ("size", "dim"))
-            or node.op == "call_function"
-            and node.target is getattr
+            or (top.op == "call_method" and top.target in ("size", "dim"))
+            or top.op == "call_function"
+            and top.target is getattr
         ):
-            memo[node] = True
-        elif node.op in ("placeholder", "get_attr", "call_module") or not node.all_input_nodes:
-            memo[node] = False
+            memo[top] = True
+        elif top.op in ("placeholder", "get_attr", "call_module") or not top.all_input_nodes:
+            memo[top] = False
         else:
-            memo[node] = all(_is_shape(n, memo) for n in node.all_input_nodes)
+            pending = [n for n in top.all_input_nodes if n not in memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            memo[top] = all(memo[n] for n in top.all_input_nodes)
+        stack.pop()
     return memo[node]
 
 
@@ -525,7 +537,7 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
         found: list[Layer] = []
         if node.op == "call_module":
             layer, reason = _callmodule_kind(gm, node)
-            if layer is None and reason is None:
+            if layer is None and reason is None and node.meta.get(OPAQUE):
                 for name, why in _opaque_weights(gm, node).items():
                     unsupported.setdefault(name, why)
         elif node.op == "call_function" and _op_name(gm, node) in _GROUPED_MM:
