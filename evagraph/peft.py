@@ -172,7 +172,11 @@ def to_peft(adapted: nn.Module) -> nn.Module:
         # PEFT checks pattern keys against module names; a parameter's key (its own rank)
         # is applied all the same, which to_peft's copy below relies on and the tests check.
         warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not")
-        peft_model = peft.get_peft_model(unwrap(adapted), config)
+        try:
+            peft_model = peft.get_peft_model(unwrap(adapted), config)
+        except ValueError as err:  # PEFT's own rules (e.g. layers it refuses in Mamba models)
+            first = (str(err).strip().splitlines() or ["ValueError"])[0]
+            raise ConfigError(f"PEFT refused these adapters: {first}") from err
     inner = peft_model.base_model.model
     params = _by_parameter(adapted)
     for weight, group in params.items():
