@@ -143,7 +143,8 @@ class ParamLoraLayer(nn.Module):
     class, and the weight is what changes, so the result is exact whatever the op.
 
     ``loras`` maps each parameter's path under ``base_layer`` to its adapters. Dropout
-    cannot be applied to the input of a weight-space update: such adapters have none.
+    cannot be applied to the input of a weight-space update: such adapters have none (the
+    rewrite pass warns when dropout was asked for).
     """
 
     def __init__(self, base_layer: nn.Module, loras: dict[str, list[LoraAdapter]]) -> None:
@@ -164,14 +165,9 @@ class ParamLoraLayer(nn.Module):
             weight = self.base_layer.get_parameter(path)
             adapters = self.adapters(path)
             if adapters[0].expert is None:
-                delta = adapters[0].delta_weight(grad=True)
+                swapped[path] = weight + adapters[0].delta_weight(grad=True).to(weight.dtype)
             else:
-                slices: list[torch.Tensor | None] = [None] * weight.shape[0]
-                for a in adapters:
-                    slices[a.expert] = a.delta_weight(grad=True)
-                zero = torch.zeros(weight.shape[1:], device=weight.device)
-                delta = torch.stack([zero if d is None else d for d in slices])
-            swapped[path] = weight + delta.to(weight.dtype)
+                swapped[path] = _experts_plus_lora(weight, adapters)
         return torch.func.functional_call(self.base_layer, swapped, args, kwargs, strict=False)
 
     def __getattr__(self, name: str):
@@ -179,6 +175,34 @@ class ParamLoraLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("base_layer"), name)
+
+
+def _experts_plus_lora(weight: torch.Tensor, adapters: list[LoraAdapter]) -> torch.Tensor:
+    """``W[e] + scale_e * B_e A_e`` for every expert of a fused weight, in one ``baddbmm``
+    from the low-rank factors (ranks padded with zeros to the largest; experts without an
+    adapter get zero factors): no second tensor the size of the expert stack is built, as
+    PEFT's ParamWrapper avoids it too."""
+    experts, rank = weight.shape[0], max(a.rank for a in adapters)
+    out_f, in_f = adapters[0].lora_B.weight.shape[0], adapters[0].lora_A.weight.shape[1]
+    A = weight.new_zeros(experts, rank, in_f)
+    B = weight.new_zeros(experts, out_f, rank)
+    # index_put keeps the autograd graph to each adapter's A and B
+    for a in adapters:
+        A = A.index_put((torch.tensor(a.expert),), _pad(a.lora_A.weight, rank, 0).to(A.dtype))
+        B_e = (a.lora_B.weight * a.scaling).to(B.dtype)
+        B = B.index_put((torch.tensor(a.expert),), _pad(B_e, rank, 1))
+    if adapters[0].weight_transposed:  # stored [E, in, out]: add (B A)^T = A^T B^T
+        return torch.baddbmm(weight, A.transpose(1, 2), B.transpose(1, 2))
+    return torch.baddbmm(weight, B, A)
+
+
+def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``size``."""
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [0, missing]
+    return torch.nn.functional.pad(t, pad)
 
 
 def _alias(p: nn.Parameter) -> nn.Parameter:

@@ -20,6 +20,7 @@ tree over the model's weights first (``lora.share_weights_copy``).
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -75,6 +76,14 @@ def init_adapters(
     ``components`` maps each layer to its decomposition.
     """
     adapters: dict[str, LoraAdapter] = {}
+    in_weight_space = [n for n, r in ranks.items() if r and layers[n].host is not None]
+    if settings.dropout and in_weight_space:
+        warnings.warn(
+            f"lora dropout {settings.dropout} is not applied to the {len(in_weight_space)} "
+            f"adapter(s) that change a weight in place (e.g. {in_weight_space[0]}): dropout "
+            "acts on a layer's input, which a weight-space update never sees",
+            stacklevel=3,
+        )
     for name, rank in ranks.items():
         if rank == 0:
             continue
