@@ -8,10 +8,13 @@ between layers. Layers are recognised at two levels, so one pipeline serves both
 module calls (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) in fx graphs, and ATen / functional
 ops (``aten.linear``, ``aten.conv2d``, ``F.linear`` ...) whose weight is a graph parameter, as
 in a loaded ``torch.export`` archive, and matmuls whose operand is a 2-D parameter or a
-transpose of one (``x @ self.weight.T`` in an ``nn.Linear`` subclass such as FalconLinear). A
-module whose class overrides its nn class's ``forward`` is adapted only if its output is a
-tensor shaped as the op's (``forward_mismatch``); MoE routers that return tuples and convs
-padding per input size are reported as not adapted.
+transpose of one (``x @ self.weight.T`` in an ``nn.Linear`` subclass such as FalconLinear), and
+grouped matmuls over fused expert weights (one layer per expert). An op on a parameter of a
+module that is no plain linear/conv layer (an MoE router, a module using a child's weight, a
+linear/conv subclass whose output is not the op's: routers returning tuples, convs padding
+per input size) gets ``Layer.host``, the module whose call the rewrite wraps to change the
+weight (weight-space LoRA). Called as a module in an fx graph, such a subclass
+(``forward_mismatch``) is reported as not adapted: its op is not in the graph.
 """
 
 from __future__ import annotations
@@ -260,12 +263,13 @@ def _function_layer(
         and innermost == owner_name
         and own.weight_transposed == layer.weight_transposed
     ):
-        # Adapters go on modules (the model keeps its class), so one whose forward does
-        # more than this op (an MoE router) is left out rather than spliced into the graph.
-        reason = forward_mismatch(owner)
-        if reason is not None:
-            return None, (owner_name, f"{reason}: not adapted")
-        layer.module = owner_name
+        # A module whose forward does more than this op (an MoE router returning a tuple,
+        # a conv padding per input size) cannot take an adapter on its output: its weight
+        # takes the update instead (weight space, exact whatever the forward does).
+        if forward_mismatch(owner) is None:
+            layer.module = owner_name
+        else:
+            layer.host = owner_name
     else:
         layer.host = _host(innermost, owner_name)
     layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
