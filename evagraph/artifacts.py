@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .io import disk_errors, zip_target
-from .layers import ConvSpec, Layer, layer_of_module, module_kind
+from .layers import ConvSpec, Layer, kind_from, kind_of, layer_of_module, module_kind
 from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights_copy
 from .passes.capture import capture, export_program
 from .passes.layer_graph import LayerGraph, build_layer_graph, forward_mismatch
@@ -45,33 +45,26 @@ def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
     return path
 
 
+# The manifest entry's keys, in the order written (kept so files stay byte-identical).
+_ENTRY_KEYS = ("name", "kind", "base_weight", "weight_transposed", "host", "expert", "rank",
+               "alpha", "scaling", "dropout", "lora_A_shape", "lora_B_shape", "conv")  # fmt: skip
+
+
 def _describe(adapter: LoraAdapter) -> dict:
-    found = module_kind(adapter.lora_A)
-    conv = found[1] if found else None
     dropout = adapter.lora_dropout.p if isinstance(adapter.lora_dropout, nn.Dropout) else 0.0
-    return {
+    entry = {
         "name": adapter.layer_name,
-        "kind": "linear" if conv is None else "conv",
         "base_weight": adapter.base_weight,
-        "weight_transposed": adapter.weight_transposed,
         "host": adapter.host,
-        "expert": adapter.expert,
         "rank": adapter.rank,
         "alpha": adapter.scaling * adapter.rank,
         "scaling": adapter.scaling,
         "dropout": dropout,
         "lora_A_shape": list(adapter.lora_A.weight.shape),
         "lora_B_shape": list(adapter.lora_B.weight.shape),
-        "conv": None
-        if conv is None
-        else {
-            "kernel_size": list(conv.kernel_size),
-            "stride": list(conv.stride),
-            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-            "dilation": list(conv.dilation),
-            "padding_mode": conv.padding_mode,
-        },
+        **kind_of(adapter).manifest_fields(adapter),  # kind, weight_transposed, expert, conv
     }
+    return {key: entry[key] for key in _ENTRY_KEYS}
 
 
 def save_adapter(model: nn.Module, directory: str | Path, settings: dict | None = None) -> None:
@@ -306,20 +299,14 @@ def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
         if name in entries:
             raise ModelLoadError(f"{source}: {where}: duplicate entry")
         kind = expect(e, "kind", "'linear' or 'conv'", source, where)
-        conv = None if kind == "linear" else parse_conv(e.get("conv"), source, where)
-        if kind == "linear" and e.get("conv") is not None:
-            raise ModelLoadError(f"{source}: {where}: a linear layer with conv geometry")
         transposed = expect(e, "weight_transposed", "a boolean", source, where, default=False)
-        if transposed and conv is not None:
-            raise ModelLoadError(f"{source}: {where}: a conv layer cannot be weight_transposed")
+        host = expect(e, "host", "null or a string", source, where, default=None)
+        expert = expect(e, "expert", "null or an integer >= 0", source, where, default=None)
+        conv = kind_from(kind, transposed, expert).read_manifest(e, host, source, where)
         expect(e, "alpha", "a finite number", source, where, default=0.0)
         A_shape = expect(e, "lora_A_shape", "a list of integers >= 1", source, where)
         B_shape = expect(e, "lora_B_shape", "a list of integers >= 1", source, where)
         base = expect(e, "base_weight", "a string", source, where, default="") or f"{name}.weight"
-        host = expect(e, "host", "null or a string", source, where, default=None)
-        expert = expect(e, "expert", "null or an integer >= 0", source, where, default=None)
-        if expert is not None and host is None:
-            raise ModelLoadError(f"{source}: {where}: an expert adapter needs its host module")
         entries[name] = _Entry(
             name,
             kind,
@@ -386,16 +373,8 @@ def _adapters_from(
 
 
 def _describe_layer(layer: Layer) -> str:
-    text = f"{layer.kind} {layer.in_features} -> {layer.out_features}"
-    if layer.weight_transposed:
-        text += " stored (in, out)"
-    if layer.conv is not None:
-        c = layer.conv
-        text += (
-            f" (kernel {c.kernel_size}, stride {c.stride}, padding {c.padding}, dilation "
-            f"{c.dilation}, groups {c.groups}, padding_mode {c.padding_mode})"
-        )
-    return text
+    suffix = kind_of(layer).describe(layer)  # e.g. the conv geometry
+    return f"{layer.kind} {layer.in_features} -> {layer.out_features}{suffix}"
 
 
 def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
@@ -439,21 +418,7 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
             f"layer {layer.name}: in {source}, but the model has no such linear/conv layer "
             f"(no module {layer.name} nor parameter {layer.weight})"
         ) from None
-    if layer.conv is not None:  # in_features = in_channels x kernel, by construction
-        kernel = layer.conv.kernel_size
-        expected = (layer.out_features, layer.in_features // math.prod(kernel), *kernel)
-    elif layer.weight_transposed:
-        expected = (layer.in_features, layer.out_features)
-    else:
-        expected = (layer.out_features, layer.in_features)
-    if layer.expert is not None:  # one slice of a fused [E, ...] weight
-        experts = weight.shape[0] if weight.dim() == 3 else 0
-        if layer.expert >= experts:
-            raise ModelLoadError(
-                f"layer {layer.name}: {source} has expert {layer.expert} of {layer.weight}, "
-                f"but the model's weight has shape {tuple(weight.shape)}"
-            )
-        expected = (experts, *expected)
+    expected = kind_of(layer).expected_weight(layer, weight, source)
     if layer.host is not None:
         try:
             model.get_submodule(layer.host)
@@ -471,12 +436,11 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
 
 def _adapter_layer(adapter: LoraAdapter) -> Layer:
     """The layer an adapter was built for, read off its A and B."""
-    found = module_kind(adapter.lora_A)
-    conv = found[1] if found else None
+    kind = kind_of(adapter)
     A, B = adapter.lora_A.weight, adapter.lora_B.weight
-    kind = "linear" if conv is None else "conv"
-    return Layer(adapter.layer_name, kind, "", A[0].numel(), B.shape[0], adapter.base_weight,
-                 conv=conv, weight_transposed=adapter.weight_transposed, host=adapter.host,
+    return Layer(adapter.layer_name, kind.serial, "", A[0].numel(), B.shape[0],
+                 adapter.base_weight, conv=kind.conv_of(adapter.lora_A),
+                 weight_transposed=adapter.weight_transposed, host=adapter.host,
                  expert=adapter.expert)  # fmt: skip
 
 

@@ -1,9 +1,22 @@
-"""Core types: what a layer is, shared by every pass and artefact.
+"""Core types: what a layer is, and everything that differs between kinds of layer.
 
 ``ConvSpec`` (a convolution's geometry) and ``Layer`` (one adaptable layer: its name, kind,
 widths, weight and where the graph calls it) are what the layer-graph pass returns and the
-state, adapters and reports store; ``module_kind`` and ``layer_of_module`` say which modules
-are layers (``nn.Linear``, ``nn.ConvNd``, HF ``Conv1D``) and read a Layer off one.
+state, adapters and reports store.
+
+The kinds of adaptable layer each have one ``LayerKind`` instance here (``KINDS``): plain
+linear, convolution, HF ``Conv1D`` (a linear stored (in, out)) and one expert of a fused MoE
+weight [E, ...]. A kind owns what differs between them: which modules it is
+(``layer_of_module``), the rows of its input (``rows``), its LoRA A/B modules and their merge
+delta (``adapter_modules``, ``delta``), its base weight's shape (``weight_shape``), its
+fields in the adapter manifest and EVA state (``manifest_fields``, ``read_manifest``,
+``read_saved``), how it is described (``describe``) and whether PEFT can express its adapter
+(``check_peft``). ``kind_of`` reads the kind off a Layer, an adapter or a manifest entry from
+their existing fields (``kind_from``); the saved ``Layer.kind`` stays "linear" or "conv"
+(``LayerKind.serial``), so files keep their format.
+
+To add a kind: subclass ``LayerKind`` (or the kind it refines), override what differs, add
+the instance to ``KINDS`` and teach ``kind_from`` the saved fields that tell it apart.
 """
 
 from __future__ import annotations
@@ -12,7 +25,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError, ModelLoadError
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -55,7 +72,7 @@ class Layer:
     """One adaptable layer. ``in_features`` is the width of its activation rows."""
 
     name: str
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear" or "conv": LayerKind.serial (kind_of gives the full kind)
     op: str  # what the graph calls: "Linear", "Conv2d", "Conv1D", "aten.linear.default", ...
     in_features: int
     out_features: int
@@ -82,13 +99,185 @@ class Layer:
         return (tuple(self.inputs), self.kind, self.conv, self.expert)
 
 
-def module_kind(m: Any) -> tuple[str, ConvSpec | None] | None:
-    """("linear" | "conv", conv geometry) for a linear/conv module (nn.Linear, nn.ConvNd, HF
-    Conv1D), else None: which modules are layers."""
-    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
-        return "linear", None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        spec = ConvSpec(
+def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """The vectors a convolution's kernel is applied to, one row per output position.
+
+    Works for 1d/2d/3d with any stride, padding (including "same" and non-zero padding
+    modes) and dilation; ``rows @ weight.reshape(C_out, -1).T`` is the conv's output.
+    """
+    n = spec.ndim
+    if x.dim() == n + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    pads = spec.pad_amounts()
+    if any(pads):
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    for i in range(n):
+        k, s, d = spec.kernel_size[i], spec.stride[i], spec.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # window appended as the last dim
+        if d > 1:
+            x = x[..., ::d]
+    channels = x.shape[1]
+    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
+    return x.reshape(-1, channels * math.prod(spec.kernel_size))
+
+
+_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class LayerKind:
+    """A kind of adaptable layer. This base is the plain linear layer, weight (out, in); the
+    other kinds override what differs. One instance per kind, in ``KINDS``."""
+
+    name = "linear"
+    serial = "linear"  # Layer.kind as saved: "linear" or "conv"
+    transposed = False  # weight stored (in, out)
+
+    def __repr__(self) -> str:
+        return f"<LayerKind {self.name}>"
+
+    # --- Modules: which are layers of this kind, and the Layer they are.
+    def matches(self, m: Any) -> bool:
+        return isinstance(m, nn.Linear)
+
+    def conv_of(self, m: nn.Module) -> ConvSpec | None:
+        """The conv geometry of a module of this kind (a layer, or an adapter's A)."""
+        return None
+
+    def widths(self, weight: torch.Tensor) -> tuple[int, int]:
+        """(in_features, out_features) read off the base weight."""
+        return weight.shape[1], weight.shape[0]
+
+    def layer_of_module(self, name: str, m: nn.Module) -> Layer:
+        in_f, out_f = self.widths(m.weight)
+        layer = Layer(name, self.serial, type(m).__name__, in_f, out_f, f"{name}.weight")
+        layer.conv, layer.module, layer.weight_transposed = self.conv_of(m), name, self.transposed
+        return layer
+
+    # --- Calibration: the rows the layer's weight multiplies.
+    def rows(
+        self, x: torch.Tensor, conv: ConvSpec | None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of the layer's input, plus per-row weights (1 keep, 0 padding) when a mask
+        applies."""
+        rows = x.reshape(-1, x.shape[-1])
+        if mask is None:
+            return rows, None
+        if tuple(mask.shape) == tuple(x.shape[:-1]) or (x.dim() == 2 and mask.numel() == len(rows)):
+            # (batch, seq, d) rows, or the same rows already flattened (HF Conv1D under export)
+            return rows, mask.reshape(-1).to(torch.float32)
+        return rows, None
+
+    # --- LoRA: the A/B modules and the weight delta they amount to.
+    def adapter_modules(
+        self, A: torch.Tensor, out_features: int, conv: ConvSpec | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """A (whose weight rows are ``A``, rank x d) and B (zero) of an adapter of this kind."""
+        rank, d = A.shape
+        lora_A = nn.Linear(d, rank, bias=False, device=A.device, dtype=A.dtype)
+        lora_B = nn.Linear(rank, out_features, bias=False, device=A.device, dtype=A.dtype)
+        return _init(lora_A, lora_B, A)
+
+    def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
+        """``scale * B A`` shaped like the base weight (one expert's slice of it), float32."""
+        return _product(adapter, grad)[0]
+
+    # --- Checks of saved layers against a model.
+    def weight_shape(self, layer: Layer) -> tuple[int, ...]:
+        """The shape the base weight has (for an expert, its slice of the fused weight)."""
+        return (layer.out_features, layer.in_features)
+
+    def expected_weight(self, layer: Layer, weight: torch.Tensor, source: str) -> tuple[int, ...]:
+        """The shape ``weight`` (the model's parameter ``layer.weight``) must have."""
+        return self.weight_shape(layer)
+
+    def describe(self, layer: Layer) -> str:
+        """What sets the layer apart in an error message, after its kind and widths."""
+        return ""
+
+    # --- The adapter manifest (adapter.json) and the EVA state.
+    def manifest_fields(self, adapter: Any) -> dict[str, Any]:
+        """The entry's fields that depend on the kind (``artifacts._describe`` orders them)."""
+        return {"kind": self.serial, "weight_transposed": self.transposed, "expert": None,
+                "conv": None}  # fmt: skip
+
+    def read_manifest(self, e: dict, host: str | None, source: str, where: str) -> ConvSpec | None:
+        """Check a manifest entry's kind-specific fields (their JSON types already checked);
+        its conv geometry."""
+        if e.get("conv") is not None:
+            raise ModelLoadError(f"{source}: {where}: a linear layer with conv geometry")
+        return None
+
+    def read_saved(self, d: dict, source: str, where: str) -> ConvSpec | None:
+        """The conv geometry of a Layer saved in an EVA state (``asdict``), checked."""
+        if d.get("conv") is not None:
+            raise ModelLoadError(f"{source}: {where}: conv geometry must be given for conv only")
+        return None
+
+    # --- PEFT export.
+    def check_peft(self, name: str, adapter: Any) -> None:
+        """Raise ConfigError if PEFT's LoRA cannot express this module adapter."""
+
+    def peft_reads_transposed(self, owner: nn.Module) -> bool:
+        """Whether PEFT's parameter LoRA reads this layer's weight, in module ``owner``, as
+        (in, out)."""
+        return False
+
+
+def _product(adapter: Any, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``scale * B A`` as a matrix, A, B) in float32; detached unless ``grad``."""
+    A, B = adapter.lora_A.weight.float(), adapter.lora_B.weight.float()
+    if not grad:
+        A, B = A.detach(), B.detach()
+    B = B.reshape(B.shape[0], -1)
+    return adapter.scaling * (B @ A.reshape(A.shape[0], -1)), A, B
+
+
+def _init(
+    lora_A: nn.Module, lora_B: nn.Module, weight_A: torch.Tensor
+) -> tuple[nn.Module, nn.Module]:
+    with torch.no_grad():
+        lora_A.weight.copy_(weight_A)
+        lora_B.weight.zero_()
+    return lora_A, lora_B
+
+
+class HFConv1DKind(LayerKind):
+    """A linear layer whose weight is stored (in, out): HF's GPT-2 ``Conv1D``, and ops
+    ``x @ W`` on a parameter."""
+
+    name = "hf_conv1d"
+    transposed = True
+
+    def matches(self, m: Any) -> bool:
+        return is_hf_conv1d(m)
+
+    def widths(self, weight: torch.Tensor) -> tuple[int, int]:
+        return weight.shape[0], weight.shape[1]
+
+    def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
+        return _product(adapter, grad)[0].T
+
+    def weight_shape(self, layer: Layer) -> tuple[int, ...]:
+        return (layer.in_features, layer.out_features)
+
+    def describe(self, layer: Layer) -> str:
+        return " stored (in, out)"
+
+
+class ConvKind(LayerKind):
+    """``nn.Conv1d/2d/3d`` (and conv ops): rows are unfolded patches, ``in_features`` is
+    in_channels x prod(kernel); the adapter is an A conv with the base kernel, stride,
+    padding and dilation and a 1x1 B conv, so A sees exactly the patches the kernel sees."""
+
+    name = "conv"
+    serial = "conv"
+
+    def matches(self, m: Any) -> bool:
+        return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    def conv_of(self, m: nn.Module) -> ConvSpec | None:
+        return ConvSpec(
             kernel_size=tuple(m.kernel_size),
             stride=tuple(m.stride),
             padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
@@ -96,23 +285,173 @@ def module_kind(m: Any) -> tuple[str, ConvSpec | None] | None:
             groups=m.groups,
             padding_mode=m.padding_mode,
         )
-        return "conv", spec
-    return None
+
+    def widths(self, weight: torch.Tensor) -> tuple[int, int]:
+        return weight.shape[1] * math.prod(weight.shape[2:]), weight.shape[0]
+
+    def rows(
+        self, x: torch.Tensor, conv: ConvSpec | None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return conv_rows(x, conv), None  # output positions carry no per-token mask
+
+    def adapter_modules(
+        self, A: torch.Tensor, out_features: int, conv: ConvSpec | None
+    ) -> tuple[nn.Module, nn.Module]:
+        rank, d = A.shape
+        in_channels = d // math.prod(conv.kernel_size)
+        conv_cls = _CONV_MODULES[conv.ndim]
+        lora_A = conv_cls(
+            in_channels,
+            rank,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+            padding_mode=conv.padding_mode,
+            device=A.device,
+            dtype=A.dtype,
+        )
+        lora_B = conv_cls(rank, out_features, 1, bias=False, device=A.device, dtype=A.dtype)
+        return _init(lora_A, lora_B, A.reshape(rank, in_channels, *conv.kernel_size))
+
+    def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
+        delta, A, B = _product(adapter, grad)  # B is 1x1, so B(A(x)) is one conv, weight B @ A
+        return delta.reshape(B.shape[0], *A.shape[1:])
+
+    def weight_shape(self, layer: Layer) -> tuple[int, ...]:
+        kernel = layer.conv.kernel_size  # in_features = in_channels x kernel, by construction
+        return (layer.out_features, layer.in_features // math.prod(kernel), *kernel)
+
+    def describe(self, layer: Layer) -> str:
+        c = layer.conv
+        return (
+            f" (kernel {c.kernel_size}, stride {c.stride}, padding {c.padding}, dilation "
+            f"{c.dilation}, groups {c.groups}, padding_mode {c.padding_mode})"
+        )
+
+    def manifest_fields(self, adapter: Any) -> dict[str, Any]:
+        conv = self.conv_of(adapter.lora_A)
+        geometry = {
+            "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation),
+            "padding_mode": conv.padding_mode,
+        }
+        return {**super().manifest_fields(adapter), "conv": geometry}
+
+    def read_manifest(self, e: dict, host: str | None, source: str, where: str) -> ConvSpec | None:
+        from .artifacts import parse_conv  # artifacts imports this module
+
+        conv = parse_conv(e.get("conv"), source, where)
+        if e.get("weight_transposed"):
+            raise ModelLoadError(f"{source}: {where}: a conv layer cannot be weight_transposed")
+        if e.get("expert") is not None:
+            raise ModelLoadError(f"{source}: {where}: a conv layer cannot be an expert")
+        return conv
+
+    def read_saved(self, d: dict, source: str, where: str) -> ConvSpec | None:
+        from .artifacts import parse_conv  # artifacts imports this module
+
+        if d.get("conv") is None:
+            raise ModelLoadError(f"{source}: {where}: conv geometry must be given for conv only")
+        conv = parse_conv(d["conv"], source, where)
+        if d["in_features"] % math.prod(conv.kernel_size):
+            raise ModelLoadError(
+                f"{source}: {where}: in_features {d['in_features']} is not a multiple of the "
+                f"kernel size {conv.kernel_size}"
+            )
+        return conv
+
+    def check_peft(self, name: str, adapter: Any) -> None:
+        conv = self.conv_of(adapter.lora_A)
+        if any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+            raise ConfigError(
+                f"layer {name}: PEFT's conv LoRA has no dilation or padding mode, so this "
+                "adapter cannot be expressed in PEFT's format"
+            )
+
+
+class ExpertKind(LayerKind):
+    """One expert ``e`` of a fused MoE weight [E, out, in] (or [E, in, out]:
+    ``weight_transposed``), adapted in weight space inside its host module
+    (``Layer.host``): no module is one; its rows are the input rows routed to it."""
+
+    name = "expert"
+
+    def matches(self, m: Any) -> bool:
+        return False
+
+    def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
+        delta = _product(adapter, grad)[0]
+        return delta.T if adapter.weight_transposed else delta
+
+    def weight_shape(self, layer: Layer) -> tuple[int, ...]:
+        if layer.weight_transposed:
+            return (layer.in_features, layer.out_features)
+        return (layer.out_features, layer.in_features)
+
+    def expected_weight(self, layer: Layer, weight: torch.Tensor, source: str) -> tuple[int, ...]:
+        experts = weight.shape[0] if weight.dim() == 3 else 0
+        if layer.expert >= experts:
+            raise ModelLoadError(
+                f"layer {layer.name}: {source} has expert {layer.expert} of {layer.weight}, "
+                f"but the model's weight has shape {tuple(weight.shape)}"
+            )
+        return (experts, *self.weight_shape(layer))
+
+    def describe(self, layer: Layer) -> str:
+        return " stored (in, out)" if layer.weight_transposed else ""
+
+    def manifest_fields(self, adapter: Any) -> dict[str, Any]:
+        return {**super().manifest_fields(adapter), "weight_transposed": adapter.weight_transposed,
+                "expert": adapter.expert}  # fmt: skip
+
+    def read_manifest(self, e: dict, host: str | None, source: str, where: str) -> ConvSpec | None:
+        super().read_manifest(e, host, source, where)
+        if host is None:
+            raise ModelLoadError(f"{source}: {where}: an expert adapter needs its host module")
+        return None
+
+    def peft_reads_transposed(self, owner: nn.Module) -> bool:
+        return bool(getattr(owner, "is_transposed", False))
+
+
+LINEAR, HF_CONV1D, CONV, EXPERT = LayerKind(), HFConv1DKind(), ConvKind(), ExpertKind()
+KINDS: tuple[LayerKind, ...] = (LINEAR, HF_CONV1D, CONV, EXPERT)
+
+
+def kind_from(serial: str, weight_transposed: bool = False, expert: int | None = None) -> LayerKind:
+    """The kind of a layer from its saved fields: ``Layer.kind`` ("linear" or "conv"),
+    ``weight_transposed`` and ``expert``."""
+    if serial == "conv":
+        return CONV
+    if expert is not None:
+        return EXPERT
+    return HF_CONV1D if weight_transposed else LINEAR
+
+
+def kind_of(x: Any) -> LayerKind:
+    """The kind of a ``Layer``, a ``LoraAdapter`` or an adapter manifest entry."""
+    lora_A = getattr(x, "lora_A", None)  # an adapter: a conv A is a conv layer's
+    serial = x.kind if lora_A is None else ("conv" if CONV.matches(lora_A) else "linear")
+    return kind_from(serial, x.weight_transposed, x.expert)
+
+
+def kind_of_module(m: Any) -> LayerKind | None:
+    """The kind of a linear/conv module (nn.Linear, nn.ConvNd, HF Conv1D), else None."""
+    return next((k for k in KINDS if k.matches(m)), None)
+
+
+def module_kind(m: Any) -> tuple[str, ConvSpec | None] | None:
+    """("linear" | "conv", conv geometry) for a linear/conv module (nn.Linear, nn.ConvNd, HF
+    Conv1D), else None: which modules are layers."""
+    kind = kind_of_module(m)
+    return None if kind is None else (kind.serial, kind.conv_of(m))
 
 
 def layer_of_module(name: str, m: Any) -> Layer | None:
     """The Layer a linear/conv module at ``name`` is (widths from its weight), or None."""
-    found = module_kind(m)
-    if found is None:
-        return None
-    kind, spec = found
-    w = m.weight
-    if is_hf_conv1d(m):
-        in_f, out_f, transposed = w.shape[0], w.shape[1], True
-    elif kind == "linear":
-        in_f, out_f, transposed = w.shape[1], w.shape[0], False
-    else:
-        in_f, out_f, transposed = w.shape[1] * math.prod(spec.kernel_size), w.shape[0], False
-    layer = Layer(name, kind, type(m).__name__, in_f, out_f, f"{name}.weight", conv=spec)
-    layer.module, layer.weight_transposed = name, transposed
-    return layer
+    kind = kind_of_module(m)
+    return None if kind is None else kind.layer_of_module(name, m)

@@ -1,15 +1,14 @@
 """LoRA modules that the rewrite pass emits.
 
 ``LoraAdapter`` is the trainable update ``scale * B(A(dropout(x)))``; ``LoraLayer`` wraps a
-base layer and adds its adapter's output. Linear layers get linear A/B; convolutions get an A
-conv with the base conv's kernel, stride, padding and dilation and a 1x1 B conv, so A sees
-exactly the patch vectors the base kernel sees.
+base layer and adds its adapter's output. The A/B modules and the merge delta depend on the
+layer's kind (``evagraph.layers.LayerKind``): linear A/B for linear layers, an A conv with the
+base kernel and a 1x1 B conv for convolutions.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from typing import Any
 
@@ -17,9 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .layers import ConvSpec
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+from .layers import ConvSpec, kind_from, kind_of
 
 
 class LoraAdapter(nn.Module):
@@ -61,14 +58,7 @@ class LoraAdapter(nn.Module):
     def delta_weight(self, grad: bool = False) -> torch.Tensor:
         """``scale * B A`` shaped like the base weight (one expert's slice of it), float32:
         what merging adds to it; with ``grad``, differentiable (weight-space adapters)."""
-        A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
-        if not grad:
-            A, B = A.detach(), B.detach()
-        B = B.reshape(B.shape[0], -1)
-        delta = self.scaling * (B @ A.reshape(A.shape[0], -1))
-        if A.dim() > 2:  # conv: B is 1x1, so B(A(x)) is one conv with weight B @ A
-            return delta.reshape(B.shape[0], *A.shape[1:])
-        return delta.T if self.weight_transposed else delta
+        return kind_of(self).delta(self, grad)
 
     @classmethod
     def build(
@@ -85,31 +75,8 @@ class LoraAdapter(nn.Module):
         expert: int | None = None,
     ) -> LoraAdapter:
         """An adapter whose A rows are ``A`` (rank x d) and whose B is zero."""
-        rank, d = A.shape
-        if conv is None:
-            lora_A = nn.Linear(d, rank, bias=False, device=A.device, dtype=A.dtype)
-            lora_B = nn.Linear(rank, out_features, bias=False, device=A.device, dtype=A.dtype)
-            weight_A = A
-        else:
-            in_channels = d // math.prod(conv.kernel_size)
-            conv_cls = _CONV[conv.ndim]
-            lora_A = conv_cls(
-                in_channels,
-                rank,
-                conv.kernel_size,
-                stride=conv.stride,
-                padding=conv.padding,
-                dilation=conv.dilation,
-                bias=False,
-                padding_mode=conv.padding_mode,
-                device=A.device,
-                dtype=A.dtype,
-            )
-            lora_B = conv_cls(rank, out_features, 1, bias=False, device=A.device, dtype=A.dtype)
-            weight_A = A.reshape(rank, in_channels, *conv.kernel_size)
-        with torch.no_grad():
-            lora_A.weight.copy_(weight_A)
-            lora_B.weight.zero_()
+        kind = kind_from("linear" if conv is None else "conv", weight_transposed, expert)
+        lora_A, lora_B = kind.adapter_modules(A, out_features, conv)
         return cls(
             lora_A, lora_B, scaling, dropout, layer_name, base_weight, weight_transposed, host,
             expert,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .layers import layer_of_module, module_kind
+from .layers import kind_of, layer_of_module
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
 
@@ -47,13 +47,7 @@ def unwrap(adapted: nn.Module) -> nn.Module:
 
 
 def _check_representable(name: str, lora: LoraAdapter) -> None:
-    found = module_kind(lora.lora_A)
-    conv = found[1] if found else None
-    if conv is not None and (any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros"):
-        raise ConfigError(
-            f"layer {name}: PEFT's conv LoRA has no dilation or padding mode, so this adapter "
-            "cannot be expressed in PEFT's format"
-        )
+    kind_of(lora).check_peft(name, lora)
 
 
 def _by_parameter(adapted: nn.Module) -> dict[str, list[LoraAdapter]]:
@@ -78,8 +72,7 @@ def _check_parameter(adapted: nn.Module, weight: str, adapters: list[LoraAdapter
             f"{first.host}, so this adapter cannot be expressed in PEFT's format"
         )
     owner = adapted.get_submodule(first.host).base_layer
-    fused = first.expert is not None
-    transposed = bool(getattr(owner, "is_transposed", False)) if fused else False
+    transposed = kind_of(first).peft_reads_transposed(owner)
     if first.weight_transposed != transposed:
         raise ConfigError(
             f"layer {first.layer_name}: PEFT's parameter LoRA would read {weight} in the other "

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import check_layer, expect, load_json, parse_conv, read_safetensors
+from .artifacts import check_layer, expect, load_json, read_safetensors
 from .errors import ConfigError, ModelLoadError
-from .layers import Layer
+from .layers import Layer, kind_from
 from .passes.allocate import allocate
 from .stats import Components
 
@@ -192,17 +192,8 @@ def _layer_from(d: Any, name: str, source: str) -> Layer:
         expect(d, key, what, source, where, **({} if key in _REQUIRED else {"default": None}))
     if d["name"] != name:
         raise ModelLoadError(f"{source}: {where}: entry is named {d['name']!r:.40}")
-    conv = d.get("conv")
-    if (d["kind"] == "conv") != (conv is not None):
-        raise ModelLoadError(f"{source}: {where}: conv geometry must be given for conv only")
-    if conv is not None:
-        conv = parse_conv(conv, source, where)
-        if d["in_features"] % math.prod(conv.kernel_size):
-            raise ModelLoadError(
-                f"{source}: {where}: in_features {d['in_features']} is not a multiple of the "
-                f"kernel size {conv.kernel_size}"
-            )
-    return Layer(**{**d, "conv": conv})
+    kind = kind_from(d["kind"], bool(d.get("weight_transposed")), d.get("expert"))
+    return Layer(**{**d, "conv": kind.read_saved(d, source, where)})
 
 
 def _tensor(

@@ -14,58 +14,27 @@ that value (-100: ignored by the loss) get weight 0 too. Probes can be switched 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvSpec
+from ..layers import ConvSpec, kind_from
+from ..layers import conv_rows as conv_rows  # re-exported: it lived here
 from .layer_graph import LayerGraph
 from .select import Selection
 
 RowSink = Callable[[torch.Tensor, "torch.Tensor | None"], None]
 
 
-def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """The vectors a convolution's kernel is applied to, one row per output position.
-
-    Works for 1d/2d/3d with any stride, padding (including "same" and non-zero padding
-    modes) and dilation; ``rows @ weight.reshape(C_out, -1).T`` is the conv's output.
-    """
-    n = spec.ndim
-    if x.dim() == n + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    pads = spec.pad_amounts()
-    if any(pads):
-        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        x = F.pad(x, pads, mode=mode)
-    for i in range(n):
-        k, s, d = spec.kernel_size[i], spec.stride[i], spec.dilation[i]
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # window appended as the last dim
-        if d > 1:
-            x = x[..., ::d]
-    channels = x.shape[1]
-    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-    return x.reshape(-1, channels * math.prod(spec.kernel_size))
-
-
 def activation_rows(
     x: torch.Tensor, kind: str, conv: ConvSpec | None, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of a layer input, plus per-row weights (1 keep, 0 padding) when a mask applies."""
-    if kind == "conv":
-        return conv_rows(x, conv), None
-    rows = x.reshape(-1, x.shape[-1])
-    if mask is None:
-        return rows, None
-    if tuple(mask.shape) == tuple(x.shape[:-1]) or (x.dim() == 2 and mask.numel() == len(rows)):
-        # (batch, seq, d) rows, or the same rows already flattened (HF Conv1D under export)
-        return rows, mask.reshape(-1).to(torch.float32)
-    return rows, None
+    """Rows of a layer input, plus per-row weights (1 keep, 0 padding) when a mask applies:
+    ``LayerKind.rows`` of the kind saved as ``kind`` ("linear" or "conv")."""
+    return kind_from(kind).rows(x, conv, mask)
 
 
 class ProbeFailure(Exception):
