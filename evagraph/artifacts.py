@@ -9,8 +9,6 @@ adapters on a base model.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights
 from .passes.capture import capture, export_program
 from .passes.layer_graph import LayerGraph, build_layer_graph, forward_mismatch
 from .passes.rewrite import rewrite
+from .validate import expect
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
 _FORMAT = "evagraph-adapter/1"
@@ -192,97 +191,6 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tenso
     except Exception as err:  # SafetensorError, OSError, ...: all the file's fault
         raise ModelLoadError(f"cannot read {what} {path}: {_first_line(err)}") from err
     return tensors, metadata
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# What a JSON value must be, by the words the error uses.
-_VALUE_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "an object": lambda v: isinstance(v, dict),
-    "a list": lambda v: isinstance(v, list),
-    "a string": lambda v: isinstance(v, str),
-    "a non-empty string": lambda v: isinstance(v, str) and bool(v),
-    "null or a string": lambda v: v is None or isinstance(v, str),
-    "a boolean": lambda v: isinstance(v, bool),
-    "an integer >= 0": lambda v: _is_int(v) and v >= 0,
-    "an integer >= 1": lambda v: _is_int(v) and v >= 1,
-    "null or an integer >= 0": lambda v: v is None or (_is_int(v) and v >= 0),
-    "a finite number": _is_number,
-    "a finite number > 0": lambda v: _is_number(v) and v > 0,
-    "a finite number >= 1": lambda v: _is_number(v) and v >= 1,
-    "a finite number in (0, 1]": lambda v: _is_number(v) and 0 < v <= 1,
-    "a finite number in [0, 1)": lambda v: _is_number(v) and 0 <= v < 1,
-    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "a list of integers >= 1": lambda v: (
-        isinstance(v, list) and all(_is_int(x) and x >= 1 for x in v)
-    ),
-    "'linear' or 'conv'": lambda v: v in ("linear", "conv"),
-    "a list of [start, stop) runs": lambda v: (
-        isinstance(v, list)
-        and all(
-            isinstance(r, list) and len(r) == 2 and all(_is_int(i) for i in r) and 0 <= r[0] <= r[1]
-            for r in v
-        )
-    ),
-}
-_MISSING = object()
-
-
-def expect(d: dict, key: str, what: str, source: str, where: str, default: Any = _MISSING) -> Any:
-    """``d[key]``, which must be ``what`` (a key of ``_VALUE_CHECKS``); else ModelLoadError."""
-    if key not in d:
-        if default is not _MISSING:
-            return default
-        raise ModelLoadError(f"{source}: {where}: missing {key!r}")
-    value = d[key]
-    if not _VALUE_CHECKS[what](value):
-        shown = repr(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise ModelLoadError(f"{source}: {where}: {key!r} must be {what}, got {shown}")
-    return value
-
-
-def parse_conv(d: Any, source: str, where: str) -> ConvSpec:
-    """A ConvSpec from its JSON form (as ``_describe`` and ``asdict(ConvSpec)`` write it)."""
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{source}: {where}: 'conv' must be an object, got {d!r:.40}")
-    kernel = expect(d, "kernel_size", "a list of integers >= 1", source, where)
-    n = len(kernel)
-    padding = d.get("padding")
-    if not (padding in ("same", "valid") or isinstance(padding, list)
-            and all(_is_int(p) and p >= 0 for p in padding)):  # fmt: skip
-        raise ModelLoadError(
-            f"{source}: {where}: conv 'padding' must be 'same', 'valid' or a list of integers "
-            f">= 0, got {padding!r:.40}"
-        )
-    spec = ConvSpec(
-        kernel_size=tuple(kernel),
-        stride=tuple(expect(d, "stride", "a list of integers >= 1", source, where)),
-        padding=padding if isinstance(padding, str) else tuple(padding),
-        dilation=tuple(expect(d, "dilation", "a list of integers >= 1", source, where)),
-        groups=expect(d, "groups", "an integer >= 1", source, where, default=1),
-        padding_mode=expect(d, "padding_mode", "a string", source, where, default="zeros"),
-    )
-    lengths = {len(spec.stride), len(spec.dilation)}
-    if not isinstance(padding, str):
-        lengths.add(len(padding))
-    if not 1 <= n <= 3 or lengths != {n}:
-        raise ModelLoadError(
-            f"{source}: {where}: conv geometry of mixed or unsupported dimensions: {d!r:.80}"
-        )
-    if spec.groups != 1:
-        raise ModelLoadError(f"{source}: {where}: grouped convolution (groups={spec.groups})")
-    if spec.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-        raise ModelLoadError(f"{source}: {where}: unknown padding_mode {spec.padding_mode!r:.40}")
-    if spec.padding == "same" and any(s != 1 for s in spec.stride):
-        raise ModelLoadError(f"{source}: {where}: padding 'same' with stride {spec.stride}")
-    return spec
 
 
 def _read_manifest(manifest: Any, source: str) -> list[_Entry]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .validate import expect, is_int
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -342,7 +343,6 @@ class ConvKind(LayerKind):
         return {**super().manifest_fields(adapter), "conv": geometry}
 
     def read_manifest(self, e: dict, host: str | None, source: str, where: str) -> ConvSpec | None:
-        from .artifacts import parse_conv  # artifacts imports this module
 
         conv = parse_conv(e.get("conv"), source, where)
         if e.get("weight_transposed"):
@@ -352,7 +352,6 @@ class ConvKind(LayerKind):
         return conv
 
     def read_saved(self, d: dict, source: str, where: str) -> ConvSpec | None:
-        from .artifacts import parse_conv  # artifacts imports this module
 
         if d.get("conv") is None:
             raise ModelLoadError(f"{source}: {where}: conv geometry must be given for conv only")
@@ -455,3 +454,40 @@ def layer_of_module(name: str, m: Any) -> Layer | None:
     """The Layer a linear/conv module at ``name`` is (widths from its weight), or None."""
     kind = kind_of_module(m)
     return None if kind is None else kind.layer_of_module(name, m)
+
+
+def parse_conv(d: Any, source: str, where: str) -> ConvSpec:
+    """A ConvSpec from its JSON form (as ``_describe`` and ``asdict(ConvSpec)`` write it)."""
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{source}: {where}: 'conv' must be an object, got {d!r:.40}")
+    kernel = expect(d, "kernel_size", "a list of integers >= 1", source, where)
+    n = len(kernel)
+    padding = d.get("padding")
+    if not (padding in ("same", "valid") or isinstance(padding, list)
+            and all(is_int(p) and p >= 0 for p in padding)):  # fmt: skip
+        raise ModelLoadError(
+            f"{source}: {where}: conv 'padding' must be 'same', 'valid' or a list of integers "
+            f">= 0, got {padding!r:.40}"
+        )
+    spec = ConvSpec(
+        kernel_size=tuple(kernel),
+        stride=tuple(expect(d, "stride", "a list of integers >= 1", source, where)),
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dilation=tuple(expect(d, "dilation", "a list of integers >= 1", source, where)),
+        groups=expect(d, "groups", "an integer >= 1", source, where, default=1),
+        padding_mode=expect(d, "padding_mode", "a string", source, where, default="zeros"),
+    )
+    lengths = {len(spec.stride), len(spec.dilation)}
+    if not isinstance(padding, str):
+        lengths.add(len(padding))
+    if not 1 <= n <= 3 or lengths != {n}:
+        raise ModelLoadError(
+            f"{source}: {where}: conv geometry of mixed or unsupported dimensions: {d!r:.80}"
+        )
+    if spec.groups != 1:
+        raise ModelLoadError(f"{source}: {where}: grouped convolution (groups={spec.groups})")
+    if spec.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise ModelLoadError(f"{source}: {where}: unknown padding_mode {spec.padding_mode!r:.40}")
+    if spec.padding == "same" and any(s != 1 for s in spec.stride):
+        raise ModelLoadError(f"{source}: {where}: padding 'same' with stride {spec.stride}")
+    return spec

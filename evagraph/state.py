@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import check_layer, expect, load_json, read_safetensors
+from .artifacts import check_layer, load_json, read_safetensors
 from .errors import ConfigError, ModelLoadError
 from .layers import Layer, kind_from
 from .passes.allocate import allocate
 from .stats import Components
+from .validate import expect
 
 _FORMAT = "evagraph-state/1"
 _TENSORS = ("components", "explained_variance", "explained_variance_ratio", "singular_values",
