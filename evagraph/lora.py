@@ -119,12 +119,14 @@ class ParamLoraLayer(nn.Module):
         self.base_layer = base_layer
         # ModuleDict keys cannot hold dots or brackets: adapters keyed by position.
         self.lora = nn.ModuleList(a for adapters in loras.values() for a in adapters)
-        self.params = {path: [a.layer_name for a in adapters] for path, adapters in loras.items()}
+        self.params: dict[str, list[int]] = {}  # path -> positions of its adapters in lora
+        for path, adapters in loras.items():
+            start = sum(map(len, self.params.values()))
+            self.params[path] = list(range(start, start + len(adapters)))
 
     def adapters(self, path: str) -> list[LoraAdapter]:
         """The adapters of the parameter at ``path`` under ``base_layer``."""
-        names = self.params[path]
-        return [a for a in self.lora if a.layer_name in names]
+        return [self.lora[i] for i in self.params[path]]
 
     def forward(self, *args, **kwargs):
         swapped = {}
@@ -149,15 +151,19 @@ def _experts_plus_lora(weight: torch.Tensor, adapters: list[LoraAdapter]) -> tor
     from the low-rank factors (ranks padded with zeros to the largest; experts without an
     adapter get zero factors): no second tensor the size of the expert stack is built, as
     PEFT's ParamWrapper avoids it too."""
-    experts, rank = weight.shape[0], max(a.rank for a in adapters)
+    rank = max(a.rank for a in adapters)
     out_f, in_f = adapters[0].lora_B.weight.shape[0], adapters[0].lora_A.weight.shape[1]
-    A = weight.new_zeros(experts, rank, in_f)
-    B = weight.new_zeros(experts, out_f, rank)
-    # index_put keeps the autograd graph to each adapter's A and B
-    for a in adapters:
-        A = A.index_put((torch.tensor(a.expert),), _pad(a.lora_A.weight, rank, 0).to(A.dtype))
-        B_e = (a.lora_B.weight * a.scaling).to(B.dtype)
-        B = B.index_put((torch.tensor(a.expert),), _pad(B_e, rank, 1))
+    by_expert = {a.expert: a for a in adapters}
+    zero_A, zero_B = weight.new_zeros(rank, in_f), weight.new_zeros(out_f, rank)
+    # stacked factors (small: rank x width per expert) keep the autograd graph to each A and B
+    A = torch.stack([
+        _pad(a.lora_A.weight, rank, 0).to(weight.dtype) if a else zero_A
+        for a in map(by_expert.get, range(weight.shape[0]))
+    ])  # fmt: skip
+    B = torch.stack([
+        _pad(a.lora_B.weight * a.scaling, rank, 1).to(weight.dtype) if a else zero_B
+        for a in map(by_expert.get, range(weight.shape[0]))
+    ])  # fmt: skip
     if adapters[0].weight_transposed:  # stored [E, in, out]: add (B A)^T = A^T B^T
         return torch.baddbmm(weight, A.transpose(1, 2), B.transpose(1, 2))
     return torch.baddbmm(weight, B, A)

@@ -60,43 +60,58 @@ def _owner(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
 
 @torch.no_grad()
 def _fold(
-    owner: nn.Module, attr: str, adapter: LoraAdapter, sign: float, folded: dict[int, str]
+    owner: nn.Module,
+    attr: str,
+    adapters: list[LoraAdapter],
+    sign: float,
+    folded: dict[int, str],
 ) -> None:
-    """Set ``owner.attr`` to a new Parameter ``W + sign * delta``: W is shared with the model
-    merge/unmerge was given, so it is replaced, never written."""
+    """Set ``owner.attr`` to a new Parameter ``W + sign * delta`` of ``adapters``: one adapter,
+    or the experts of a fused weight, each into its slice (one new tensor for all of them). W
+    is shared with the model merge/unmerge was given, so it is replaced, never written."""
     weight = getattr(owner, attr)
-    # Layers with tied weights (one Parameter) have one adapter each; one weight cannot hold
-    # both deltas, and folding both would change every such layer by the sum of them. The
-    # experts of a fused weight each own their slice of it.
-    if adapter.expert is None:
-        if id(weight) in folded:
+    new = weight.to(torch.float32, copy=True)
+    for adapter in adapters:
+        # Layers with tied weights (one Parameter) have one adapter each; one weight cannot
+        # hold both deltas, and folding both would change every such layer by their sum.
+        # The experts of a fused weight each own their slice of it.
+        if adapter.expert is None:
+            if id(weight) in folded:
+                raise ConfigError(
+                    f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base "
+                    f"weight ({adapter.base_weight}): it cannot hold both deltas, so they "
+                    "cannot be merged"
+                )
+            folded[id(weight)] = adapter.layer_name
+        delta = adapter.delta_weight().to(weight.device)
+        target = new if adapter.expert is None else None
+        if adapter.expert is not None and adapter.expert < (len(weight) if weight.dim() else 0):
+            target = new[adapter.expert]
+        if target is None or delta.shape != target.shape:
             raise ConfigError(
-                f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base "
-                f"weight ({adapter.base_weight}): it cannot hold both deltas, so they cannot "
-                "be merged"
+                f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base "
+                f"weight {adapter.base_weight} {tuple(weight.shape)}"
             )
-        folded[id(weight)] = adapter.layer_name
-    delta = adapter.delta_weight().to(weight.device)
-    shape = weight.shape if adapter.expert is None else weight.shape[1:]
-    if delta.shape != shape or (adapter.expert or 0) >= (len(weight) if weight.dim() else 1):
-        raise ConfigError(
-            f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base weight "
-            f"{adapter.base_weight} {tuple(weight.shape)}"
-        )
-    new = weight.float()
-    if adapter.expert is None:
-        new = new + sign * delta
-    else:
-        new = new.clone()
-        new[adapter.expert] += sign * delta
+        target += sign * delta
     setattr(owner, attr, nn.Parameter(new.to(weight.dtype), requires_grad=weight.requires_grad))
 
 
-def _fold_at(model: nn.Module, adapter: LoraAdapter, sign: float, folded: dict[int, str]) -> None:
-    """``_fold`` into the parameter ``adapter.base_weight`` names in ``model``."""
-    model.get_parameter(adapter.base_weight)  # AttributeError unless it is one
-    owner, _, attr = adapter.base_weight.rpartition(".")
-    _fold(model.get_submodule(owner), attr, adapter, sign, folded)
+def _fold_at(
+    model: nn.Module, adapters: list[LoraAdapter], sign: float, folded: dict[int, str]
+) -> None:
+    """``_fold`` into the parameter that ``adapters`` (all of one weight) name in ``model``."""
+    name = adapters[0].base_weight
+    model.get_parameter(name)  # AttributeError unless it is one
+    owner, _, attr = name.rpartition(".")
+    _fold(model.get_submodule(owner), attr, adapters, sign, folded)
+
+
+def _by_weight(adapters) -> list[list[LoraAdapter]]:
+    """Adapters grouped by base weight: the experts of a fused weight fold together."""
+    groups: dict[str, list[LoraAdapter]] = {}
+    for a in adapters:
+        groups.setdefault(a.base_weight if a.expert is not None else a.layer_name, []).append(a)
+    return list(groups.values())
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -125,7 +140,7 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             found = True
             if id(module) not in unwrapped:
-                _fold(module.base_layer, "weight", module.lora, +1.0, folded)
+                _fold(module.base_layer, "weight", [module.lora], +1.0, folded)
                 unwrapped.add(id(module))
                 names.add(module.lora.layer_name)
             parent_name, _, child = name.rpartition(".")
@@ -134,9 +149,9 @@ def merge(model: nn.Module) -> nn.Module:
             found = True
             for path in module.params:
                 owner, _, attr = path.rpartition(".")
-                for adapter in module.adapters(path):
-                    _fold(module.base_layer.get_submodule(owner), attr, adapter, +1.0, folded)
-                    names.add(adapter.layer_name)
+                adapters = module.adapters(path)
+                _fold(module.base_layer.get_submodule(owner), attr, adapters, +1.0, folded)
+                names.update(a.layer_name for a in adapters)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.base_layer)
     if isinstance(merged, fx.GraphModule):  # adapters spliced into a graph
@@ -147,7 +162,7 @@ def merge(model: nn.Module) -> nn.Module:
             if not isinstance(adapter, LoraAdapter):
                 continue
             found = True
-            _fold_at(merged, adapter, +1.0, folded)
+            _fold_at(merged, [adapter], +1.0, folded)
             names.add(adapter.layer_name)
             for add in list(node.users):  # y + lora(x)  ->  y
                 if add.target is operator.add:
@@ -221,5 +236,6 @@ def unmerge(
     folded: dict[int, str] = {}
     for adapter in found.values():
         adapter.to(device)
-        _fold_at(work, adapter, -1.0, folded)
+    for adapters in _by_weight(found.values()):
+        _fold_at(work, adapters, -1.0, folded)
     return attach_adapters(work, found, example, source=source)

@@ -46,10 +46,6 @@ def unwrap(adapted: nn.Module) -> nn.Module:
     return base
 
 
-def _check_representable(name: str, lora: LoraAdapter) -> None:
-    kind_of(lora).check_peft(name, lora)
-
-
 def _by_parameter(adapted: nn.Module) -> dict[str, list[LoraAdapter]]:
     """Weight-space adapters (``ParamLoraLayer``: routers, fused experts) by base weight."""
     found: dict[str, list[LoraAdapter]] = {}
@@ -100,7 +96,7 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
             "HF model), not adapters spliced into a graph"
         )
     for name in wrapped:
-        _check_representable(name, adapters[name])
+        kind_of(adapters[name]).check_peft(name, adapters[name])
     for weight, group in params.items():
         _check_parameter(adapted, weight, group)
     ranks = {n: adapters[n].rank for n in wrapped}

@@ -82,12 +82,10 @@ class EvaState:
                 f"but this state holds {self.max_components}: calibrate again with a larger "
                 "budget or rho"
             )
+        few = self.few_rows(budget)
         ratios = {
-            m: torch.zeros_like(c.explained_variance_ratio)
-            if m in self.few_rows(budget)
-            else c.explained_variance_ratio
+            m: self.components[g].explained_variance_ratio * (m not in few)
             for m, g in self.layer_group.items()
-            if (c := self.components[g]) is not None
         }
         return allocate(ratios, budget, rho, list(self.groups.values()))
 
