@@ -61,6 +61,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import TARGETS, build, header, parser, publish, worker_argv  # noqa: E402
 
+from evagraph.stats import sketch_rank  # noqa: E402
+
 TITLE = "Data-parallel calibration: communication, evagraph vs PEFT (issue 15)"
 METHODS = ("evagraph", "peft")
 
@@ -343,7 +345,7 @@ def table(args: argparse.Namespace, results: dict) -> list[str]:
     k = round(args.rho * args.r)
     kind = (
         f"statistic {args.statistic}: exact d x d sums for rows up to {8 * k} wide, else the "
-        f"rank-{max(2 * k, k + 16)} incremental SVD"
+        f"rank-{sketch_rank(k)} incremental SVD"
         if args.statistic == "auto"
         else f"statistic {args.statistic}"
     )

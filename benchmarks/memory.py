@@ -6,7 +6,7 @@ What each method keeps per decomposition (one per distinct layer input: q/k/v sh
 gate/up another, as both methods deduplicate) while calibrating, in bytes, at k = round(r x
 rho) components:
 - evagraph, low-rank statistic (``IncrementalSVD``, every Llama projection input is wider
-  than 8k): V (q x d, float32; q = max(2k, k + 16)), sigma (q, float64), mean (d, float64)
+  than 8k): V (q x d, float32; q = max(2k, k + 32)), sigma (q, float64), mean (d, float64)
   and two scalars;
 - evagraph before (``ExactCovariance``: a ``d x d`` float32 second moment, sum, shift);
 - PEFT (``IncrementalPCA`` of rank k): components_ (k x d, float32), mean_ and var_ (d,
@@ -27,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import header, publish  # noqa: E402
 
+from evagraph.stats import sketch_rank  # noqa: E402
+
 # (hidden, intermediate, layers) of real models.
 MODELS = {
     "Llama-3.2-1B": (2048, 8192, 16),
@@ -41,7 +43,7 @@ def widths(hidden: int, intermediate: int) -> list[int]:
 
 
 def evagraph_bytes(d: int, k: int) -> int:
-    q = max(2 * k, k + 16)  # the sketch's rank
+    q = sketch_rank(k)
     return 4 * q * d + 8 * q + 8 * d + 2 * 8
 
 
