@@ -120,9 +120,10 @@ class ParamLoraLayer(nn.Module):
         # ModuleDict keys cannot hold dots or brackets: adapters keyed by position.
         self.lora = nn.ModuleList(a for adapters in loras.values() for a in adapters)
         self.params: dict[str, list[int]] = {}  # path -> positions of its adapters in lora
+        start = 0
         for path, adapters in loras.items():
-            start = sum(map(len, self.params.values()))
             self.params[path] = list(range(start, start + len(adapters)))
+            start += len(adapters)
 
     def adapters(self, path: str) -> list[LoraAdapter]:
         """The adapters of the parameter at ``path`` under ``base_layer``."""
@@ -156,14 +157,14 @@ def _experts_plus_lora(weight: torch.Tensor, adapters: list[LoraAdapter]) -> tor
     by_expert = {a.expert: a for a in adapters}
     zero_A, zero_B = weight.new_zeros(rank, in_f), weight.new_zeros(out_f, rank)
     # stacked factors (small: rank x width per expert) keep the autograd graph to each A and B
-    A = torch.stack([
-        _pad(a.lora_A.weight, rank, 0).to(weight.dtype) if a else zero_A
+    factors = [
+        (_pad(a.lora_A.weight, rank, 0).to(weight.dtype),
+         _pad(a.lora_B.weight * a.scaling, rank, 1).to(weight.dtype))
+        if a else (zero_A, zero_B)
         for a in map(by_expert.get, range(weight.shape[0]))
-    ])  # fmt: skip
-    B = torch.stack([
-        _pad(a.lora_B.weight * a.scaling, rank, 1).to(weight.dtype) if a else zero_B
-        for a in map(by_expert.get, range(weight.shape[0]))
-    ])  # fmt: skip
+    ]  # fmt: skip
+    A = torch.stack([a for a, _ in factors])
+    B = torch.stack([b for _, b in factors])
     if adapters[0].weight_transposed:  # stored [E, in, out]: add (B A)^T = A^T B^T
         return torch.baddbmm(weight, A.transpose(1, 2), B.transpose(1, 2))
     return torch.baddbmm(weight, B, A)

@@ -84,9 +84,12 @@ def _fold(
                 )
             folded[id(weight)] = adapter.layer_name
         delta = adapter.delta_weight().to(weight.device)
-        target = new if adapter.expert is None else None
-        if adapter.expert is not None and adapter.expert < (len(weight) if weight.dim() else 0):
+        if adapter.expert is None:
+            target = new
+        elif adapter.expert < (len(weight) if weight.dim() else 0):
             target = new[adapter.expert]
+        else:
+            target = None
         if target is None or delta.shape != target.shape:
             raise ConfigError(
                 f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base "
