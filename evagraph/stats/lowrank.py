@@ -23,7 +23,8 @@ only 0.95-0.98 / 0.998-0.9998; adding ``R^T P`` (chosen) 0.97-0.99 / 0.9993-0.99
 same time per batch; a second power iteration 0.96-0.98 at 1.4x; an exact residual (no range
 finder) 0.97-0.98 at 10x; q = 4k 0.99. On a hidden-64 Llama, the top 3 of 8: R^T R G only
 0.977-0.991, with R^T P 0.999-1.0 (PEFT 0.9993-0.9999). The sketch is ``2k`` wide so that
-the statistics stay within 2x PEFT's memory (which keeps k), and at least ``k + 32``: a
+the statistics stay within 2x PEFT's memory (which keeps k) from k = 32 up, and at least
+``k + 32`` (3k at k = 16: 2.5x PEFT's memory there): a
 sketch smooths its estimates (the old rows' energy outside it is gone, so its components
 turn less from batch to batch than the exact PCA's), which lets the tau criterion stop
 before the exact PCA has settled. On the input of a hidden-4096 Llama's ``o_proj`` (k = 16,
