@@ -62,6 +62,12 @@ def test_scaling_benchmark_writes_a_row_per_method(tmp_path):
     assert "running" not in log and "quality ..." in log
     assert "heldout_common" in json.loads(raw.read_text())[0][1]["peft"]["quality"]
     assert out.read_text().count("| 32 / 64 | peft |") == 2
+    # --seeds: seed 0 is reused, seed 1 runs, and a table averages the seeds
+    log = run("scaling.py", *args, "--resume", "--seeds=0,1")
+    assert log.count("running evagraph") == 1 and "seed 1 ..." in log
+    assert {a["seed"] for a, _ in json.loads(raw.read_text())} == {0, 1}
+    assert "| 32 / 64, seed 1 | peft |" in out.read_text()
+    assert "| 32 | 2 |" in out.read_text()
 
 
 @pytest.mark.slow
