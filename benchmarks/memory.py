@@ -6,7 +6,7 @@ What each method keeps per decomposition (one per distinct layer input: q/k/v sh
 gate/up another, as both methods deduplicate) while calibrating, in bytes, at k = round(r x
 rho) components:
 - evagraph, low-rank statistic (``IncrementalSVD``, every Llama projection input is wider
-  than 8k): V (q x d, float32; q = max(2k + 4, k + 8)), sigma (q, float64), mean (d, float64)
+  than 8k): V (q x d, float32; q = max(2k + 4, k + 12)), sigma (q, float64), mean (d, float64)
   and two scalars;
 - evagraph before (``ExactCovariance``: a ``d x d`` float32 second moment, sum, shift);
 - PEFT (``IncrementalPCA`` of rank k): components_ (k x d, float32), mean_ and var_ (d,

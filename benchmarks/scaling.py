@@ -96,12 +96,10 @@ def main() -> None:
         f"projection types; quality against {base.heldout} held-out minibatches"
         + (f"; seeds {base.seeds}" if len(seeds) > 1 else "")
     )
-    label = lambda a: (
-        f"{a.hidden} / {a.intermediate}"
-        + (  # noqa: E731
-            f", seed {a.seed}" if len(seeds) > 1 else ""
-        )
-    )
+
+    def label(a: argparse.Namespace) -> str:
+        return f"{a.hidden} / {a.intermediate}" + (f", seed {a.seed}" if len(seeds) > 1 else "")
+
     lines = [
         *header("Calibration over widths: evagraph vs PEFT", model),
         *side_by_side("hidden / inter.", [(label(a), res) for a, res in rows]),

@@ -103,7 +103,7 @@ class CalibrationSettings(_Ranks):
     statistic: str = _setting(
         "auto",
         "exact: a d x d second moment per decomposition (the exact PCA of the rows seen); "
-        "lowrank: a rank-max(2k + 4, k + 8) incremental SVD (O(d k) memory and work); auto: exact "
+        "lowrank: a rank-max(2k + 4, k + 12) incremental SVD (O(d k) memory and work); auto: exact "
         "for rows up to 8k wide, lowrank beyond.",
         choices=KINDS,
     )

@@ -54,7 +54,7 @@ def test_exact_components_equal_float64_pca():
 
 
 def test_lowrank_components_equal_float64_pca_when_the_rows_fit_the_sketch():
-    d, k = 200, 6  # the sketch holds max(2k + 4, k + 8) = 16 directions; the rows span 10
+    d, k = 200, 6  # the sketch holds max(2k + 4, k + 12) = 18 directions; the rows span 10
     x = low_rank(2000, d, 10)
     assert_same_pca(stream(IncrementalSVD(d, k, "cpu"), x, SIZES).finalize(), x, k)
 

@@ -6,7 +6,7 @@ right-singular vectors of the mean-centred activation rows, their explained vari
 ratio, and per layer whether and when it converged.
 
 Each group streams its rows into a statistic from ``evagraph.stats`` (exact for narrow rows,
-a rank-max(2k + 4, k + 8) incremental SVD for wide ones), which gives current components after
+a rank-max(2k + 4, k + 12) incremental SVD for wide ones), which gives current components after
 every batch.
 Convergence follows the EVA spec: after each batch, component i of a group has converged
 when |cos(current_i, previous_i)| >= tau; a layer has converged when the components its

@@ -2,7 +2,7 @@
 
 ``make_statistic(kind, dim, k, device)`` returns the statistic for one decomposition:
 ``ExactCovariance`` (a ``d x d`` second moment: the exact PCA of every row seen) for narrow
-rows or when asked for, else ``IncrementalSVD`` (a rank-max(2k + 4, k + 8) streaming SVD: O(d k)
+rows or when asked for, else ``IncrementalSVD`` (a rank-max(2k + 4, k + 12) streaming SVD: O(d k)
 memory and O(N d k) work per batch, for wide layers). Both follow the ``Statistic`` protocol
 (update, merge, estimate, finalize) and finalise to ``Components``.
 """
