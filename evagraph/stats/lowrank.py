@@ -22,9 +22,10 @@ rows, top 16 / top 4): PEFT's IncrementalPCA (rank k) 0.81-0.87; q = 2k with ``R
 only 0.95-0.98 / 0.998-0.9998; adding ``R^T P`` (chosen) 0.97-0.99 / 0.9993-0.9999 at the
 same time per batch; a second power iteration 0.96-0.98 at 1.4x; an exact residual (no range
 finder) 0.97-0.98 at 10x; q = 4k 0.99. On a hidden-64 Llama, the top 3 of 8: R^T R G only
-0.977-0.991, with R^T P 0.999-1.0 (PEFT 0.9993-0.9999). The sketch is ``2k + 4`` wide, the widest
-that keeps the statistics within 2x PEFT's memory (which keeps k) at k = 8 and up (1.83x at k = 8,
-1.90x at k = 16, 1.94x at k = 32), and at least ``k + 12`` for layers with few components,
+0.977-0.991, with R^T P 0.999-1.0 (PEFT 0.9993-0.9999). The sketch is ``2k + 4`` wide, which
+keeps the statistics within 2x PEFT's memory (which keeps k) at every k from 8 up, with a
+little to spare (1.83x at k = 8, 1.90x at k = 16, 1.94x at k = 32; 2k + 6 would reach 2x),
+and at least ``k + 12`` for layers with few components,
 whose statistics are small anyway: on timm's vit_tiny and convnext_atto at k = 4 the
 variance along A misses the exact PCA's by 1.3% with 2k + 4 = 12 directions, 0.5-0.65% with
 16, 0.05-0.24% with 20. Wider is smoother: a
