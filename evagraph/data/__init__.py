@@ -80,6 +80,7 @@ def open_data(
     tokenizer: Any = None,
     default_tokenizer: str | Path | None = None,
     seed: int = 0,
+    trust_remote_code: bool = False,
     **options: Any,
 ) -> Any:
     """The calibration batches in ``path``, read by what it is (the CLI's ``--data``).
@@ -87,8 +88,10 @@ def open_data(
     Tensors: ``load_calibration``. Text: ``text_batches`` with ``tokenizer`` (a tokenizer, or
     a directory to load one from with ``AutoTokenizer``; ``default_tokenizer`` when None, e.g.
     the model's directory). Images: ``image_batches`` for ``model`` (``processor``: a Hugging
-    Face image processor or the directory holding one). ``options``: the reader's keyword
-    options the caller set; options for another kind of data are refused (``ConfigError``).
+    Face image processor or the directory holding one). ``trust_remote_code``: a tokenizer or
+    image processor directory may run code it ships (``auto_map``); without it, never.
+    ``options``: the reader's keyword options the caller set; options for another kind of
+    data are refused (``ConfigError``).
     """
     path = Path(path)
     kind = check_options(path, tokenizer, **options)
@@ -97,8 +100,9 @@ def open_data(
         return load_calibration(path, batch_size)
     if kind == "images":
         return image_batches(
-            path, model, batch_size=batch_size, processor=processor, seed=seed, **options
-        )
+            path, model, batch_size=batch_size, processor=processor, seed=seed,
+            trust_remote_code=trust_remote_code, **options,
+        )  # fmt: skip
     tokenizer = tokenizer if tokenizer is not None else default_tokenizer
     if tokenizer is None:
         raise ConfigError(
@@ -106,21 +110,34 @@ def open_data(
             "PATH; the default, the MODEL directory, is not a Hugging Face model directory)"
         )
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     return text_batches(path, tokenizer, batch_size=batch_size, seed=seed, **options)
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained(path)`` from a local directory, as a one-line error."""
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` from a local directory, as a one-line error.
+
+    Code shipped with the tokenizer (``auto_map`` in its ``tokenizer_config.json`` or
+    ``config.json``) runs only with ``trust_remote_code``; without it transformers is told so
+    explicitly, as otherwise it would ask on stdin whether to run the code.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"tokenizer {path}: not a directory (save_pretrained writes one)")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except Exception as err:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {_first_line(err)}") from err
+        reason = _first_line(err)
+        if "custom code" in reason or "trust_remote_code" in reason:
+            reason = (
+                "it ships its own code (auto_map), which runs only with --trust-remote-code "
+                "(trust_remote_code=True): pass it only if you trust the directory"
+            )
+        raise ConfigError(f"cannot load a tokenizer from {path}: {reason}") from err
 
 
 def call_model(model: torch.nn.Module, batch: Any) -> Any:

@@ -88,6 +88,7 @@ def image_batches(
     num_samples: int | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> ImageBatches:
     """Calibration batches of the images under ``folder``, preprocessed as ``model`` expects.
 
@@ -98,7 +99,8 @@ def image_batches(
     config's eval transform (``image_size``/``mean``/``std``, if given, override the config);
     a Hugging Face ``model`` loaded from a directory with ``preprocessor_config.json``: that
     processor; else ``image_size`` (resize the shorter side, centre crop) with ``mean`` and
-    ``std`` (per RGB channel), or a ``ConfigError`` asking for them.
+    ``std`` (per RGB channel), or a ``ConfigError`` asking for them. A processor directory's
+    own code (``auto_map``) runs only with ``trust_remote_code``.
 
     Files are taken in sorted order (hidden ones left out), or shuffled with ``seed``; the
     first ``num_samples`` are used. Files PIL cannot open are skipped with one warning; a
@@ -117,7 +119,9 @@ def image_batches(
                 "image_size/mean/std are for models without an image processor: a Hugging "
                 "Face image processor fixes its own size and normalisation"
             )
-        processor = _load_processor(processor if processor is not None else _hf_directory(model))
+        processor = _load_processor(
+            processor if processor is not None else _hf_directory(model), trust_remote_code
+        )
     elif transform is None:
         transform = _transform_for(model, image_size, mean, std)
     files = _images_in(Path(folder))
@@ -218,16 +222,17 @@ def _hf_directory(model: torch.nn.Module | None) -> Path | None:
     return Path(path) if (Path(path) / "preprocessor_config.json").is_file() else None
 
 
-def _load_processor(processor: Any) -> Any:
+def _load_processor(processor: Any, trust_remote_code: bool = False) -> Any:
     """``processor`` itself, or the image processor saved in the directory it names."""
     if not isinstance(processor, (str, Path)):
         return processor
     from transformers import AutoImageProcessor
 
     try:
-        # Code shipped with a processor (auto_map) is refused, not run (nor asked about).
+        # Code shipped with a processor (auto_map) is refused, not run (nor asked about),
+        # unless the user trusts it.
         return AutoImageProcessor.from_pretrained(
-            str(processor), local_files_only=True, trust_remote_code=False
+            str(processor), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except Exception as err:
         raise ConfigError(
