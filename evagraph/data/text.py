@@ -12,6 +12,7 @@ grow with the file and only the documents calibration uses are tokenized.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def text_batches(
             f"{name} holds chat messages, but the tokenizer has no chat template to render them"
         )
     if column != "messages":
+        _check_text(dataset, column, name)
         dataset = _drop_blank(dataset, column, name)
     if len(dataset) == 0:
         raise DataError(f"calibration data {name} holds no documents")
@@ -154,10 +156,48 @@ class TextBatches:
             ) from err
 
     def _encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
+        """Token ids of ``texts``: at most ``max_length`` each with ``truncate``, else all.
+
+        A tokenizer reads a text whole even when it truncates, so a document of megabytes
+        (one line of a .jsonl) would cost time and memory for tokens never used: truncated
+        texts are cut to ``max_length * _CHARS_PER_TOKEN`` characters first (before a
+        whitespace, so the words kept tokenize as in the whole text; cut longer where that
+        gives too few tokens), and whole ones are tokenized in pieces of ``_PIECE``.
+        """
         # A chat template writes its own special tokens (BOS); adding them again would double.
         special = self.column != "messages"
+        if not truncate:  # short texts in one call, long ones piece by piece
+            out = self._tokenize([t if len(t) <= _PIECE else "" for t in texts], special, False)
+            return [
+                self._long(t, special) if len(t) > _PIECE else ids for t, ids in zip(texts, out)
+            ]
+        limit = self.max_length * _CHARS_PER_TOKEN
+        out = self._tokenize([_head(t, limit) for t in texts], special, truncate=True)
+        for i, text in enumerate(texts):
+            cut = limit
+            while len(out[i]) < self.max_length and len(text) > cut:  # tokens of many chars
+                cut *= 8
+                out[i] = self._tokenize([_head(text, cut)], special, truncate=True)[0]
+        return out
+
+    def _tokenize(self, texts: list[str], special: bool, truncate: bool) -> list[list[int]]:
         kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {}
         return self.tokenizer(texts, add_special_tokens=special, **kwargs)["input_ids"]
+
+    def _long(self, text: str, special: bool) -> list[int]:
+        """All token ids of a long ``text``, tokenized piece by piece (cut before whitespace)
+        and wrapped in the special tokens the tokenizer adds around a text."""
+        ids = [i for piece in _pieces(text) for i in self._tokenize([piece], False, False)[0]]
+        if not special:
+            return ids
+        marked, plain = (self._tokenize(["a"], flag, False)[0] for flag in (True, False))
+        at = next(
+            (j for j in range(len(marked) - len(plain) + 1) if marked[j : j + len(plain)] == plain),
+            None,
+        )
+        if at is None:  # special tokens inside the text itself: no piecewise equivalent
+            return self._tokenize([text], special, truncate=False)[0]
+        return marked[:at] + ids + marked[at + len(plain) :]
 
     def _documents(self, step: int = 64) -> Iterator[list[int]]:
         for start in range(0, len(self.dataset), step):
@@ -200,6 +240,29 @@ class TextBatches:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+# A bound on characters per token far above any tokenizer's average (about 4 for English).
+_CHARS_PER_TOKEN = 32
+_PIECE = 1 << 16  # characters tokenized at once when a whole long document is needed
+
+
+def _head(text: str, limit: int) -> str:
+    """The start of ``text``, at most ``limit`` characters, cut before a whitespace where
+    there is one in the second half (so no word is split)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    cut = max(head.rfind(c) for c in " \n\t")
+    return head[:cut] if cut > limit // 2 else head
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``_PIECE`` characters (see ``_head``)."""
+    while text:
+        piece = _head(text, _PIECE)
+        yield piece
+        text = text[len(piece) :]
+
+
 def _read(source: Any, one_per_line: bool) -> tuple[Any, str]:
     """``source`` as a ``datasets.Dataset`` and the name errors call it by."""
     import datasets  # its packaged readers of local files never go to the network
@@ -210,6 +273,7 @@ def _read(source: Any, one_per_line: bool) -> tuple[Any, str]:
         return _split(source, "the dataset"), "the dataset"
     path = Path(source)
     if path.is_dir():
+        _check_saved_dataset(path)
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:
@@ -235,11 +299,63 @@ def _read(source: Any, one_per_line: bool) -> tuple[Any, str]:
         extra["sample_by"] = "line" if one_per_line else "paragraph"
     if reader in ("text", "json"):
         extra["chunksize"] = 1 << 20  # read 1 MB at a time (10 MB by default): a smaller peak
+    # datasets logs a parse error on its own line before raising a generic one: the reason is
+    # told once, in the DataError, from the error's cause.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         dataset = datasets.load_dataset(reader, data_files=str(path), split="train", **extra)
     except Exception as err:
-        raise DataError(f"cannot read calibration data {path}: {_first_line(err)}") from err
+        raise DataError(
+            f"cannot read calibration data {path}: {_first_line(_root_cause(err))}"
+        ) from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return dataset, str(path)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception ``err`` was raised from (``raise ... from``: datasets wraps a
+    parse error in a ``DatasetGenerationError`` that says only that one occurred)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def _check_saved_dataset(path: Path) -> None:
+    """Refuse a ``save_to_disk`` directory whose JSON names files outside it (a split
+    ``../x``, a data file ``/etc/...`` or a symlink out): ``load_from_disk`` would read them.
+    """
+    import json
+
+    root = Path(os.path.realpath(path))
+
+    def inside(name: Any, where: Path, what: str) -> Path:
+        target = Path(os.path.realpath(where / name)) if isinstance(name, str) else None
+        if target is None or root not in target.parents:
+            raise DataError(f"calibration data {path}: {what} {name!r} is not inside the directory")
+        return target
+
+    def read(file: Path, key: str) -> list:
+        try:
+            value = json.loads(file.read_text())[key]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"calibration data {path}: cannot read {file.name}: {err}") from err
+        if not isinstance(value, list):
+            raise DataError(f"calibration data {path}: {file.name}: {key!r} must be a list")
+        return value
+
+    folders = [root]
+    if (root / "dataset_dict.json").is_file():
+        splits = read(root / "dataset_dict.json", "splits")
+        folders = [inside(split, root, "split") for split in splits]
+    for folder in folders:
+        if (folder / "state.json").is_file():
+            for entry in read(folder / "state.json", "_data_files"):
+                name = entry.get("filename") if isinstance(entry, dict) else None
+                inside(name, folder, "data file")
 
 
 def _split(found: Mapping[str, Any], name: str) -> Any:
@@ -260,6 +376,21 @@ def _column(dataset: Any, text_column: str, name: str) -> str:
     raise DataError(
         f"{name} has no column {text_column!r} (nor 'messages'); its columns: "
         f"{', '.join(columns) or 'none'} (choose one with text_column / --text-column)"
+    )
+
+
+def _check_text(dataset: Any, column: str, name: str) -> None:
+    """Refuse a ``column`` that does not hold strings: numbers (a .json of ``[1, 2, 3]``) or
+    mixed values would otherwise become documents such as "1"."""
+    import datasets
+
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return
+    holds = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    raise DataError(
+        f"calibration data {name}: column {column!r} holds {holds} values, not text (every "
+        "document must be a string)"
     )
 
 
