@@ -275,7 +275,14 @@ def _adapt(
                 f"(more than budget={settings.budget} needed)"
             )
             continue
-        dead = not bool((state.components[state.layer_group[n]].explained_variance > 0).any())
+        found = state.components[state.layer_group[n]]
+        if found.n_rows < 2:
+            skipped[n] = (
+                f"rank 0: it saw {found.n_rows} row(s) of calibration data, too few for a PCA "
+                "(more data needed)"
+            )
+            continue
+        dead = not bool((found.explained_variance > 0).any())
         skipped[n] = (
             "rank 0: its inputs have no variance (constant, zero or masked)"
             if dead

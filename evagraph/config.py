@@ -62,6 +62,9 @@ class _Ranks:
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # "no" and 2 are truthy: a flag must say what it means
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
             raise ConfigError(f"budget must be a positive integer, got {self.budget!r}")
         if _finite("rho", self.rho) < 1:
@@ -122,7 +125,7 @@ class CalibrationSettings(_Ranks):
             raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
         if self.min_batches < 1:
             raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
-        if self.statistic not in KINDS:
+        if not isinstance(self.statistic, str) or self.statistic not in KINDS:
             raise ConfigError(
                 f"statistic must be one of {', '.join(KINDS)}, got {self.statistic!r}"
             )

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import CalibrationSettings
 from ..data import batch_failed
-from ..errors import ConvergenceWarning, DataError, EvagraphError
+from ..errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
 from ..stats import Components, Statistic, Sync, flush_all, make_statistic
 from .allocate import allocate
 from .probe import ProbedGraph, ProbeFailure, slice_to_probes
@@ -97,6 +97,12 @@ class _Calibrator:
         process 0."""
         self.probed, self.settings, self.device = probed, settings, device
         self.sync = sync
+        widest = max(probed.dims.values(), default=0)
+        if settings.budget > widest:  # more rank than any layer has: sized buffers would be huge
+            raise ConfigError(
+                f"budget {settings.budget} is more than any target layer's rank can be: the "
+                f"widest layer input has {widest} features, so the budget is at most {widest}"
+            )
         self.all_components = all_components
         self.groups = {g: _Group(layers, None) for g, layers in probed.groups.items()}
         self.layer_group = {m: g for g, grp in self.groups.items() for m in grp.layers}
@@ -131,7 +137,7 @@ class _Calibrator:
             sinks[:] = [s for s in sinks if getattr(s, "__self__", None) is not grp.stat]
         grp.final = grp.stat.finalize()
         grp.n_rows = int(round(float(grp.stat.count)))
-        if grp.final is None and g in self.probed.experts:  # fewer than 2 rows routed to it
+        if grp.final is None:  # fewer than 2 rows (one sample, a router): rank 0, reported
             grp.final = _no_components(self.probed.dims[g], self.settings.max_components)
             grp.final.n_rows = grp.n_rows
         grp.stat = None
@@ -208,7 +214,7 @@ class _Calibrator:
         to yet counts as having no variance: it may never get one)."""
         experts = self.probed.experts
         if all(grp.ratios is not None or g in experts for g, grp in self.groups.items()):
-            none = torch.zeros(self.settings.max_components)
+            none = torch.zeros(min(self.settings.max_components, max(self.probed.dims.values())))
             few = {g for g in experts if self.groups[g].n_rows <= self.settings.budget}
             self.ranks = allocate(
                 {
@@ -323,11 +329,11 @@ def calibrate(
 
 
 def _no_components(d: int, k: int) -> Components:
-    """Components of no variance (an expert no rows reached): what allocation reads as
+    """Components of no variance (a group that saw fewer than 2 rows): what allocation reads as
     nothing to allot, of the usual shapes so the state and report treat it as any group."""
     k = min(k, d)
     zero = torch.zeros(k, dtype=torch.float64)
-    return Components(torch.eye(k, d), zero, zero.float(), zero, torch.zeros(d), 0)
+    return Components(torch.eye(k, d), zero, zero.float(), zero.clone(), torch.zeros(d), 0)
 
 
 def _forward(module: torch.nn.Module, batch: Any, forward: Callable, step: int) -> None:
