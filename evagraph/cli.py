@@ -84,7 +84,25 @@ def _settings_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.UsageError):
+    """A usage mistake in one line (click prints the usage and a hint on lines above it)."""
+
+    def show(self, file: Any = None) -> None:
+        where = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{where}", file=file, err=file is None)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if isinstance(err, _UsageError):
+                raise
+            raise _UsageError(err.format_message(), err.ctx) from err
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="evagraph")
 def main() -> None:
     """evagraph: add EVA-initialised LoRA adapters to a PyTorch model.
@@ -213,8 +231,9 @@ def main() -> None:
 @click.option(
     "--trust-remote-code",
     is_flag=True,
-    help="Allow a Hugging Face MODEL directory that ships its own modelling code (auto_map "
-    "in config.json) to run it.",
+    help="Allow a Hugging Face MODEL directory, --tokenizer directory or image processor that "
+    "ships its own code (auto_map in its config) to run it. Without it such code never runs "
+    "and nothing asks on stdin.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
 @click.option(
@@ -313,6 +332,9 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # evagraph reads nothing from stdin; a library that asks there (transformers asks whether
+    # to run a directory's code) gets end-of-file, never an answer piped in.
+    stdin, sys.stdin = sys.stdin, open(os.devnull)  # noqa: SIM115 (closed in finally)
     # Warnings as one line each, without the Python source line Python prints under them.
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
@@ -332,6 +354,8 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.stdin.close()
+        sys.stdin = stdin
         warnings.formatwarning = formatwarning
         _leave_process_group()
 
@@ -387,6 +411,12 @@ def _shown_here(err: BaseException | None) -> bool:
 
 
 def _quiet_libraries() -> None:
+    """Progress bars and informational logs of the libraries evagraph calls, off (--quiet,
+    and on every process but the first under torchrun)."""
+    import logging
+
+    for name in ("torch._export", "torch.export"):  # e.g. "dimension ... specialized"
+        logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(ImportError):
         from transformers.utils import logging
 
@@ -510,12 +540,18 @@ def _compile(
             f"({work} holds no finished block)"
         )
     check_checkpoint(model, checkpoint)
+    _check_apart(
+        output, MODEL=model, **{"--data": data, "--state": state, "--tokenizer": tokenizer,
+        "--checkpoint": checkpoint},
+    )  # fmt: skip
     if data is not None:  # options that do not fit the data, before any loading
         check_options(data, tokenizer, **data_options)
     elif data_options or tokenizer is not None:
         given = [f"--{k.replace('_', '-')}" for k in data_options]
         given += ["--tokenizer"] if tokenizer is not None else []
         raise ConfigError(f"{', '.join(given)}: options of --data, which was not given")
+    if quiet:  # before loading: transformers draws a bar while it reads the weights
+        _quiet_libraries()
     random.seed(seed)
     torch.manual_seed(seed)
     # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
@@ -531,13 +567,11 @@ def _compile(
             with warnings.catch_warnings():
                 if not main:  # process 0 shows them (skipped images)
                     warnings.simplefilter("ignore")
-                if quiet:
-                    _quiet_libraries()
                 batches = _calibration(
                     model, data, batch_size, model=module, tokenizer=tokenizer, seed=seed,
                     processor=_image_processor(model) if kind == "hf" else None,
                     default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
-                    **data_options,
+                    trust_remote_code=trust_remote_code, **data_options,
                 )  # fmt: skip
         # The first batch, for the export trace and --state's example (text and images are
         # read lazily).
@@ -609,6 +643,27 @@ def _compile(
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
         f"wrote {output}/{{{', '.join(written)}}}"
     )
+
+
+def _check_apart(output: str, **inputs: str | None) -> None:
+    """Refuse an OUTDIR that is, contains or lies inside one of the ``inputs`` (by the flag
+    that named it): ``--force`` replaces OUTDIR whole, so an input inside it would be deleted,
+    and an output inside an input directory (an image folder, a model directory) changes it."""
+    out = Path(os.path.realpath(output))
+    for flag, given in inputs.items():
+        if given is None or not os.path.lexists(given):
+            continue  # a timm name, or a missing file reported where it is read
+        path = Path(os.path.realpath(given))
+        if path == out or out in path.parents:
+            where = "is" if path == out else "contains"
+            raise ConfigError(
+                f"output directory {output} {where} {flag} {given}: --force would delete it; "
+                "give another -o"
+            )
+        if path in out.parents:
+            raise ConfigError(
+                f"output directory {output} is inside {flag} {given}: give a -o outside it"
+            )
 
 
 def _calibration(model_path: str, data: str, batch_size: int, **reader: Any) -> Iterable:

@@ -177,7 +177,15 @@ def _load_hf(
             path, local_files_only=True, trust_remote_code=trust_remote_code
         )
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        # Only a model class is called: config.json could name any of transformers' callables.
+        if cls is not None and not (
+            isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+        ):
+            raise ModelLoadError(
+                f"{path / 'config.json'} names architecture {arch!r}, which is not a "
+                "transformers model class"
+            )
         if auto_map:  # the model's own class, through the Auto class its code registered
             auto = next((k for k in auto_map if k.startswith("AutoModel")), "AutoModel")
             cls = getattr(transformers, auto)
@@ -191,6 +199,8 @@ def _load_hf(
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
         )
+    except ModelLoadError:
+        raise
     except Exception as err:
         raise ModelLoadError(
             f"cannot load HF model from {path}: {str(err).strip().splitlines()[0]}"
@@ -255,7 +265,14 @@ def atomic_directory(target: str | Path, *, force: bool = False) -> Iterator[Pat
     Files and directories get the permissions the user's umask gives.
     """
     shown = Path(target)
-    target = Path(os.path.realpath(shown))  # through symlinks, "." and ".."
+    try:  # through symlinks, "." and ".."; a symlink loop can never be written
+        target = Path(os.path.realpath(shown, strict=os.path.islink(shown)))
+    except FileNotFoundError:  # a symlink to a directory that does not exist yet
+        target = Path(os.path.realpath(shown))
+    except OSError as err:
+        raise OutputError(
+            f"cannot write output directory {shown}: {err.strerror or err} (a symlink loop?)"
+        ) from err
     if target == Path(os.getcwd()) or target in Path(os.getcwd()).parents:
         raise OutputError(
             f"output directory {shown} is the current directory or contains it: "

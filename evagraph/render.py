@@ -512,7 +512,9 @@ def render_report(report: Report, outdir: str | Path) -> list[Path]:
         png = outdir / "report.png"
         try:
             _replace(png, lambda p: _png(report, p))
-        except Exception as err:  # the PNG is an extra: never lose the run over it
+        except OSError:  # a full disk or a file size limit: all outputs or none
+            raise
+        except Exception as err:  # matplotlib failing on a picture: the PNG is an extra
             warnings.warn(f"report.png not written: {err!r}", RuntimeWarning, stacklevel=2)
         else:
             written.append(png)
