@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from conftest import evagraph_cmd, quiet
 from safetensors.torch import save_file
+from test_text_data import make_tokenizer
 from torch import nn
 
 import evagraph
@@ -365,6 +366,9 @@ def bad(example, tmp_path_factory) -> dict[str, str]:
         (d / name).write_bytes(b"")
     torch.save(mlp(), d / "module.pt")  # a whole-module pickle
     torch.save(mlp().state_dict(), d / "state_dict.pt")
+    make_tokenizer().save_pretrained(d / "tok")
+    (d / "bad.jsonl").write_text('{"text": "a cat"}\n{"text": oops\n')
+    (d / "numbers.json").write_text("[1, 2, 3]")
     (d / "noconfig").mkdir()
     (d / "badconfig").mkdir()
     (d / "badconfig" / "config.json").write_text("{not json")
@@ -400,6 +404,8 @@ BAD = [
     ("max-steps 0", f"{S} --max-steps 0", "max_steps must be positive", None),
     ("min-batches 0", f"{S} --min-batches 0", "min_batches must be >= 1", None),
     ("batch-size 0", f"{S} --batch-size 0", "--batch-size", None),
+    ("budget 1e9", f"{S} --budget 1000000000", "more than any target layer's rank can be", None),
+    ("unknown flag", f"{S} --no-such-flag", "No such option '--no-such-flag'", None),
     ("unknown format", f"{S} --format onnx", "--format", None),
     # devices
     ("device bogus", f"{S} --device bogus", "device 'bogus' is not a torch device", None),
@@ -432,6 +438,8 @@ BAD = [
     ),
     ("no tokenizer", "{model} --data {in}/data.txt --tokenizer {in}/noconfig", "noconfig", None),
     ("numpy data", "{model} --data {in}/numpy.pt", "numpy.pt", None),
+    ("malformed jsonl", "{model} --data {in}/bad.jsonl --tokenizer {in}/tok", "JSON parse", None),
+    ("numbers as text", "{model} --data {in}/numbers.json --tokenizer {in}/tok", "not text", None),
     ("nan data", "{model} --data {in}/nan.safetensors", "NaN or Inf", None),
     ("wrong width", "{model} --data {in}/channels.safetensors", "calibration batch 0", None),
     ("wrong dtype", "{model} --data {in}/int.safetensors", "calibration batch 0", None),
@@ -444,6 +452,13 @@ BAD = [
     ("output is a file", S, "is a file", "file"),
     ("output not empty", S, "is not an empty directory (use --force)", "not empty"),
     ("parent is a file", S, "is a file", "parent file"),
+    ("output is a symlink loop", S, "symlink loop", "loop"),
+    (
+        "output holds the model",
+        "{out}/m.pt2 --data {in}/data.safetensors --force",
+        "contains",
+        "in",
+    ),
     # saved statistics
     ("garbage state", f"{T} {{in}}/garbage.safetensors", "garbage.safetensors", None),
     ("state of another model", f"{T} {{in}}/mlp.state", "EVA state", None),
@@ -482,6 +497,12 @@ def test_cli_bad_inputs_table(bad, tmp_path, args, words, where):
     elif where == "parent file":
         (work / "f").write_text("mine")
         out = work / "f" / "out"
+    elif where == "loop":
+        out.symlink_to(out)
+    elif where == "in":  # the model inside OUTDIR, which --force would replace
+        out.mkdir()
+        (out / "m.pt2").write_bytes(Path(bad["model"]).read_bytes())
+        bad = {**bad, "out": str(out)}
     before = _tree(work)
     argv = shlex.split(args.format(**bad)) + ["-o", str(out)]
     result = cli(*argv)
