@@ -108,7 +108,7 @@ def test_merging_into_an_empty_statistic_copies_it():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("factor", [1e20, 1e-25])
+@pytest.mark.parametrize("factor", [1e20, 1e-25, 1e-40])  # 1e-40: subnormal float32 rows
 def test_badly_scaled_rows_give_the_same_components(kind, factor):
     d, k = 48, 4
     x = known_spectrum(900, d, [9, 7, 5, 3] + [0.5] * (d - 4))
@@ -121,6 +121,22 @@ def test_badly_scaled_rows_give_the_same_components(kind, factor):
     ratio = scaled.explained_variance / plain.explained_variance
     torch.testing.assert_close(ratio, torch.full_like(ratio, factor**2), rtol=1e-3, atol=0)
     assert torch.isfinite(scaled.explained_variance).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_without_rows_add_nothing(kind):
+    # A layer the data never reaches in some batches (an empty routing, all rows masked).
+    d, k = 16, 3
+    x = known_spectrum(200, d, [6, 4, 2] + [0.3] * (d - 3))
+    plain = stream(KINDS[kind](d, k, "cpu"), x, [100, 100]).finalize()
+    stat = KINDS[kind](d, k, "cpu")
+    stat.update(torch.zeros(0, d))
+    stream(stat, x, [100, 0, 100])
+    stat.update(torch.zeros(0, d), torch.zeros(0))
+    got = stat.finalize()
+    assert got.n_rows == 200 and bool(stat.finite())
+    assert torch.all((got.components * plain.components).sum(1).abs() > 0.9999)
+    assert KINDS[kind](d, k, "cpu").finalize() is None  # no rows at all: no components
 
 
 @pytest.mark.parametrize("kind", KINDS)

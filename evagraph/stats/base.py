@@ -65,9 +65,20 @@ class Statistic(Protocol):
 
 def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     """``2**-e`` with ``amax * 2**-e`` in [0.5, 1): multiplying by it is exact, and keeps
-    squares and products of data at 1e-30 or 1e30 representable in float32 (1 for 0)."""
-    exponent = torch.frexp(amax.float()).exponent
+    squares and products of data at 1e-30 or 1e30 representable in float32 (1 for 0).
+
+    ``e`` is clamped to [-125, 125] so that the scale itself is a normal float32: subnormal
+    data (8e-41 needs 2**133, which overflows) is scaled to about 1e-3 instead of 0.5.
+    """
+    exponent = torch.frexp(amax.float()).exponent.clamp(-125, 125)
     return torch.ldexp(torch.ones((), device=amax.device), -exponent)
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in ``x`` (0 for no rows), without a temporary of its size."""
+    if x.numel() == 0:  # a shape, known on the host: no sync
+        return x.new_zeros(())
+    return torch.linalg.vector_norm(x, float("inf"))
 
 
 def masked_rows(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from .base import (
     Components,
     Sync,
+    abs_max,
     components,
     explained,
     masked_rows,
@@ -49,6 +50,8 @@ class ExactCovariance:
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         sync = self.sync
+        if rows.shape[0] == 0 and sync is None:  # under sync the collectives still run
+            return
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
         if self.shift is None:  # mean of the kept rows: masked outliers must not move it
@@ -61,7 +64,7 @@ class ExactCovariance:
         x = x - self.shift  # x may be the activation itself: never modify it
         if weights is not None:
             x.mul_((weights > 0)[:, None])
-        amax = torch.linalg.vector_norm(x, float("inf"))  # no row-sized temporary
+        amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
             amax = sync.max(amax)
         self._rescale(torch.minimum(self.scale, power_of_two_scale(amax)))

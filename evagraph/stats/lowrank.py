@@ -49,6 +49,7 @@ import torch
 from .base import (
     Components,
     Sync,
+    abs_max,
     components,
     explained,
     masked_rows,
@@ -104,11 +105,13 @@ class IncrementalSVD:
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         sync = self.sync
+        if rows.shape[0] == 0 and sync is None:  # under sync the collectives still run
+            return
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
         # Scale first (exact, a power of two), so sums and products stay in float32's range.
         # Reductions through vector_norm: no row-sized temporary besides our one copy.
-        amax = torch.linalg.vector_norm(x, float("inf"))
+        amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
             amax = sync.max(amax)
         scale = power_of_two_scale(amax)
