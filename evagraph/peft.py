@@ -10,8 +10,10 @@ evagraph's A and B copied in, ``save_pretrained``), so the format is PEFT's own.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -114,16 +116,31 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
             f"PEFT's parameter LoRA (for {next(iter(params))}) has no dropout, and a PEFT "
             "config holds one dropout for all layers: adapt with dropout=0 to export to PEFT"
         )
+    # PEFT matches a name to every module whose name ends in "." + name: a layer named as the
+    # tail of another module's name ("conv1" and "layer1.0.conv1") is named anchored instead.
+    inner = unwrap(adapted)
+    modules = [n for n, _ in inner.named_modules()] + [n for n, _ in inner.named_parameters()]
+    key = _anchored_names(ranks, modules)
+    targets = sorted(wrapped)
+    if any(key[n] != n for n in targets):  # a regex, which PEFT matches to whole names
+        targets = "^(?:" + "|".join(re.escape(n) for n in targets) + ")$"
     return peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
-        target_modules=sorted(wrapped),
+        target_modules=targets,
         target_parameters=sorted(params) or None,
-        rank_pattern={n: k for n, k in ranks.items() if k != r},
-        alpha_pattern={n: a for n, a in alphas.items() if abs(a - alpha) > 1e-9},
+        rank_pattern={key[n]: k for n, k in ranks.items() if k != r},
+        alpha_pattern={key[n]: a for n, a in alphas.items() if abs(a - alpha) > 1e-9},
         lora_dropout=max(dropouts),
         **extra,
     )
+
+
+def _anchored_names(names: Iterable[str], others: Iterable[str]) -> dict[str, str]:
+    """Each name as PEFT's key for that module alone: itself, or ``^`` + the escaped name
+    (PEFT reads pattern keys as regexes) where another name ends in ``"." + name``."""
+    tails = {o.split(".", i)[-1] for o in others for i in range(1, o.count(".") + 1)}
+    return {n: "^" + re.escape(n) if n in tails else n for n in names}
 
 
 def _param_wrapper(inner: nn.Module, weight: str) -> nn.Module:
@@ -179,6 +196,12 @@ def to_peft(adapted: nn.Module) -> nn.Module:
                     f"layer {module.layer_name}: PEFT left this {type(target).__name__} "
                     "unwrapped (its own rules for this model type), so the adapter cannot be "
                     "expressed in PEFT's format; exclude the layer to export to PEFT"
+                )
+            if target.lora_A["default"].weight.shape != module.lora_A.weight.shape:
+                raise ConfigError(
+                    f"layer {module.layer_name}: PEFT gave it rank "
+                    f"{target.lora_A['default'].weight.shape[0]}, not {module.rank}: this "
+                    "peft does not read anchored (^) rank_pattern keys; upgrade peft"
                 )
             target.lora_A["default"].weight.copy_(module.lora_A.weight)
             target.lora_B["default"].weight.copy_(module.lora_B.weight)

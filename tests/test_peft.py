@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import quiet
 from test_models import build, call
+from torch import nn
 
 import evagraph
 from evagraph.passes.allocate import allocate
@@ -245,3 +246,53 @@ def test_trainer_steps_then_save_pretrained_through_peft(tmp_path):
             torch.testing.assert_close(
                 loaded(**b).logits, adapted(**b).logits, atol=1e-5, rtol=1e-5
             )
+
+
+class Nested(nn.Module):
+    """The same layer names at several depths (as timm's hrnet and legacy_xception have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Linear(16, 16)
+        self.block = nn.Module()
+        self.block.conv1 = nn.Linear(16, 16)
+        self.block.inner = nn.Module()
+        self.block.inner.conv1 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.block.conv1(h)) + h
+        return self.head(self.block.inner.conv1(h))
+
+
+def test_peft_export_names_each_layer_alone_where_names_repeat(tmp_path):
+    from test_artifacts import train_b
+
+    torch.manual_seed(0)
+    model = Nested().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)  # isotropic: conv1 gets a low rank, block.conv1 high
+    batches = list(x.split(64))
+    adapted, report = quiet(
+        evagraph.transform, model, batches, budget=3, rho=2, progress=False,
+        targets=["conv1", "block.conv1"],
+    )  # fmt: skip
+    ranks = report.ranks
+    assert len(set(ranks.values())) > 1, ranks  # different ranks: the pattern keys matter
+    train_b(adapted)
+    evagraph.save_peft(adapted, tmp_path / "peft")
+    fresh = Nested().eval()
+    fresh.load_state_dict(model.state_dict())  # transform left the model as it was
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in loaded.named_modules()
+        if "default" in getattr(m, "lora_A", {})
+    }
+    assert wrapped == set(ranks)  # block.inner.conv1 is not adapted, and PEFT leaves it be
+    for n, m in loaded.named_modules():
+        if "default" in getattr(m, "lora_A", {}):
+            assert m.lora_A["default"].weight.shape[0] == ranks[n.removeprefix("base_model.model.")]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[0]), adapted(batches[0]))
