@@ -6,15 +6,22 @@ adapters), the second run dies with a ``FileNotFoundError``, the file outside is
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import evagraph
-from evagraph.errors import ModelLoadError
+from evagraph.errors import ConfigError, ModelLoadError
 from evagraph.onload import ShardedCheckpoint
+from evagraph.passes import sequential as sequential_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::evagraph.ConvergenceWarning")
 
@@ -39,6 +46,301 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     text = str(err.value)
     assert "\n" not in text, text
     return text
+
+
+def _interrupt(model, batches, work: Path, monkeypatch, at: int = 2) -> None:
+    """A block-by-block calibration into ``work`` stopped (Ctrl-C) when block ``at`` starts:
+    blocks 0 .. at-1 are saved, and block ``at``'s inputs wait in the activation files."""
+    real = sequential_pass._calibrate_block
+
+    def block(run, part, b, *args):
+        if b == at:
+            raise KeyboardInterrupt
+        return real(run, part, b, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(sequential_pass, "_calibrate_block", block)
+        with pytest.raises(KeyboardInterrupt):
+            evagraph.calibrate(model, batches, sequential=True, work_dir=work, progress=False)
+
+
+def _resume(model, batches, work: Path):
+    return evagraph.calibrate(
+        model, batches, sequential=True, work_dir=work, resume=True, progress=False
+    )
+
+
+def _scale(path: Path, factor: float) -> None:
+    """Re-save an activation file with every tensor scaled (what the issue's report did)."""
+    values = torch.load(path, weights_only=True)
+    torch.save({k: v * factor if torch.is_tensor(v) else v for k, v in values.items()}, path)
+
+
+@pytest.fixture
+def interrupted(tmp_path, monkeypatch):
+    model, batches, work = _llama(), _tokens(), tmp_path / "work"
+    _interrupt(model, batches, work, monkeypatch)
+    return model, batches, work
+
+
+# 7. Resume files are checked against the digests recorded when they were written.
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_of_an_untouched_run_is_exact(interrupted):
+    model, batches, work = interrupted
+    # The resume point: the sha256 of every file the directory holds (besides the lock and
+    # the manifest itself), recorded as they were written.
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["progress"] == "progress-2.pt"
+    held = [p for p in work.rglob("*") if p.is_file() and p.name not in ("lock", "manifest.json")]
+    assert manifest["sha256"] == {str(p.relative_to(work)): _sha256(p) for p in held}
+    expected = evagraph.calibrate(model, batches, sequential=True, progress=False)
+    resumed = _resume(model, batches, work)
+    for g, c in expected.components.items():
+        assert torch.equal(c.components, resumed.components[g].components), g
+
+
+def test_scaled_activation_file_is_refused(interrupted):
+    model, batches, work = interrupted
+    files = sorted((work / "activations").rglob("*.pt"))
+    assert [f.parent.name for f in files] == ["gen0"] * 4  # block 2's inputs
+    _scale(files[1], 3.0)
+    with pytest.raises(ConfigError) as err:
+        _resume(model, batches, work)
+    text = _one_line(err)
+    assert f"{files[1]} was changed since it was written; start again without --resume" in text
+
+
+def test_missing_activation_file_is_one_line(interrupted):
+    model, batches, work = interrupted
+    (work / "activations" / "gen0" / "2.pt").unlink()
+    with pytest.raises(ConfigError, match=r"gen0/2\.pt is missing") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+def test_missing_fingerprint_is_one_line(interrupted):
+    model, batches, work = interrupted
+    (work / "fingerprint.json").unlink()
+    with pytest.raises(ConfigError, match=r"fingerprint\.json is missing") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+def test_changed_fingerprint_is_refused(interrupted):
+    model, batches, work = interrupted
+    saved = json.loads((work / "fingerprint.json").read_text())
+    saved["settings"]["tau"] = 0.5  # would let a resume mix settings
+    (work / "fingerprint.json").write_text(json.dumps(saved, sort_keys=True))
+    with pytest.raises(ConfigError, match=r"fingerprint\.json was changed since") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+def _progress(work: Path) -> Path:
+    (path,) = work.glob("progress-*.pt")
+    return path
+
+
+def test_garbage_progress_is_one_line(interrupted):
+    model, batches, work = interrupted
+    progress = _progress(work)
+    progress.write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match=f"{progress.name} was changed since it") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+def test_another_runs_progress_is_refused(interrupted, tmp_path, monkeypatch):
+    model, batches, work = interrupted
+    other = tmp_path / "other"
+    _interrupt(model, _tokens(seed=7), other, monkeypatch)  # other data, same settings
+    progress = _progress(work)
+    progress.write_bytes(_progress(other).read_bytes())
+    with pytest.raises(ConfigError, match=f"{progress.name} was changed since it") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+class _Runs:
+    """Unpickling it runs code: what ``weights_only=True`` refuses."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_progress_is_read_weights_only(interrupted, tmp_path):
+    # Even a progress file whose digest was forged in the manifest runs no code.
+    model, batches, work = interrupted
+    progress, marker = _progress(work), tmp_path / "ran"
+    torch.save({"next_block": _Runs(marker)}, progress)
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["sha256"][progress.name] = _sha256(progress)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=f"cannot read {progress}") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"progress": "../x.pt"}'])
+def test_bad_manifest_is_one_line(interrupted, content):
+    model, batches, work = interrupted
+    (work / "manifest.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"manifest\.json is not a manifest evagraph") as err:
+        _resume(model, batches, work)
+    _one_line(err)
+
+
+def test_work_dir_in_use_is_refused(tmp_path):
+    work = tmp_path / "work"
+    with sequential_pass.work_lock(work):  # another open file: flock conflicts even here
+        with pytest.raises(ConfigError) as err:
+            evagraph.calibrate(_llama(2), _tokens(), sequential=True, work_dir=work)
+        text = _one_line(err)
+        assert f"{work} is in use by another evagraph run (pid {os.getpid()} on " in text
+        with pytest.raises(ConfigError, match="in use by another evagraph run"):
+            sequential_pass.check_unused(work)
+        # A finished run leaves a directory another run took over to that run.
+        sequential_pass.remove_work_dir(work)
+        assert (work / "lock").exists()
+    sequential_pass.check_unused(work)
+    sequential_pass.remove_work_dir(work)
+    assert not work.exists()
+
+
+_HOLD_LOCK = """
+import sys, time
+from evagraph.passes.sequential import work_lock
+with work_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_lock_of_a_killed_run_does_not_block(tmp_path):
+    work = tmp_path / "work"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"pid {holder.pid} on "):
+            sequential_pass.check_unused(work)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own; the kernel drops the lock
+        holder.wait()
+    state = evagraph.calibrate(_llama(2), _tokens(), sequential=True, work_dir=work, progress=False)
+    assert state.components
+
+
+# The CLI: the issue's reproductions.
+
+
+def _cli(*args, cwd):
+    from conftest import evagraph_cmd
+
+    return subprocess.run(
+        [*evagraph_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+# The CLI, stopped by SIGTERM (a scheduler's time limit) when block 2 starts; or, with
+# EVAGRAPH_TEST_HOLD=DIR, paused there until DIR/go exists (DIR/ready tells it is there).
+_CLI_STOPPED_AT_BLOCK_2 = """
+import os, signal, sys, time
+from pathlib import Path
+import evagraph.passes.sequential as s
+real = s._calibrate_block
+def block(run, part, b, *args):
+    if b == 2:
+        hold = os.environ.get("EVAGRAPH_TEST_HOLD")
+        if hold is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            Path(hold, "ready").touch()
+            while not Path(hold, "go").exists():
+                time.sleep(0.05)
+    return real(run, part, b, *args)
+s._calibrate_block = block
+from evagraph.cli import main
+sys.argv = ["evagraph", *sys.argv[1:]]
+main()
+"""
+
+
+def _model_dir(tmp_path: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    _llama(3).save_pretrained(tmp_path / "llama")
+    save_file({"input_ids": torch.randint(0, 64, (16, 12))}, tmp_path / "tokens.safetensors")
+    return ["llama", "--data", "tokens.safetensors", "--batch-size", "4", "--sequential", "-q"]
+
+
+def _stopped(common: list[str], out: str, cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _CLI_STOPPED_AT_BLOCK_2, "compile", *common, "-o", out],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_resume_with_a_scaled_activation_file_is_refused(tmp_path):
+    common = _model_dir(tmp_path)
+    cut = _stopped(common, "out", tmp_path)
+    _, stderr = cut.communicate(timeout=600)
+    assert cut.returncode == 128 + signal.SIGTERM, stderr
+    work = tmp_path / ".out.evagraph-work"
+    files = sorted((work / "activations").rglob("*.pt"))
+    assert files
+    for f in files:
+        _scale(f, 3.0)
+    resumed = _cli("compile", *common, "--resume", "-o", "out", cwd=tmp_path)
+    assert resumed.returncode == 1, resumed.stderr
+    lines = resumed.stderr.strip().splitlines()
+    assert len(lines) == 1, resumed.stderr
+    assert f"{files[0]} was changed since it was written; start again without --resume" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written to OUTDIR
+    assert work.is_dir()  # and the work directory left to start again from
+
+
+@pytest.mark.slow
+def test_cli_two_runs_into_the_same_output(tmp_path):
+    from safetensors.torch import load_file
+
+    common = _model_dir(tmp_path)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    first = _stopped(common, "out", tmp_path, EVAGRAPH_TEST_HOLD=str(hold))
+    try:
+        deadline = time.monotonic() + 300
+        while not (hold / "ready").exists():  # the first run is in block 2, the lock held
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.1)
+        second = _cli("compile", *common, "-o", "out", cwd=tmp_path)
+        assert second.returncode == 1, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert "is in use by another evagraph run" in lines[0]
+        assert f"(pid {first.pid} on " in lines[0]
+    finally:
+        (hold / "go").touch()
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    reference = _cli("compile", *common, "-o", "reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    a = load_file(tmp_path / "out" / "adapter.safetensors")
+    b = load_file(tmp_path / "reference" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".out.evagraph-work").exists()
 
 
 # 8a. A model directory's safetensors index cannot lead outside the directory.
