@@ -6,6 +6,7 @@ adapters), the second run dies with a ``FileNotFoundError``, the file outside is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -447,3 +448,91 @@ def test_bad_index_is_one_line(sharded, content, message):
     with pytest.raises(ModelLoadError, match=message) as err:
         ShardedCheckpoint(sharded)
     _one_line(err)
+
+
+# Data parallel: one lock (process 0's), each process's files checked, no process left waiting.
+
+
+def _data_parallel_worker(rank: int, init: str, root: str) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
+    from evagraph.distributed import PeerFailed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    root_path, out = Path(root), {}
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(4)]
+
+    def run(work: str, resume: bool = False):
+        return evagraph.calibrate(
+            _llama(), batches, sequential=True, work_dir=root_path / work, resume=resume,
+            progress=False,
+        )  # fmt: skip
+
+    def outcome(work: str, resume: bool = False):
+        try:
+            return run(work, resume)
+        except (ConfigError, PeerFailed) as err:
+            return f"{type(err).__name__}: {err}"
+
+    try:
+        full = run("full")
+        real = sequential_pass._calibrate_block
+
+        def stop(run_, part, b, *args):
+            if b == 2:
+                raise KeyboardInterrupt
+            return real(run_, part, b, *args)
+
+        sequential_pass._calibrate_block = stop
+        with contextlib.suppress(KeyboardInterrupt):  # both stopped at block 2
+            run("cut")
+        sequential_pass._calibrate_block = real
+        dist.barrier()
+        if rank == 0:
+            shutil.copytree(root_path / "cut", root_path / "tampered")
+        dist.barrier()
+        if rank == 1:
+            _scale(root_path / "tampered" / "rank1" / "activations" / "gen0" / "0.pt", 3.0)
+        dist.barrier()
+        resumed = run("cut", resume=True)
+        out["same"] = all(
+            torch.equal(c.components, resumed.components[k].components)
+            for k, c in full.components.items()
+        )
+        out["tampered"] = outcome("tampered", resume=True)
+        out["held"] = outcome("held")
+        out["files"] = sorted(
+            str(p.relative_to(root_path / "full")) for p in (root_path / "full").rglob("*.json")
+        )
+    finally:
+        torch.save(out, root_path / f"result{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_resume_and_lock(tmp_path):
+    import torch.multiprocessing as mp
+
+    with sequential_pass.work_lock(tmp_path / "held"):  # another run holds it throughout
+        mp.spawn(
+            _data_parallel_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+            nprocs=2, join=True,
+        )  # fmt: skip
+    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["files"] == [
+        "rank0/fingerprint.json", "rank0/manifest.json", "rank1/fingerprint.json",
+        "rank1/manifest.json",
+    ]  # fmt: skip
+    assert r0["same"] and r1["same"]
+    # Process 1's changed input stops both (its error, and its peer told), none waits.
+    changed = tmp_path / "tampered" / "rank1" / "activations" / "gen0" / "0.pt"
+    assert r1["tampered"] == (
+        f"ConfigError: {changed} was changed since it was written; start again without --resume"
+    )
+    assert r0["tampered"].startswith("PeerFailed: process 1 failed")
+    # The directory another run holds: process 0 is refused, process 1 with it.
+    assert r0["held"].startswith(f"ConfigError: {tmp_path / 'held'} is in use by another")
+    assert r1["held"].startswith("PeerFailed: process 0 failed")
