@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import signal
 import sys
 import warnings
@@ -449,16 +448,19 @@ def _work_dir(output: str) -> Path:
 
 
 def _progress_file(output: str) -> Path:
-    """The saved progress of a block-by-block calibration into ``output`` (this process's,
-    under torchrun: each keeps its own slices' activations)."""
-    work = _work_dir(output)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        work = work / f"rank{os.environ.get('RANK', '0')}"
-    return work / "progress.pt"
+    """The file that makes a block-by-block calibration into ``output`` resumable (this
+    process's, under torchrun: each keeps its own slices' activations). The sequential pass
+    owns the layout of the work directory."""
+    from .passes.sequential import resume_point
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return resume_point(_work_dir(output), int(os.environ.get("RANK", "0")) if world > 1 else None)
 
 
 def _resumable(opts: dict) -> str:
-    if _progress_file(opts["output"]).is_file():
+    # Before the sequential pass is imported no calibration ran: nothing to look for (and an
+    # interrupt during start-up should not wait for torch to import).
+    if "evagraph.passes.sequential" in sys.modules and _progress_file(opts["output"]).is_file():
         return "; the finished blocks are saved: run the same command with --resume to go on"
     return ""
 
@@ -533,7 +535,11 @@ def _compile(
             "model directory never loads: use --format safetensors or peft (adapter files), "
             "then apply them to the model where it fits"
         )
+    from .passes.sequential import check_unused, remove_work_dir
+
     work = _work_dir(output)
+    if state is None and main:  # another run calibrating into OUTDIR: refused before loading
+        check_unused(work)
     if resume and not _progress_file(output).is_file():
         raise ConfigError(
             f"--resume: no interrupted block-by-block calibration into {output} was found "
@@ -636,7 +642,7 @@ def _compile(
 
                 save_peft(adapted, tmp)
                 written += ["adapter_config.json", "adapter_model.safetensors"]
-    shutil.rmtree(work, ignore_errors=True)  # the output is whole: nothing to resume
+    remove_work_dir(work)  # the output is whole: nothing to resume (unless a run took it over)
     n_adapted = sum(1 for layer in report.layers if layer.rank)
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "

@@ -29,20 +29,33 @@ from .errors import ModelLoadError
 
 
 class ShardedCheckpoint:
-    """The safetensors weights of a Hugging Face model directory, read lazily by name."""
+    """The safetensors weights of a Hugging Face model directory, read lazily by name.
+
+    Only files inside the directory are read: an index entry naming another place (``..``,
+    an absolute path, a symbolic link leading out) is refused, as is an index that is not
+    one. The Hugging Face hub cache's own links are followed: a snapshot's files link to the
+    ``blobs`` of the same repository (``models--org--name/snapshots/REV/f -> ../../blobs/H``).
+    """
 
     def __init__(self, directory: str | Path) -> None:
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / f for name, f in weight_map.items()}
+            weight_map = _weight_map(index)
+            checked: dict[str, Path] = {}  # each file once
+            for name, f in weight_map.items():
+                if f not in checked:
+                    checked[f] = _inside(directory, f, f"{index}: weight_map entry {name!r}")
+            self.files = {name: checked[f] for name, f in weight_map.items()}
         elif (directory / "model.safetensors").is_file():
             from safetensors import safe_open
 
-            single = directory / "model.safetensors"
-            with safe_open(single, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), single)
+            single = _inside(directory, "model.safetensors", str(directory / "model.safetensors"))
+            try:
+                with safe_open(single, "pt") as f:
+                    self.files = dict.fromkeys(f.keys(), single)
+            except Exception as err:
+                raise ModelLoadError(f"cannot read {single}: {_first_line(err)}") from err
         else:
             raise ModelLoadError(
                 f"{directory} has no safetensors weights (model.safetensors or its index): "
@@ -61,10 +74,58 @@ class ShardedCheckpoint:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, group in by_file.items():
-            with safe_open(path, "pt") as f:
-                for n in group:
-                    out[n] = f.get_tensor(n)
+            try:
+                with safe_open(path, "pt") as f:
+                    for n in group:
+                        out[n] = f.get_tensor(n)
+            except Exception as err:  # a missing file, not safetensors, a name it lacks
+                raise ModelLoadError(f"cannot read {path}: {_first_line(err)}") from err
         return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> file."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as err:  # not JSON, or not an object
+        reason = _first_line(err) if not isinstance(err, AttributeError) else "not an object"
+        raise ModelLoadError(f"cannot read {index}: {reason}") from err
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(
+            f"{index} has no weight_map (an object of tensor name -> safetensors file)"
+        )
+    for name, f in weight_map.items():
+        if not isinstance(f, str) or not f:
+            raise ModelLoadError(
+                f"{index}: weight_map entry {name!r} is {f!r}, not the name of a file"
+            )
+    return weight_map
+
+
+def _inside(directory: Path, name: str, entry: str) -> Path:
+    """``directory / name``, if that is a file inside ``directory`` (symbolic links followed;
+    the hub cache's links to its blobs allowed); else a ``ModelLoadError`` naming ``entry``."""
+    path = directory / name
+    try:
+        root, target = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError) as err:  # a loop of symbolic links
+        raise ModelLoadError(f"{entry} -> {name!r}: {_first_line(err)}") from err
+    # The hub cache: REPO/snapshots/REV holds links to REPO/blobs/HASH.
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    inside = target.is_relative_to(root) or (blobs is not None and target.parent == blobs)
+    if Path(name).is_absolute() or not inside:
+        raise ModelLoadError(
+            f"{entry} -> {name!r} leads outside {directory} ({target}): only files inside "
+            "the model directory are read"
+        )
+    if not target.is_file():
+        raise ModelLoadError(f"{entry} -> {name!r}: no such file in {directory}")
+    return path
 
 
 def _placeholder(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -16,31 +16,37 @@ valid for every budget up to ``k``. Allocation runs once, at the end (``EvaState
 
 With a ``work_dir`` the cache lives in files there and the progress is saved after each
 block, so that an interrupted run resumes from the last finished block with the same result.
+The layout of that directory (its files, their digests, its lock) lives at the end of this
+module, and the CLI asks it (``resume_point``, ``check_unused``, ``remove_work_dir``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+import re
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..activation_cache import ActivationCache
+from ..activation_cache import ActivationCache, load_verified, read_verified, save_hashed
 from ..config import CalibrationSettings
 from ..data import batch_failed, call_model
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, EvagraphError, OutputError
 from ..onload import Onloader
 from ..stats import Components, Sync
 from .incremental_svd import Calibration, _Calibrator, _finish
-from .partition import Partition
+from .partition import Block, Partition
 from .probe import ProbedGraph
-
-_PROGRESS = "progress.pt"
-_FINGERPRINT = "fingerprint.json"
 
 
 def calibrate_sequential(
@@ -64,21 +70,38 @@ def calibrate_sequential(
     continue the run saved there; ``fingerprint`` (JSON-able) must then equal the saved one.
     ``sync``: data parallel (``evagraph.distributed``); ``batches`` are this process's slices,
     and each process keeps its own cache and progress (in ``work_dir/rank<N>``).
+    ``work_dir`` is locked for the whole calibration: another run into it is refused.
     """
     run = _Calibrator(probed, settings, device, lazy=True, all_components=True, sync=sync)
     if sync is not None:  # each process resumes its own slices, with as many peers
         fingerprint = {**(fingerprint or {}), "processes": sync.world}
-        if work_dir is not None:
-            work_dir = Path(work_dir) / f"rank{sync.rank}"
-    cache = ActivationCache(Path(work_dir) / "activations" if work_dir else None)
+    fingerprint = _full_fingerprint(part, settings, fingerprint)
+    if resume and work_dir is None:
+        raise ConfigError("resume needs the work_dir the interrupted calibration used")
+    work = _WorkDir(work_dir, sync.rank if sync else None) if work_dir is not None else None
+    cache = ActivationCache(work.activations if work is not None else None)
     blocks = part.blocks
     homes = _homes(probed, part)  # group -> index of the last block feeding it
     start, n = 0, None
-    if resume:
-        start, n = _load_progress(run, work_dir, _full_fingerprint(part, settings, fingerprint))
-    elif work_dir is not None:
-        _start_fresh(work_dir, _full_fingerprint(part, settings, fingerprint))
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(cache.close)
+        if work is not None:
+            error = None
+            try:
+                # One lock for the whole directory, held by process 0 under torchrun: the
+                # settle below tells every process before any of them touches its files.
+                if sync is None or sync.main:
+                    held.enter_context(work_lock(work_dir))
+                if resume:
+                    start, n = work.resume(run, fingerprint, len(blocks), cache)
+            except EvagraphError as err:
+                error = err
+            if sync is not None:
+                sync.settle(error)  # all raise if any failed, none waits for the others
+            elif error is not None:
+                raise error
+            if not resume:
+                work.start(fingerprint)
         if n is None:
             n = _cache_inputs(part, batches, settings, cache, sync)
         bar = tqdm(
@@ -90,14 +113,12 @@ def calibrate_sequential(
         try:
             for b in range(start, len(blocks)):
                 _calibrate_block(run, part, b, n, homes, cache, onloader, device, bar)
-                if work_dir is not None:
-                    _save_progress(run, work_dir, b + 1, n)
-                cache.drop(b)
+                if work is not None:
+                    work.save(run, b + 1, n, cache)
+                cache.drop(b)  # after the save: until then they are the resume point's
         finally:
             bar.close()
             run.detach()
-    finally:
-        cache.close()
     steps = max((grp.seen for grp in run.groups.values()), default=0)
     return _finish(run, steps)
 
@@ -166,8 +187,7 @@ def _calibrate_block(
             if not active and last:
                 bar.update(n - j)
                 break
-            env = cache.read(b, j, device)
-            outs = _run_block(run, block.gm, [env[name] for name in block.inputs], j)
+            env, outs = _run_block(run, block, partial(cache.read, b, j, device), j)
             env.update(zip(block.outputs, outs))
             if not last:
                 cache.write(b + 1, j, {name: env[name] for name in block.live_after})
@@ -194,13 +214,182 @@ def _unconverged(run: _Calibrator, g: str) -> bool:
     )
 
 
-def _run_block(run: _Calibrator, gm: torch.nn.Module, args: list[Any], step: int) -> tuple:
+def _run_block(
+    run: _Calibrator, block: Block, read: Callable[[], dict[str, Any]], step: int
+) -> tuple[dict[str, Any], tuple]:
+    """One batch through ``block``: its inputs from ``read()``, returned with the outputs.
+
+    The inputs are read inside the forward: data parallel, a process that cannot read its
+    file (changed on disk, missing) then fails as a failing forward does, and its peers,
+    whose collectives it completes, fail with it instead of waiting for it."""
+    env: dict[str, Any] = {}
     out: list[Any] = []
-    run.forward(gm, args, lambda m, a: out.extend(m(*a)), step)
-    return tuple(out)
+
+    def forward(gm: torch.nn.Module, _: Any) -> None:
+        env.update(read())
+        out.extend(gm(*[env[name] for name in block.inputs]))
+
+    run.forward(block.gm, None, forward, step)
+    return env, tuple(out)
 
 
-# Resume: the progress after each finished block, and what it must match.
+# The work directory: what a resumed run continues from, and who may use it.
+#
+#   work_dir/lock                      flock'd by the run using the directory (process 0's
+#                                      under torchrun); holds "pid N on HOST", to name it
+#   [work_dir/rank<N>/]                each process's own files under torchrun:
+#       fingerprint.json               what a resume must share with the run (settings...)
+#       progress-<B>.pt                the statistics once blocks 0..B-1 finished
+#       activations/gen<B % 2>/<j>.pt  batch j's inputs of block B (``ActivationCache``)
+#       manifest.json                  the resume point: which progress file, and the sha256
+#                                      of every file it needs (fingerprint, progress, inputs)
+#
+# Each file is hashed as it is written. The manifest is written last, whole or not at all,
+# after each block: before it, the previous manifest still names the previous progress
+# file and inputs, which are only removed after it. A resume checks every file against its
+# digest as it reads it (the inputs when a block reads them), so a file changed since it
+# was written is refused, never used.
+
+_LOCK = "lock"
+_FINGERPRINT = "fingerprint.json"
+_MANIFEST = "manifest.json"
+_PROGRESS = re.compile(r"progress-[0-9]+\.pt")
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no lock, the directory is used as it is
+    fcntl = None  # type: ignore[assignment]
+
+
+def process_dir(work_dir: str | Path, rank: int | None = None) -> Path:
+    """Where one process keeps its files: ``work_dir``, or ``work_dir/rank<N>`` for process
+    ``rank`` of a data-parallel run (``None``: not data parallel)."""
+    return Path(work_dir) / f"rank{rank}" if rank is not None else Path(work_dir)
+
+
+def resume_point(work_dir: str | Path, rank: int | None = None) -> Path:
+    """The file that makes a run in ``work_dir`` resumable (process ``rank``'s): it exists
+    once a block has finished."""
+    return process_dir(work_dir, rank) / _MANIFEST
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # whole or the previous one
+
+
+def _not_ours(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path} is not {what} evagraph wrote; start again without --resume")
+
+
+class _WorkDir:
+    """One process's files in a work directory (see the layout above)."""
+
+    def __init__(self, work_dir: str | Path, rank: int | None) -> None:
+        self.path = process_dir(work_dir, rank)
+        self.activations = self.path / "activations"
+        self._fingerprint_sha = ""
+        self._progress: str | None = None  # the progress file the manifest names
+
+    def start(self, fingerprint: dict) -> None:
+        """A fresh run: whatever an earlier one left is removed, the manifest first (so that
+        nothing is resumable while the rest goes)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / _MANIFEST).unlink(missing_ok=True)
+        for old in self.path.iterdir():
+            if old.name.startswith(("progress", "fingerprint", "manifest")):
+                old.unlink(missing_ok=True)
+        shutil.rmtree(self.activations, ignore_errors=True)
+        data = json.dumps(fingerprint, sort_keys=True, default=str).encode()
+        _atomic_write(self.path / _FINGERPRINT, data)
+        self._fingerprint_sha = _sha256(data)
+
+    def save(self, run: _Calibrator, next_block: int, n: int, cache: ActivationCache) -> None:
+        """The resume point after block ``next_block - 1``: its progress and its outputs."""
+        manifest = self.path / _MANIFEST
+        if any(grp.stat is not None for grp in run.groups.values()):
+            # A layer called from several blocks (shared weights) is still being fed: its
+            # statistic is not saved, so no resume point is valid until it closes (and the
+            # previous one's inputs are about to go).
+            manifest.unlink(missing_ok=True)
+            self._drop_progress()
+            return
+        name = f"progress-{next_block}.pt"
+        files = {
+            _FINGERPRINT: self._fingerprint_sha,
+            name: save_hashed(_state(run, next_block, n), self.path / name),
+        }
+        for j, sha in sorted(cache.digests(next_block).items()):
+            files[f"activations/{cache.relative(next_block, j)}"] = sha
+        _atomic_write(manifest, json.dumps({"progress": name, "sha256": files}, indent=1).encode())
+        if self._progress != name:
+            self._drop_progress()
+        self._progress = name
+
+    def _drop_progress(self) -> None:
+        if self._progress is not None:
+            (self.path / self._progress).unlink(missing_ok=True)
+        self._progress = None
+
+    def resume(
+        self, run: _Calibrator, fingerprint: dict, blocks: int, cache: ActivationCache
+    ) -> tuple[int, int]:
+        """Restore ``run`` from the resume point; returns (the next block, the batches).
+
+        Every file is checked against the digest the manifest recorded: the fingerprint and
+        the progress here, the next block's inputs by ``cache`` as the block reads them."""
+        path = self.path / _MANIFEST
+        if not path.is_file():
+            raise ConfigError(
+                f"nothing to resume: {self.path} holds no saved progress of a block-by-block "
+                "calibration (no block had finished, or it was never started there)"
+            )
+        try:
+            manifest = json.loads(path.read_bytes())
+            name, files = manifest["progress"], manifest["sha256"]
+            if not (
+                isinstance(name, str)
+                and _PROGRESS.fullmatch(name)
+                and isinstance(files, dict)
+                and all(isinstance(v, str) for v in files.values())
+                and {_FINGERPRINT, name} <= set(files)
+            ):
+                raise ValueError("unexpected content")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _not_ours(path, "a manifest") from err
+        saved = json.loads(read_verified(self.path / _FINGERPRINT, files[_FINGERPRINT]))
+        now = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"cannot resume from {self.path}: it was started with other "
+                f"{', '.join(diff)}; run again without resume to start over"
+            )
+        progress = self.path / name
+        state = load_verified(progress, files[name])
+        try:  # ConfigError is a ValueError too: the checks above stay outside
+            start, n = _restore(run, state, blocks)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise _not_ours(progress, "the progress of this calibration") from err
+        if start < blocks:
+            expected = {}
+            for j in range(n):
+                key = f"activations/{cache.relative(start, j)}"
+                if key not in files:
+                    raise ConfigError(
+                        f"{path} records no digest of {key}: it is not a manifest evagraph "
+                        "wrote; start again without --resume"
+                    )
+                expected[j] = files[key]
+            cache.expect(start, expected)
+            cache.drop(start + 1)  # what the interrupted block had begun to write
+        self._fingerprint_sha, self._progress = files[_FINGERPRINT], name
+        return start, n
 
 
 def _full_fingerprint(part: Partition, settings: CalibrationSettings, extra: dict | None) -> dict:
@@ -212,27 +401,8 @@ def _full_fingerprint(part: Partition, settings: CalibrationSettings, extra: dic
     }
 
 
-def _start_fresh(work_dir: str | Path, fingerprint: dict) -> None:
-    work = Path(work_dir)
-    for stale in (work / _PROGRESS, work / _FINGERPRINT):
-        stale.unlink(missing_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _atomic_write(work / _FINGERPRINT, json.dumps(fingerprint, sort_keys=True, default=str))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_progress(run: _Calibrator, work_dir: str | Path, next_block: int, n: int) -> None:
-    path = Path(work_dir) / _PROGRESS
-    if any(grp.stat is not None for grp in run.groups.values()):
-        # A layer called from several blocks (shared weights) is still being fed: its
-        # statistic is not saved, so no resume point is valid until it closes.
-        path.unlink(missing_ok=True)
-        return
+def _state(run: _Calibrator, next_block: int, n: int) -> dict:
+    """What ``torch.load(weights_only=True)`` restores: tensors, numbers, strings."""
     groups = {}
     for g, grp in run.groups.items():
         if grp.final is None:
@@ -245,37 +415,115 @@ def _save_progress(run: _Calibrator, work_dir: str | Path, next_block: int, n: i
             "component_ok": grp.component_ok,
             "ratios": grp.ratios,
         }
-    state = {
+    return {
         "next_block": next_block,
         "batches": n,
         "groups": groups,
         "converged_at": {m: at for m, at in run.converged_at.items() if at is not None},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # the progress is whole or the previous one
 
 
-def _load_progress(run: _Calibrator, work_dir: str | Path | None, fingerprint: dict) -> tuple:
-    work = Path(work_dir) if work_dir is not None else None
-    if work is None or not (work / _PROGRESS).is_file():
-        raise ConfigError(
-            f"nothing to resume: {work} holds no saved progress of a block-by-block "
-            "calibration (no block had finished, or it was never started there)"
-        )
-    saved = json.loads((work / _FINGERPRINT).read_text())
-    now = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-    if saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ConfigError(
-            f"cannot resume from {work}: it was started with other {', '.join(diff)}; run "
-            "again without resume to start over"
-        )
-    state = torch.load(work / _PROGRESS, weights_only=True)
+def _restore(run: _Calibrator, state: dict, blocks: int) -> tuple[int, int]:
+    start, n = state["next_block"], state["batches"]
+    if not (isinstance(start, int) and 0 < start <= blocks and isinstance(n, int) and n > 0):
+        raise ValueError("next_block or batches out of range")
     for g, rec in state["groups"].items():
         grp = run.groups[g]
         grp.final = Components(**rec["final"])
         grp.n_rows, grp.seen, grp.runs = rec["n_rows"], rec["seen"], rec["runs"]
         grp.component_ok, grp.ratios = rec["component_ok"], rec["ratios"]
+    unknown = set(state["converged_at"]) - set(run.converged_at)
+    if unknown:
+        raise KeyError(sorted(unknown)[0])
     run.converged_at.update(state["converged_at"])
-    return state["next_block"], state["batches"]
+    return start, n
+
+
+# The lock. flock, not a PID file: the kernel releases it when its process ends, however it
+# ends (kill -9, a crash), so a dead run never blocks the next one.
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, as it wrote itself there."""
+    try:
+        text = lock.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        text = []
+    return text[0][:200] if text else "a process"
+
+
+def _in_use(work_dir: Path, lock: Path) -> ConfigError:
+    return ConfigError(
+        f"{work_dir} is in use by another evagraph run ({_holder(lock)}): wait for it to "
+        "finish, or write to another output directory"
+    )
+
+
+@contextlib.contextmanager
+def work_lock(work_dir: str | Path) -> Iterator[None]:
+    """Hold ``work_dir``'s lock (creating the directory); refused at once, in one line naming
+    the holder, if another run holds it. Released on exit, or by the kernel when the process
+    dies."""
+    if fcntl is None:
+        yield
+        return
+    work = Path(work_dir)
+    lock = work / _LOCK
+    # A shared lock held for an instant by ``check_unused`` is waited out, not reported.
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"cannot lock {work}: {err.strerror or err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise _in_use(work, lock) from None
+        # The run that held it may have removed the directory, lock file included, between
+        # our open and flock: a lock on that removed file guards nothing, so take it again.
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a taker)
+
+
+def check_unused(work_dir: str | Path) -> None:
+    """Refuse now (before a model is loaded) a run into a work directory that another run
+    holds. It only looks: the calibration takes the lock itself (``work_lock``)."""
+    lock = Path(work_dir) / _LOCK
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return  # never locked (or unreadable: taking the lock will tell)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(Path(work_dir), lock) from None
+    finally:
+        os.close(fd)
+
+
+def remove_work_dir(work_dir: str | Path) -> None:
+    """Remove a finished run's work directory, unless another run took it over since (it is
+    then that run's). Removed while locked, so no run starts in it half-way."""
+    if not Path(work_dir).is_dir():
+        return
+    with contextlib.suppress(EvagraphError), work_lock(work_dir):
+        shutil.rmtree(work_dir, ignore_errors=True)
