@@ -276,9 +276,15 @@ def main() -> None:
     "--resume",
     is_flag=True,
     help="Continue an interrupted block-by-block calibration into the same OUTDIR from its "
-    "last finished block (its progress is kept next to OUTDIR, in .OUTDIR.evagraph-work).",
+    "last finished block (its progress is kept next to OUTDIR, in .OUTDIR.evagraph-work, "
+    "each file checked against the digest recorded when it was written; one run at a time).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No progress bars (evagraph's, transformers' and datasets'); warnings still show.",
+)
 @click.pass_context
 def compile_cmd(ctx: click.Context, **opts) -> None:
     """Add EVA-initialised LoRA adapters to MODEL and write them to OUTDIR (-o; by default
