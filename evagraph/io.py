@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -229,7 +230,13 @@ def _load_timm(name: str, checkpoint: str | Path | None) -> nn.Module:
     import timm
 
     model = timm.create_model(name, pretrained=False)
-    if checkpoint is not None:
+    if checkpoint is None:  # a name alone builds random weights: worth a line, not silence
+        warnings.warn(
+            f"{name} has no --checkpoint (checkpoint=): adapting timm's random initialisation, "
+            "not trained weights",
+            stacklevel=3,
+        )
+    else:
         checkpoint = Path(checkpoint)
         try:
             if checkpoint.suffix == ".safetensors":
