@@ -175,7 +175,7 @@ class EvaState:
         return out
 
 
-# Layer's fields as saved (asdict), by what each must be; the first five are required.
+# Layer's fields as saved (asdict), by what each must be; _REQUIRED have no default.
 _LAYER_FIELDS = {
     "name": "a string", "kind": "'linear' or 'conv'", "in_features": "an integer >= 1",
     "out_features": "an integer >= 1", "weight": "a non-empty string", "op": "a string",
@@ -183,7 +183,7 @@ _LAYER_FIELDS = {
     "weight_transposed": "a boolean", "host": "null or a string",
     "expert": "null or an integer >= 0", "offsets": "null or a string",
 }  # fmt: skip
-_REQUIRED = ("name", "kind", "in_features", "out_features", "weight")
+_REQUIRED = ("name", "kind", "op", "in_features", "out_features", "weight")  # no defaults in Layer
 
 
 def _layer_from(d: Any, name: str, source: str) -> Layer:
