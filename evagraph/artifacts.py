@@ -271,6 +271,10 @@ def _adapters_from(
         width = A[0].numel()
         if rank > width:
             raise ModelLoadError(f"{where}: rank {rank} exceeds the layer's input width {width}")
+        if entry.scaling > torch.finfo(A.dtype).max:  # forward multiplies in A's dtype: inf
+            raise ModelLoadError(
+                f"{where}: 'scaling' {entry.scaling:.4g} overflows the adapter's {A.dtype}"
+            )
         adapters[entry.name] = _adapter_from(entry, A, B)
     if weights:
         raise ModelLoadError(
