@@ -130,9 +130,16 @@ def _check_settings_of(
     for name in known:
         expect(d, name, _SETTING_CHECKS[cls][name], source, where, error=error)
     try:
-        cls(**{name: d[name] for name in known})
+        settings = cls(**{name: d[name] for name in known})
     except ConfigError as err:
         raise error(f"{source}: {where}: {err}") from None
+    # k = round(budget x rho) components per decomposition: rho = 1e308 passes the class's
+    # own checks but makes k infinite (an OverflowError wherever k is computed).
+    if {"budget", "rho"} <= set(known) and not settings.budget * settings.rho < _INT_LIMIT:
+        raise error(
+            f"{source}: {where}: budget {settings.budget} x rho {settings.rho:.4g} is no "
+            "number of components"
+        )
 
 
 def check_settings(
@@ -220,9 +227,9 @@ def check_descending(
     if bool((v < 0).any()):
         raise error(f"{source}: {name} holds a negative value")
     if len(v) > 1:
-        rise = v[1:] - v[:-1]
-        i = int(rise.argmax())
-        if float(rise[i]) > 1e-5 * float(v[0]):
+        rises = ((v[1:] - v[:-1]) > 1e-5 * v[0]).nonzero()
+        if len(rises):
+            i = int(rises[0])  # the first: where the order breaks
             raise error(
                 f"{source}: {name} increases at index {i + 1} ({float(v[i]):.4g} then "
                 f"{float(v[i + 1]):.4g}): principal components come in decreasing variance"
