@@ -18,14 +18,14 @@ import torch.fx as fx
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .io import disk_errors, zip_target
 from .layers import ConvSpec, Layer, kind_from, kind_of, layer_of_module, module_kind
 from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights_copy
 from .passes.capture import capture, export_program
 from .passes.layer_graph import LayerGraph, build_layer_graph, forward_mismatch
 from .passes.rewrite import rewrite
-from .validate import expect
+from .validate import check_settings, check_tensor, expect
 
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter.json"
 _FORMAT = "evagraph-adapter/1"
@@ -68,6 +68,8 @@ def _describe(adapter: LoraAdapter) -> dict:
 
 def save_adapter(model: nn.Module, directory: str | Path, settings: dict | None = None) -> None:
     """Write ``model``'s LoRA adapters as ``adapter.safetensors`` + ``adapter.json``."""
+    # What load_adapters would refuse is refused here, before anything is written.
+    check_settings(settings or {}, "save_adapter", error=ConfigError)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     adapters = [m for m in model.modules() if isinstance(m, LoraAdapter)]
@@ -197,7 +199,8 @@ def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
     """The entries of ``adapter.json``, each checked for types and internal consistency."""
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise ModelLoadError(f"{source} is not an evagraph adapter manifest")
-    expect(manifest, "settings", "an object", source, "manifest", default={})
+    settings = expect(manifest, "settings", "an object", source, "manifest", default={})
+    check_settings(settings, source)
     entries: dict[str, _Entry] = {}
     for i, e in enumerate(expect(manifest, "layers", "a list", source, "manifest")):
         if not isinstance(e, dict):
@@ -252,10 +255,7 @@ def _adapters_from(
                     f"{where}: {t} has shape {tuple(tensor.shape)} but the manifest says "
                     f"{tuple(saved)}"
                 )
-            if not tensor.is_floating_point():
-                raise ModelLoadError(f"{where}: {t} has dtype {tensor.dtype}, not a float type")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ModelLoadError(f"{where}: {t} holds NaN or Inf")
+            check_tensor(tensor, f"layer {entry.name}: {t}", source)
         kernel = entry.conv.kernel_size if entry.conv is not None else ()
         ones = (1,) * len(kernel)
         if A.dim() != 2 + len(kernel) or A.shape[0] != rank or tuple(A.shape[2:]) != kernel:
@@ -271,6 +271,10 @@ def _adapters_from(
         width = A[0].numel()
         if rank > width:
             raise ModelLoadError(f"{where}: rank {rank} exceeds the layer's input width {width}")
+        if entry.scaling > torch.finfo(A.dtype).max:  # forward multiplies in A's dtype: inf
+            raise ModelLoadError(
+                f"{where}: 'scaling' {entry.scaling:.4g} overflows the adapter's {A.dtype}"
+            )
         adapters[entry.name] = _adapter_from(entry, A, B)
     if weights:
         raise ModelLoadError(
@@ -285,13 +289,42 @@ def _describe_layer(layer: Layer) -> str:
     return f"{layer.kind} {layer.in_features} -> {layer.out_features}{suffix}"
 
 
+def _conv_difference(saved: ConvSpec, actual: ConvSpec) -> tuple[str, Any, Any] | None:
+    """The first field (name, saved value, actual value) in which two conv geometries act
+    differently, or None. Padding compares by the amounts it pads, so "same" and the explicit
+    padding it amounts to agree; the padding mode matters only where something is padded."""
+    for name in ("kernel_size", "stride", "dilation", "groups"):
+        if getattr(saved, name) != getattr(actual, name):
+            return name, getattr(saved, name), getattr(actual, name)
+    if saved.pad_amounts() != actual.pad_amounts():
+        return "padding", saved.padding, actual.padding
+    if any(saved.pad_amounts()) and saved.padding_mode != actual.padding_mode:
+        return "padding_mode", saved.padding_mode, actual.padding_mode
+    return None
+
+
+def _check_conv(name: str, saved: ConvSpec, actual: ConvSpec, source: str, what: str) -> None:
+    """Raise ModelLoadError naming the field and both values unless the saved geometry acts
+    as the model's: an A conv of another stride, padding or dilation than its layer sees
+    other patches (a wrong receptive field) or gives outputs of another size (a RuntimeError
+    at the first forward)."""
+    diff = _conv_difference(saved, actual)
+    if diff is not None:
+        field_name, mine, theirs = diff
+        raise ModelLoadError(
+            f"layer {name}: {source} has conv {field_name} {mine!r} but the model's {what} has "
+            f"{field_name} {theirs!r}"
+        )
+
+
 def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
     """Raise ModelLoadError unless ``model`` has ``layer`` as ``source`` saw it.
 
     A linear/conv module at the layer's name must match in kind, widths, weight layout and
     conv geometry. A layer that is an op on a parameter (a loaded ``.pt2``: ``Layer.module``
     is None) is checked by its weight's shape, which fixes the widths and the kernel; its
-    stride, padding and dilation live in the graph and are not checked.
+    stride, padding and dilation live in the graph, checked once it is captured
+    (``attach_adapters``).
     """
     try:
         module = model.get_submodule(layer.name) if layer.host is None else None
@@ -304,15 +337,17 @@ def check_layer(model: nn.Module, layer: Layer, source: str) -> None:
             raise ModelLoadError(
                 f"layer {layer.name}: {reason}, so {source}'s adapter cannot be added to it"
             )
-        if (actual.kind, actual.in_features, actual.out_features, actual.conv,
+        if (actual.kind, actual.in_features, actual.out_features, actual.conv is None,
             actual.weight_transposed) != (
-            layer.kind, layer.in_features, layer.out_features, layer.conv,
+            layer.kind, layer.in_features, layer.out_features, layer.conv is None,
             layer.weight_transposed,
         ):  # fmt: skip
             raise ModelLoadError(
                 f"layer {layer.name}: {source} has {_describe_layer(layer)} but the model's "
                 f"{type(module).__name__} is {_describe_layer(actual)}"
             )
+        if layer.conv is not None:
+            _check_conv(layer.name, layer.conv, actual.conv, source, type(module).__name__)
         if layer.weight != actual.weight:
             raise ModelLoadError(
                 f"layer {layer.name}: {source} names its weight {layer.weight}, but the "
@@ -394,4 +429,13 @@ def attach_adapters(
     missing = [n for n in adapters if n not in layer_graph.layers]
     if missing:
         raise ModelLoadError(f"the model has no layer(s) {', '.join(missing)} named in {source}")
+    for name, adapter in adapters.items():  # the graph's ops carry the conv geometry
+        saved, actual = _adapter_layer(adapter), layer_graph.layers[name]
+        if (saved.conv is None) != (actual.conv is None):
+            raise ModelLoadError(
+                f"layer {name}: {source} has {_describe_layer(saved)} but the model's "
+                f"{actual.op} is {_describe_layer(actual)}"
+            )
+        if saved.conv is not None:
+            _check_conv(name, saved.conv, actual.conv, source, actual.op)
     return rewrite(work, adapters, layer_graph)

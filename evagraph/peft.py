@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .layers import kind_of, layer_of_module
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
+from .validate import check_tensor
 
 
 def _peft():
@@ -235,6 +236,11 @@ def from_peft_eva_state_dict(
     Each entry is a layer's ``A`` (rank x d, already truncated to its rank); B starts at zero
     and the scale follows PEFT's (``budget`` is PEFT's ``r``). Returns ``model`` adapted, as a
     new module tree sharing its weights (PEFT's ``prefix`` is stripped from the names).
+
+    Every entry is checked first (``ConfigError`` naming it): a linear layer of ``model``,
+    a finite float tensor of shape (rank, the layer's input width), rank at most that width.
+    Rank 0 entries (PEFT writes them for layers whose variance did not make the cut, and
+    then removes their LoRA) give no adapter, as in PEFT.
     """
     from .config import AdapterSettings
     from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
@@ -245,22 +251,40 @@ def from_peft_eva_state_dict(
     )
     work = share_weights_copy(model)
     adapters = {}
+    source = "the PEFT state dict"
+    if not isinstance(eva_state_dict, Mapping):
+        raise ConfigError(f"{source} must be a dict, got {type(eva_state_dict).__name__}")
     for key, A in eva_state_dict.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r:.40} is not a module name")
         name = key[len(prefix) :] if key.startswith(prefix) else key
-        if A.shape[0] == 0:
-            continue
+        where = f"entry {name}"
         try:
             module = work.get_submodule(name)
         except AttributeError as err:
-            raise ConfigError(
-                f"eva_state_dict names {name}, which the model does not have"
-            ) from err
+            raise ConfigError(f"{source} names {name}, which the model does not have") from err
         layer = layer_of_module(name, module)
         if layer is None or layer.kind != "linear":
-            raise ConfigError(f"eva_state_dict entry {name} is not a linear layer of the model")
+            raise ConfigError(f"{source}: {where} is not a linear layer of the model")
+        check_tensor(A, where, source, error=ConfigError)
+        width = layer.in_features
+        if A.dim() != 2 or A.shape[1] != width:
+            raise ConfigError(
+                f"{source}: {where} has shape {tuple(A.shape)}, expected (rank, {width}): the "
+                f"layer's input width is {width}"
+            )
+        # PEFT's A rows are principal directions of the layer's d-wide input: at most d.
+        # Ranks above out_features are allowed: allocation can give a narrow head as much.
+        if A.shape[0] > width:
+            raise ConfigError(
+                f"{source}: {where} has rank {A.shape[0]}, more than the layer's input width "
+                f"{width}"
+            )
+        if A.shape[0] == 0:
+            continue
         reason = forward_mismatch(module)
         if reason is not None:
-            raise ConfigError(f"eva_state_dict entry {name}: {reason}: not adapted")
+            raise ConfigError(f"{source}: {where}: {reason}: not adapted")
         weight = module.weight
         _, scale = layer_scaling(A.shape[0], settings)
         adapters[name] = LoraAdapter.build(

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ReportLoadError
+from .validate import REQUIRED, check_settings, expect
+
+
+def _expect(d: dict, key: str, what: str, source: str, where: str, default=REQUIRED):
+    return expect(d, key, what, source, where, default, ReportLoadError)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @dataclass
@@ -65,51 +74,32 @@ class Report:
         """Read a ``report.json`` written by ``save``.
 
         Raises ``ReportLoadError`` (a ``ModelLoadError``) naming the file and what is wrong if
-        it cannot be read, is not JSON or is not a report. Unknown keys (and the derived
-        ``converged`` / ``total_rank``) are ignored.
+        it cannot be read, is not JSON or is not a report: every field is checked for type and
+        range (``_LAYER_FIELDS``, ``_REPORT_FIELDS``), as the renderers do arithmetic on them.
+        Unknown keys (and the derived ``converged`` / ``total_rank``) are ignored.
         """
+        source = f"cannot read report {path}"
 
         def bad(reason: str) -> ReportLoadError:
-            return ReportLoadError(f"cannot read report {path}: {reason}")
+            return ReportLoadError(f"{source}: {reason}")
 
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as err:
             raise bad(err.strerror or str(err)) from err
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep
-            raise bad(f"not valid JSON ({err})") from err
+            raise bad(f"not valid JSON ({_first_line(err)})") from err
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise bad("no 'layers' list: not an evagraph report")
-        layer_keys = {f.name for f in fields(LayerReport)}
-        report_keys = {f.name for f in fields(cls)}
-        try:
-            layers = [
-                LayerReport(**{k: v for k, v in layer.items() if k in layer_keys})
-                for layer in data["layers"]
-            ]
-            kwargs = {k: v for k, v in data.items() if k in report_keys and k != "layers"}
-            report = cls(layers=layers, **kwargs)
-        except (TypeError, AttributeError) as err:  # a missing key, or a layer not an object
-            raise bad(f"not an evagraph report ({err})") from err
-        # The renderers do arithmetic on these: catch a hand-edited file here, by name.
-        for layer in report.layers:
-            ints = (layer.rank, layer.in_features, layer.out_features, layer.depth)
-            ratios = layer.explained_variance_ratio
-            if not (
-                all(isinstance(v, int) for v in ints)
-                and isinstance(ratios, list)
-                and all(isinstance(v, (int, float)) for v in ratios)
-                and isinstance(layer.steps_to_converge, (int, type(None)))
-            ):
-                raise bad(f"layer {layer.name!r} has a field of the wrong type")
-        if not isinstance(report.steps, int):
-            raise bad("'steps' must be an integer")
-        for name in ("settings", "skipped", "groups", "rows", "batches"):
-            if not isinstance(getattr(report, name), dict):
-                raise bad(f"{name!r} must be an object")
-        if not isinstance(report.unconverged, list):
-            raise bad("'unconverged' must be a list")
-        return report
+        layers = [_layer_from(d, i, source) for i, d in enumerate(data["layers"])]
+        values = {}
+        for key, (what, default) in _REPORT_FIELDS.items():
+            values[key] = _expect(data, key, what, source, "report", default)
+        check_settings(values["settings"], source, error=ReportLoadError)
+        for key, what in _PER_ENTRY.items():
+            for name in values[key]:
+                _expect(values[key], name, what, source, key)
+        return cls(layers=layers, **values)
 
     def render(self, outdir: str | Path) -> list[Path]:
         """Write ``report.html`` (and ``report.png`` if matplotlib is installed) to ``outdir``.
@@ -119,3 +109,40 @@ class Report:
         from .render import render_report
 
         return render_report(self, outdir)
+
+
+# What each saved field must be (``expect``'s words), for ``Report.load``.
+_LAYER_FIELDS = {
+    "name": "a string", "kind": "'linear' or 'conv'", "op": "a string",
+    "in_features": "an integer >= 1", "out_features": "an integer >= 1",
+    "rank": "an integer >= 0", "alpha": "a finite number >= 0", "scaling": "a finite number >= 0",
+    "group": "a string", "depth": "an integer >= 0",
+    "explained_variance_ratio": "a list of numbers in [0, 1]", "converged": "a boolean",
+    "steps_to_converge": "null or an integer >= 0",
+}  # fmt: skip
+_REPORT_FIELDS = {  # key: (what, default)
+    "settings": ("an object", REQUIRED), "skipped": ("an object", REQUIRED),
+    "groups": ("an object", REQUIRED), "rows": ("an object", REQUIRED),
+    "batches": ("an object", REQUIRED), "steps": ("an integer >= 0", REQUIRED),
+    "unconverged": ("a list of strings", []), "capture": ("a string", "fx"),
+    "rewrite": ("a string", "module"),
+}  # fmt: skip
+_PER_ENTRY = {  # the values inside the report's objects
+    "skipped": "a string", "groups": "a list of strings", "rows": "an integer >= 0",
+    "batches": "a list of [start, stop) runs",
+}  # fmt: skip
+
+
+def _layer_from(d: object, i: int, source: str) -> LayerReport:
+    if not isinstance(d, dict):
+        raise ReportLoadError(f"{source}: layers[{i}] must be an object, got {d!r:.40}")
+    name = _expect(d, "name", "a string", source, f"layers[{i}]")
+    where = f"layer {name!r:.60}"
+    values = {key: _expect(d, key, what, source, where) for key, what in _LAYER_FIELDS.items()}
+    # at_rank in the renderers reads the ratios of the components the adapter got
+    if values["rank"] > len(values["explained_variance_ratio"]):
+        raise ReportLoadError(
+            f"{source}: {where}: rank {values['rank']} but only "
+            f"{len(values['explained_variance_ratio'])} explained-variance ratios"
+        )
+    return LayerReport(**values)

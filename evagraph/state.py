@@ -24,7 +24,13 @@ from .errors import ConfigError, ModelLoadError
 from .layers import Layer, kind_from
 from .passes.allocate import allocate
 from .stats import Components
-from .validate import expect
+from .validate import (
+    check_descending,
+    check_orthonormal_rows,
+    check_settings,
+    check_tensor,
+    expect,
+)
 
 _FORMAT = "evagraph-state/1"
 _TENSORS = ("components", "explained_variance", "explained_variance_ratio", "singular_values",
@@ -169,7 +175,7 @@ class EvaState:
         return out
 
 
-# Layer's fields as saved (asdict), by what each must be; the first five are required.
+# Layer's fields as saved (asdict), by what each must be; _REQUIRED have no default.
 _LAYER_FIELDS = {
     "name": "a string", "kind": "'linear' or 'conv'", "in_features": "an integer >= 1",
     "out_features": "an integer >= 1", "weight": "a non-empty string", "op": "a string",
@@ -177,7 +183,7 @@ _LAYER_FIELDS = {
     "weight_transposed": "a boolean", "host": "null or a string",
     "expert": "null or an integer >= 0", "offsets": "null or a string",
 }  # fmt: skip
-_REQUIRED = ("name", "kind", "in_features", "out_features", "weight")
+_REQUIRED = ("name", "kind", "op", "in_features", "out_features", "weight")  # no defaults in Layer
 
 
 def _layer_from(d: Any, name: str, source: str) -> Layer:
@@ -201,14 +207,33 @@ def _tensor(
     """``tensors[key]`` (removed from the dict), of ``shape``, a finite float."""
     if key not in tensors:
         raise ModelLoadError(f"{source}: missing tensor {key}")
-    t = tensors.pop(key)
-    if tuple(t.shape) != shape:
-        raise ModelLoadError(f"{source}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
-    if not t.is_floating_point():
-        raise ModelLoadError(f"{source}: tensor {key} has dtype {t.dtype}, not a float type")
-    if not bool(torch.isfinite(t).all()):
-        raise ModelLoadError(f"{source}: tensor {key} holds NaN or Inf")
-    return t
+    return check_tensor(tensors.pop(key), f"tensor {key}", source, shape)
+
+
+def _check_components(c: Components, g: str, layers: list[Layer], source: str) -> None:
+    """What a PCA of ``c.n_rows`` rows is: orthonormal directions (EVA's A; zero or scaled
+    rows would give an adapter that never trains, or one 1000x too large), variances and
+    ratios non-negative and non-increasing, ratios summing to at most 1, and no variance
+    from fewer than two rows. Experts the router sent no row to are written with 0 rows
+    (identity directions, zero variance: rank 0); any other group saw rows."""
+    check_orthonormal_rows(c.components, f"tensor {g}.components", source)
+    for name in ("explained_variance", "explained_variance_ratio", "singular_values"):
+        check_descending(getattr(c, name), f"tensor {g}.{name}", source)
+    total = float(c.explained_variance_ratio.double().sum())
+    if total > 1 + 1e-3:  # ratios of the total variance: their sum is at most 1 (rounding)
+        raise ModelLoadError(
+            f"{source}: tensor {g}.explained_variance_ratio sums to {total:.4g}, more than 1"
+        )
+    if c.n_rows < 1 and not all(layer.expert is not None for layer in layers):
+        raise ModelLoadError(
+            f"{source}: n_rows: group {g} (layer {layers[0].name}) saw {c.n_rows} rows; only "
+            "an MoE expert's statistics may have seen none"
+        )
+    if c.n_rows < 2 and bool((c.explained_variance > 0).any()):
+        raise ModelLoadError(
+            f"{source}: group {g}: {c.n_rows} row(s) carry no variance, but "
+            f"{g}.explained_variance holds some"
+        )
 
 
 def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> EvaState:
@@ -218,9 +243,9 @@ def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> Eva
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ModelLoadError(f"{source} is not an evagraph EVA state file")
     settings = expect(meta, "settings", "an object", source, "settings")
-    expect(settings, "budget", "an integer >= 1", source, "settings")
+    expect(settings, "budget", "an integer >= 1", source, "settings")  # required here
     expect(settings, "rho", "a finite number >= 1", source, "settings")
-    expect(settings, "tau", "a finite number in (0, 1]", source, "settings", default=None)
+    check_settings(settings, source)
     max_components = round(settings["budget"] * settings["rho"])
 
     raw_layers = expect(meta, "layers", "an object", source, "layers")
@@ -282,11 +307,7 @@ def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> Eva
             mean=_tensor(tensors, f"{g}.mean", (d,), source),
             n_rows=n_rows[g],
         )
-        ratio = c.explained_variance_ratio
-        if (c.explained_variance < 0).any() or (c.singular_values < 0).any() or (ratio < 0).any():
-            raise ModelLoadError(f"{source}: group {g}: negative variances")
-        if float(ratio.sum()) > 1 + 1e-3:
-            raise ModelLoadError(f"{source}: group {g}: explained-variance ratios sum to > 1")
+        _check_components(c, g, [layers[name] for name in members], source)
         flag = tensors.pop(f"{g}.converged", None)
         if flag is None or tuple(flag.shape) != (k,) or not bool(((flag == 0) | (flag == 1)).all()):
             raise ModelLoadError(f"{source}: tensor {g}.converged must be {k} flags (0 or 1)")
