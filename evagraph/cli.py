@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import pickle
@@ -53,6 +54,7 @@ def _setting_fields() -> list:
         hints = get_type_hints(cls)
         for f in fields(cls):
             if f.name not in found and f.metadata.get("cli") is not False:
+                f = copy.copy(f)  # the dataclass's own field keeps its annotation
                 f.type = hints[f.name]  # resolved, for the option's type
                 found[f.name] = f
     return list(found.values())

@@ -63,12 +63,14 @@ class _Ranks:
 
     def __post_init__(self) -> None:
         for f in fields(self):  # "no" and 2 are truthy: a flag must say what it means
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise ConfigError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
             raise ConfigError(f"budget must be a positive integer, got {self.budget!r}")
         if _finite("rho", self.rho) < 1:
             raise ConfigError(f"rho must be >= 1, got {self.rho!r}")
+        if not math.isfinite(self.budget * self.rho):  # k = round(budget * rho) must exist
+            raise ConfigError(f"budget x rho must be finite, got {self.budget} x {self.rho!r}")
 
     @property
     def max_components(self) -> int:

@@ -214,8 +214,9 @@ def _check_components(c: Components, g: str, layers: list[Layer], source: str) -
     """What a PCA of ``c.n_rows`` rows is: orthonormal directions (EVA's A; zero or scaled
     rows would give an adapter that never trains, or one 1000x too large), variances and
     ratios non-negative and non-increasing, ratios summing to at most 1, and no variance
-    from fewer than two rows. Experts the router sent no row to are written with 0 rows
-    (identity directions, zero variance: rank 0); any other group saw rows."""
+    from fewer than two rows: a group that saw none or one (an expert the router sent no
+    row, a layer one sample reached) is written with identity directions and zero variance,
+    and gets rank 0."""
     check_orthonormal_rows(c.components, f"tensor {g}.components", source)
     for name in ("explained_variance", "explained_variance_ratio", "singular_values"):
         check_descending(getattr(c, name), f"tensor {g}.{name}", source)
@@ -223,11 +224,6 @@ def _check_components(c: Components, g: str, layers: list[Layer], source: str) -
     if total > 1 + 1e-3:  # ratios of the total variance: their sum is at most 1 (rounding)
         raise ModelLoadError(
             f"{source}: tensor {g}.explained_variance_ratio sums to {total:.4g}, more than 1"
-        )
-    if c.n_rows < 1 and not all(layer.expert is not None for layer in layers):
-        raise ModelLoadError(
-            f"{source}: n_rows: group {g} (layer {layers[0].name}) saw {c.n_rows} rows; only "
-            "an MoE expert's statistics may have seen none"
         )
     if c.n_rows < 2 and bool((c.explained_variance > 0).any()):
         raise ModelLoadError(

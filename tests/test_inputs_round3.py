@@ -195,6 +195,15 @@ def test_boolean_settings_must_be_booleans(cls, setting):
         quiet(evagraph.transform, SharedMLP(), [torch.randn(8, 16)], progress=False, **setting)
 
 
+def test_settings_hold_even_after_the_cli_read_them():
+    import evagraph.cli  # noqa: F401  # builds its options from the settings' fields
+
+    with pytest.raises(ConfigError, match="must be True or False"):
+        AdapterSettings(whiten="yes")
+    with pytest.raises(ConfigError, match="budget x rho must be finite"):
+        AdapterSettings(rho=1e308)  # k = round(budget * rho) overflowed
+
+
 @pytest.mark.parametrize(
     "name,content",
     [

@@ -259,7 +259,7 @@ STATE_CASES = {  # (meta edit, tensor edit, words in the error)
         _same_rows,
         r"tensor g\d\.components rows 0 and 1 have dot product 1, expected 0",
     ),
-    "n_rows 0": (_n_rows(0), None, r"n_rows: group g\d \(layer o\) saw 0 rows"),
+    "n_rows 0": (_n_rows(0), None, r"group g\d: 0 row\(s\) carry no variance"),
     "n_rows a string": (_n_rows("96"), None, r"n_rows: 'g\d' must be an integer >= 0"),
     "n_rows a float": (_n_rows(96.0), None, r"n_rows: 'g\d' must be an integer >= 0"),
     "n_rows negative": (_n_rows(-1), None, r"n_rows: 'g\d' must be an integer >= 0"),
