@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import signal
 import sys
 import warnings
@@ -319,7 +320,10 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         if opts[name] is not None and opts[name] <= 0:
             raise click.BadParameter("must be positive", param_hint=f"--{name.replace('_', '-')}")
     if opts["data"] is None and opts["state"] is None:
-        raise click.UsageError("give calibration data (--data) or saved statistics (--state)")
+        raise click.UsageError(
+            "give calibration data (--data) or saved statistics (--state); for this model, "
+            f"e.g.: {_data_example(opts['model'])}"
+        )
     if opts["output"] is None:
         opts["output"] = str(default_output(opts["model"], force=opts["force"]))
         if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 tells
@@ -365,6 +369,30 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
         sys.stdin = stdin
         warnings.formatwarning = formatwarning
         _leave_process_group()
+
+
+def _data_example(model: str) -> str:
+    """The shortest working ``compile`` of ``model`` with data, as far as its files tell."""
+    from .pt2 import input_shapes
+
+    path = Path(model)
+    run = f"evagraph compile {shlex.quote(model)}"
+    if (path / "config.json").is_file():
+        if (path / "preprocessor_config.json").is_file():
+            return f"{run} --data ./images (a folder of images, preprocessed as {model} says)"
+        return f"{run} --data corpus.txt (text documents, tokenized by {model}'s tokenizer)"
+    shapes = input_shapes(path) if path.is_file() else {}
+    if len(shapes) == 1:
+        ((name, shape),) = shapes.items()
+        dims = ", ".join("N" if i == 0 else str(d or 8) for i, d in enumerate(shape))
+        return (
+            f'python -c "import torch; torch.save(torch.randn({dims.replace("N", "64")}), '
+            f"'calib.pt')\" && {run} --data calib.pt (your own samples of input {name}, "
+            f"shape ({dims}), calibrate better than random ones)"
+        )
+    if not path.exists():  # a timm name
+        return f"{run} --checkpoint weights.safetensors --data ./images (a folder of images)"
+    return f"{run} --data calib.pt (a tensor of model inputs, first dimension = samples)"
 
 
 # Options of the data readers (evagraph.data): text, images, and both.

@@ -131,7 +131,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:
-            raise ModelLoadError(f"cannot unpickle {path}: {err2}") from err2
+            raise ModelLoadError(f"cannot unpickle {path}: {_unpickle_hint(err2)}") from err2
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if path.stat().st_size == 0:
@@ -143,6 +143,24 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
             "architecture): save it with torch.save(model) or torch.export"
         )
     return obj
+
+
+def _unpickle_hint(err: Exception) -> str:
+    """Why a whole-module pickle did not load, with what to do when its class is missing."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
+    if found is None:
+        return text
+    cls, module = found.groups()
+    # The error names this process's __main__ ("pytest.__main__" under python -m pytest).
+    script = module.split(".")[-1] == "__main__"
+    where = "the script that saved it (__main__)" if script else f"module {module}"
+    return (
+        f"its class {cls} was defined in {where}, which this process cannot import: put the "
+        "class in a module on the Python path (import it when saving), or save the model with "
+        "torch.export instead: torch.export.save(torch.export.export(model, (example,)), "
+        "'model.pt2')"
+    )
 
 
 def hf_weight_bytes(path: str | Path) -> int | None:

@@ -12,3 +12,37 @@ def test_a_timm_name_without_checkpoint_warns_that_weights_are_random():
     with pytest.warns(UserWarning, match="resnet18 has no --checkpoint .*random initialisation"):
         model, kind = load_model("resnet18")
     assert kind == "timm"
+
+
+def test_missing_data_shows_a_working_command_for_the_model(example, tmp_path):
+    import subprocess
+
+    from conftest import evagraph_cmd
+
+    proc = subprocess.run(
+        [*evagraph_cmd(), "compile", str(example / "tiny_cnn.pt2"), "--budget", "16"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "torch.randn(64, 3, 32, 32)" in lines[0] and "--data calib.pt" in lines[0]
+
+
+def test_a_pickle_whose_class_lived_in_the_saving_script_says_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    from evagraph.errors import ModelLoadError
+
+    script = (
+        "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 4)\n\n"
+        "torch.save(Net(), 'model.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, timeout=120)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(tmp_path / "model.pt", allow_pickle=True)
+    message = str(err.value)
+    assert "class Net was defined in the script that saved it (__main__)" in message
+    assert "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')" in message
+    assert "\n" not in message
