@@ -683,7 +683,7 @@ def _compile(
     click.echo(
         f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
         f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
-        f"wrote {output}/{{{', '.join(written)}}}"
+        f"wrote {Path(output)}/{{{', '.join(written)}}}"
     )
 
 

@@ -358,7 +358,8 @@ def _warn_unconverged(steps: int, unconverged: list[str], tau: float) -> None:
     warnings.warn(
         f"calibration stopped after {steps} minibatch(es) with {len(unconverged)} layer(s) "
         f"not converged at tau={tau}: {shown}. Their components are the PCA of "
-        "the rows seen; pass more data or raise max_steps to converge.",
+        "the rows seen; pass more data (or raise max_steps, --max-steps, if it is set) to "
+        "converge.",
         ConvergenceWarning,
         stacklevel=5,
     )
