@@ -676,7 +676,9 @@ def _compile(
             elif fmt == "peft":
                 from .peft import save_peft
 
-                save_peft(adapted, tmp)
+                # the example batch: PEFT's wrappers must run the model (not under --state
+                # without data, nor for a model whose weights were never loaded whole)
+                save_peft(adapted, tmp, example=None if lazy else to_device(first, device))
                 written += ["adapter_config.json", "adapter_model.safetensors"]
     remove_work_dir(work)  # the output is whole: nothing to resume (unless a run took it over)
     n_adapted = sum(1 for layer in report.layers if layer.rank)

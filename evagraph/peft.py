@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,14 +212,52 @@ def to_peft(adapted: nn.Module) -> nn.Module:
     return peft_model
 
 
-def save_peft(adapted: nn.Module, directory: str | Path) -> None:
+def save_peft(adapted: nn.Module, directory: str | Path, example: Any = None) -> None:
     """Write ``adapted``'s adapters as a PEFT LoRA adapter directory (adapter_config.json,
-    adapter_model.safetensors)."""
+    adapter_model.safetensors).
+
+    ``example``: a batch the model takes. PEFT's wrappers then run it first, and a model they
+    break (one that reads an attribute of a layer which PEFT's wrapper does not have, as timm's
+    DaViT reads its convs' ``kernel_size``) is a ``ConfigError`` naming the layers, not a file
+    that fails in the user's training script.
+    """
     card = Path(directory) / "README.md"
     had_card = card.exists()
-    to_peft(adapted).save_pretrained(str(directory))
+    peft_model = to_peft(adapted)
+    if example is not None:
+        _check_runs(peft_model, adapted, example)
+    peft_model.save_pretrained(str(directory))
     if not had_card:  # PEFT's empty model-card template: not the user's, not ours
         card.unlink(missing_ok=True)
+
+
+def _check_runs(peft_model: nn.Module, adapted: nn.Module, example: Any) -> None:
+    """Run ``example`` through ``peft_model``; a failure is a ``ConfigError`` that names the
+    layers whose PEFT wrapper lacks the attribute the model asked for, if that was it."""
+    from .data import call_model
+
+    try:
+        with torch.no_grad():
+            call_model(peft_model, example)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        found = re.search(r"has no attribute '(\w+)'", reason)
+        attr = found.group(1) if found else None
+        inner = peft_model.base_model.model
+        hidden = [
+            name
+            for name, m in adapted.named_modules()
+            if attr and isinstance(m, LoraLayer) and hasattr(m.base_layer, attr)
+            and not hasattr(inner.get_submodule(name), attr)
+        ]  # fmt: skip
+        where = ""
+        if hidden:
+            shown = ", ".join(hidden[:4]) + (" ..." if len(hidden) > 4 else "")
+            where = f" (PEFT's wrapper of {shown} has no {attr!r}, which the model reads)"
+        raise ConfigError(
+            f"PEFT cannot run this model with the adapters{where}: {type(err).__name__}: "
+            f"{reason}; exclude those layers to export to PEFT"
+        ) from err
 
 
 def from_peft_eva_state_dict(

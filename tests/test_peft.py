@@ -296,3 +296,25 @@ def test_peft_export_names_each_layer_alone_where_names_repeat(tmp_path):
             assert m.lora_A["default"].weight.shape[0] == ranks[n.removeprefix("base_model.model.")]
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[0]), adapted(batches[0]))
+
+
+class ReadsKernelSize(nn.Module):
+    """Reads an attribute of its conv in forward, as timm's DaViT downsampling does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        pad = self.conv.kernel_size[0] - x.shape[-1] % self.conv.kernel_size[0]
+        h = self.conv(torch.nn.functional.pad(x, (0, pad % self.conv.kernel_size[0])))
+        return self.head(h.mean((2, 3)))
+
+
+def test_peft_export_refuses_a_model_peft_wrappers_cannot_run(tmp_path):
+    x = torch.randn(4, 3, 9, 9)
+    adapted, _ = quiet(evagraph.transform, ReadsKernelSize().eval(), [x] * 3, progress=False)
+    with pytest.raises(evagraph.ConfigError, match=r"wrapper of conv has no 'kernel_size'"):
+        evagraph.save_peft(adapted, tmp_path / "peft", example=x)
+    assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
