@@ -90,6 +90,16 @@ _PERMUTE_OPS = {_aten.permute.default, torch.permute, "permute"}
 _UNSQUEEZE_OPS = {_aten.unsqueeze.default, torch.unsqueeze, "unsqueeze"}
 _EXPAND_OPS = {_aten.expand.default, "expand"}
 _VIEW_OPS = _SWAP_OPS | _TRANSPOSE_OPS | _PERMUTE_OPS | _UNSQUEEZE_OPS | _EXPAND_OPS | {getattr}
+# A weight cast to another dtype in the graph (an MoE router's `F.linear(h.float(),
+# self.weight.float())`): the op still uses that parameter's values, so a weight-space adapter
+# on the parameter is exact through the cast.
+_CAST_OPS = {
+    _aten._to_copy.default, _aten.to.dtype, "float", "double", "half", "bfloat16", "to", "type",
+}  # fmt: skip
+_CONV_TRANSPOSE_OPS = {
+    _aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input,
+    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+}  # fmt: skip
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVOLUTION_ARGS = _CONV_ARGS[:6] + ("transposed", "output_padding", "groups")
 
@@ -115,6 +125,36 @@ def _param(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
             return gm.get_parameter(node.target)
         except AttributeError:
             return None
+    return None
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """A dtype cast of its first argument (no other change of its values)."""
+    if node.op not in ("call_function", "call_method") or node.target not in _CAST_OPS:
+        return False
+    same_values = {"dtype", "copy", "layout", "device", "memory_format", "non_blocking"}
+    others = {k for k, v in node.kwargs.items() if v is not None} - same_values
+    return not others and all(isinstance(a, torch.dtype) for a in node.args[1:])
+
+
+def _uncast(node: Any) -> Any:
+    """``node`` with the dtype casts applied to it peeled off."""
+    while isinstance(node, fx.Node) and _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _source_param(node: Any) -> str | None:
+    """The parameter a weight computed in the graph is made from, if one alone is."""
+    seen: set[fx.Node] = set()
+    while isinstance(node, fx.Node) and node not in seen:
+        seen.add(node)
+        if node.op == "get_attr":
+            return str(node.target)
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
     return None
 
 
@@ -157,6 +197,9 @@ def _weight_operand(
     transpose), or None."""
     chain = []
     while isinstance(node, fx.Node) and node.op != "get_attr":
+        if _is_cast(node):
+            node = node.args[0]
+            continue
         if node.op not in ("call_function", "call_method") or node.target not in _VIEW_OPS:
             return None  # an activation, or a weight computed with more than views
         chain.append(node)
@@ -183,9 +226,9 @@ def _where(node: fx.Node, args: dict[str, Any], model: nn.Module) -> str:
                 return stack[-1][0]
         except AttributeError:
             pass
-    weight = args.get("weight")
-    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        return weight.target.removesuffix(".weight")
+    source = _source_param(args.get("weight"))
+    if source is not None:
+        return source.removesuffix(".weight")
     return node.name
 
 
@@ -212,13 +255,20 @@ def _function_layer(
     elif target is _aten.convolution.default:
         args, ndim = _bind(node, _CONVOLUTION_ARGS), -1  # dims read off the weight below
         if args.get("transposed"):
-            return None, (_where(node, args, model), "transposed convolution is not supported")
+            return None, (_where(node, args, model), "transposed convolution is not adapted")
+    elif target in _CONV_TRANSPOSE_OPS:
+        args = _bind(node, ("input", "weight"))
+        return None, (_where(node, args, model), "transposed convolution is not adapted")
     else:
         return None, None
     if target not in _MATMUL_OPS:
-        weight, swapped = _param(gm, args.get("weight")), False
+        args["weight"] = _uncast(args.get("weight"))
+        weight, swapped = _param(gm, args["weight"]), False
         if weight is None:
+            source = _source_param(args["weight"])
             reason = "weight is computed in the graph, not a parameter"
+            if source is not None:
+                reason = f"its weight is computed in the graph from {source}, not the parameter"
             return None, (_where(node, args, model), reason)
         wname = args["weight"].target
     if ndim < 0:
@@ -418,6 +468,8 @@ def _opaque_weights(gm: fx.GraphModule, node: fx.Node) -> dict[str, str]:
 
 def _callmodule_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[Layer | None, Unsupported | None]:
     m = gm.get_submodule(node.target)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):  # a leaf fx keeps: listed, not lost
+        return None, (node.target, "transposed convolution is not adapted")
     layer = layer_of_module(node.target, m)
     if layer is None:
         return None, None
