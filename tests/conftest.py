@@ -35,6 +35,23 @@ def evagraph_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "evagraph"]
 
 
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A tokenizer and a tiny random Llama saved in one directory (``save_tiny_llama``)."""
+    from test_text_data import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """``datasets`` writes its Arrow copies of the files under the test's directory."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture(scope="session")
 def example(tmp_path_factory) -> Path:
     """The bundled example (tiny_cnn.pt2 + calib.safetensors), written once per session."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import SharedMLP, evagraph_cmd, quiet
 from safetensors.torch import save_file
-from test_text_data import WORDS, docs, make_tokenizer, save_tiny_llama, write_jsonl
+from test_text_data import WORDS, docs, make_tokenizer, write_jsonl
 
 import evagraph
 from evagraph.config import AdapterSettings, CalibrationSettings
@@ -30,17 +30,7 @@ from evagraph.data import load_tokenizer, text_batches
 from evagraph.errors import ConfigError, DataError
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 def run(*args: str, cwd: Path, timeout: float = 600, **kw) -> subprocess.CompletedProcess:

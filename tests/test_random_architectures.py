@@ -8,6 +8,7 @@ budget x L or to the components that carry variance, and ``merge`` equal to the 
 model once B is non-zero.
 """
 
+import re
 import warnings
 
 import pytest
@@ -246,15 +247,30 @@ def cnns(draw):
     return Net(body, tail, c, draw(WIDTHS)), (c_in, *(size_in,) * ndim)
 
 
+def _widths(model: nn.Module) -> list[int]:
+    """The row widths of the model's linear and conv layers (unfolded patches for a conv)."""
+    return [
+        m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+
+
 def check_transform(model: nn.Module, shape: tuple, budget: int, rho: float) -> None:
     model.eval()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(6, *shape, generator=g) for _ in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
-        adapted, report, state = evagraph.transform(
-            model, batches, budget=budget, rho=rho, progress=False, return_state=True
-        )
+        try:
+            adapted, report, state = evagraph.transform(
+                model, batches, budget=budget, rho=rho, progress=False, return_state=True
+            )
+        except evagraph.ConfigError as err:  # a budget no layer has the width for
+            found = re.search(r"widest layer input has (\d+) features", str(err))
+            assert found is not None, err
+            assert budget > int(found.group(1)) and int(found.group(1)) <= max(_widths(model))
+            return
     x = torch.randn(5, *shape, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), model(x), atol=1e-5, rtol=1e-5)

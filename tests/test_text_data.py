@@ -24,6 +24,7 @@ from evagraph.data import open_data, text_batches
 from evagraph.errors import ConfigError, DataError
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 # fmt: off
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "and", "then", "it", "was",
@@ -63,19 +64,6 @@ def save_tiny_llama(path: Path) -> Path:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A tokenizer and a tiny random Llama saved in one directory."""
-    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    """``datasets`` writes its Arrow copies of the files under the test's directory."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
 @pytest.fixture
