@@ -87,7 +87,7 @@ def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:  # reads only the zip's directory
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):  # damaged
         return None
     prefix = names[0].split("/")[0] + "/" if names and "/" in names[0] else ""
     if f"{prefix}archive_format" in names or any(
