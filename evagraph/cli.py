@@ -401,7 +401,19 @@ DATA_OPTIONS += ("num_samples", "shuffle")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"evagraph: warning: {' '.join(str(message).split())}\n"
+    """A warning on one line, labelled by whose it is: evagraph's own (``EvagraphWarning``)
+    as ``evagraph: warning:``, another library's under that library's name."""
+    from .errors import EvagraphWarning
+
+    text = " ".join(str(message).split())
+    if issubclass(category, EvagraphWarning):
+        return f"evagraph: warning: {text}\n"
+    parts = Path(filename).parts
+    where = next(
+        (parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("site-packages", "dist-packages")),
+        Path(filename).stem,
+    )
+    return f"{where.removesuffix('.py')}: {category.__name__}: {text}\n"
 
 
 def default_output(model: str, *, force: bool = False) -> Path:

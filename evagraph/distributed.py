@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import DataError, EvagraphError
+from .errors import DataError, EvagraphError, EvagraphWarning
 
 
 class PeerFailed(EvagraphError):
@@ -122,6 +122,7 @@ class Sync:
                         f"calibration batch {step} has {n} sample(s), fewer than the "
                         f"{self.world} processes: it is left out (use a batch size of at "
                         "least the number of processes)",
+                        EvagraphWarning,
                         stacklevel=2,
                     )
             else:

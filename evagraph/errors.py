@@ -30,5 +30,10 @@ class OutputError(EvagraphError, OSError):
     """The output location cannot be written (not a directory, no permission, read-only)."""
 
 
-class ConvergenceWarning(UserWarning):
+class EvagraphWarning(UserWarning):
+    """Base class of evagraph's own warnings (the CLI labels them ``evagraph: warning:``;
+    other libraries' warnings keep their own name)."""
+
+
+class ConvergenceWarning(EvagraphWarning):
     """Calibration stopped before every layer's components converged."""

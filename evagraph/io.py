@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, OutputError
+from .errors import EvagraphWarning, ModelLoadError, OutputError
 from .pt2 import load_exported_program
 
 
@@ -252,6 +252,7 @@ def _load_timm(name: str, checkpoint: str | Path | None) -> nn.Module:
         warnings.warn(
             f"{name} has no --checkpoint (checkpoint=): adapting timm's random initialisation, "
             "not trained weights",
+            EvagraphWarning,
             stacklevel=3,
         )
     else:

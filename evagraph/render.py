@@ -16,6 +16,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import EvagraphWarning
+
 if TYPE_CHECKING:
     from .report import Report
 
@@ -515,7 +517,7 @@ def render_report(report: Report, outdir: str | Path) -> list[Path]:
         except OSError:  # a full disk or a file size limit: all outputs or none
             raise
         except Exception as err:  # matplotlib failing on a picture: the PNG is an extra
-            warnings.warn(f"report.png not written: {err!r}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"report.png not written: {err!r}", EvagraphWarning, stacklevel=2)
         else:
             written.append(png)
     return written

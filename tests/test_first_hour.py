@@ -46,3 +46,21 @@ def test_a_pickle_whose_class_lived_in_the_saving_script_says_what_to_do(tmp_pat
     assert "class Net was defined in the script that saved it (__main__)" in message
     assert "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')" in message
     assert "\n" not in message
+
+
+def test_warnings_are_labelled_by_whose_they_are():
+    import re
+    from pathlib import Path
+
+    import evagraph
+    from evagraph.cli import _one_line_warning
+
+    own = _one_line_warning("stopped\n  early", evagraph.ConvergenceWarning, "/x/api.py", 1)
+    assert own == "evagraph: warning: stopped early\n"
+    theirs = "/v/lib/python3.11/site-packages/transformers/utils/generic.py"
+    assert _one_line_warning("old", FutureWarning, theirs, 3) == "transformers: FutureWarning: old\n"
+    # every warning evagraph raises is an EvagraphWarning, so it is labelled as evagraph's
+    package = Path(evagraph.__file__).parent
+    for path in package.rglob("*.py"):
+        for call in re.findall(r"warnings\.warn\((.*?)stacklevel", path.read_text(), re.S):
+            assert "EvagraphWarning" in call or "ConvergenceWarning" in call, (path, call)

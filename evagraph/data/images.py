@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, EvagraphWarning
 from ..passes.capture import _first_line
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
@@ -60,7 +60,9 @@ class ImageBatches:
                 try:
                     images.append(_decode(path))
                 except Exception as err:  # the header read, the pixels did not (truncated)
-                    warnings.warn(f"skipped image {path}: {_first_line(err)}", stacklevel=2)
+                    warnings.warn(
+                        f"skipped image {path}: {_first_line(err)}", EvagraphWarning, stacklevel=2
+                    )
             if images:
                 yield self._batch(images)
 
@@ -176,6 +178,7 @@ def _images_in(folder: Path) -> list[Path]:
         warnings.warn(
             f"image folder {folder}: skipped {len(failed)} file(s) PIL cannot read as an image "
             f"({names}{more})",
+            EvagraphWarning,
             stacklevel=3,
         )
     return readable

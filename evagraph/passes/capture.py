@@ -43,7 +43,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from ..errors import CaptureError
+from ..errors import CaptureError, EvagraphWarning
 from ..layers import is_hf_conv1d
 
 
@@ -367,6 +367,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
                 f"torch.export could not capture {type(model).__name__} for inputs of any "
                 f"shape ({dynamic}); it is captured for the first calibration batch's shapes, "
                 "which every batch must then have",
+                EvagraphWarning,
                 stacklevel=2,
             )
             return Captured(gm, "export", static=dynamic)

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import AdapterSettings
-from ..errors import ConfigError
+from ..errors import ConfigError, EvagraphWarning
 from ..layers import Layer
 from ..lora import LoraAdapter, LoraLayer, ParamLoraLayer
 from ..stats import Components
@@ -82,6 +82,7 @@ def init_adapters(
             f"lora dropout {settings.dropout} is not applied to the {len(in_weight_space)} "
             f"adapter(s) that change a weight in place (e.g. {in_weight_space[0]}): dropout "
             "acts on a layer's input, which a weight-space update never sees",
+            EvagraphWarning,
             stacklevel=3,
         )
     for name, rank in ranks.items():
