@@ -58,7 +58,9 @@ def test_warnings_are_labelled_by_whose_they_are():
     own = _one_line_warning("stopped\n  early", evagraph.ConvergenceWarning, "/x/api.py", 1)
     assert own == "evagraph: warning: stopped early\n"
     theirs = "/v/lib/python3.11/site-packages/transformers/utils/generic.py"
-    assert _one_line_warning("old", FutureWarning, theirs, 3) == "transformers: FutureWarning: old\n"
+    assert (
+        _one_line_warning("old", FutureWarning, theirs, 3) == "transformers: FutureWarning: old\n"
+    )
     # every warning evagraph raises is an EvagraphWarning, so it is labelled as evagraph's
     package = Path(evagraph.__file__).parent
     for path in package.rglob("*.py"):

@@ -4,6 +4,7 @@ from a Hugging Face directory; resuming an interrupted run."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -362,8 +363,11 @@ def test_cli_resume_after_sigterm_gives_the_same_adapters(tmp_path):
     assert cut.returncode == 143, cut.stderr
     assert "run the same command with --resume" in cut.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.evagraph-work").is_dir()
-    resumed = _cli("compile", *common, "--resume", "-o", "out", cwd=tmp_path)
+    resumed = _cli("compile", *common[:-1], "--resume", "-o", "out", cwd=tmp_path)  # not quiet
     assert resumed.returncode == 0, resumed.stderr
+    # says what it resumed (issue 29 item 13)
+    assert re.search(r"resuming after block [1-9]\d* of \d+ \(\d+ of \d+ batch-steps done\)",
+                     resumed.stderr), resumed.stderr  # fmt: skip
     a = load_file(tmp_path / "out/adapter.safetensors")
     b = load_file(tmp_path / "full/adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

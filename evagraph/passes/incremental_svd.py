@@ -307,6 +307,7 @@ def calibrate(
     if settings.max_steps is not None:
         total = settings.max_steps if total is None else min(total, settings.max_steps)
     bar = tqdm(total=total, desc="EVA calibration", unit="batch", disable=not progress)
+    ever: set[str] = set()  # layers that converged at some point
     try:
         for batch in batches:
             active = run.active()
@@ -318,8 +319,11 @@ def calibrate(
             run.update_convergence(steps)
             steps += 1
             bar.update(1)
-            done = sum(at is not None for at in run.converged_at.values())
-            bar.set_postfix_str(f"{done}/{len(run.converged_at)} layers converged")
+            now = {m for m, at in run.converged_at.items() if at is not None}
+            ever |= now
+            # A grown allotment re-opens a converged layer: the count goes down, and says why.
+            again = f", {len(ever - now)} re-opened (allotment grew)" if ever - now else ""
+            bar.set_postfix_str(f"{len(now)}/{len(run.converged_at)} layers converged{again}")
     finally:
         bar.close()
         run.detach()

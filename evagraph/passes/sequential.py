@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -104,6 +105,12 @@ def calibrate_sequential(
                 work.start(fingerprint)
         if n is None:
             n = _cache_inputs(part, batches, settings, cache, sync)
+        elif progress:
+            tqdm.write(
+                f"evagraph: resuming after block {start} of {len(blocks)} ({start * n} of "
+                f"{len(blocks) * n} batch-steps done)",
+                file=sys.stderr,
+            )
         bar = tqdm(
             total=n * (len(blocks) - start),
             desc="EVA calibration (block by block)",
