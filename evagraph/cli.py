@@ -324,10 +324,11 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
             "give calibration data (--data) or saved statistics (--state); for this model, "
             f"e.g.: {_data_example(opts['model'])}"
         )
+    # A chosen OUTDIR is told once the model and data have loaded (most mistakes show there,
+    # and a "writing to" line above an error would say something that did not happen).
+    opts["announce"] = opts["output"] is None and os.environ.get("RANK", "0") == "0"
     if opts["output"] is None:
         opts["output"] = str(default_output(opts["model"], force=opts["force"]))
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 tells
-            click.echo(f"evagraph: writing to {opts['output']}", err=True)
     # Settings the user gave: the others keep their defaults, or the saved state's (--state).
     opts["settings"] = {}
     for f in _setting_fields():
@@ -524,7 +525,7 @@ def _terminate(signum: int, frame: object) -> None:
 def _compile(
     *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
     force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
-    resume, tokenizer, data_options,
+    resume, tokenizer, data_options, announce,
 ) -> None:  # fmt: skip
     # Heavy imports stay here so `--help` and flag errors answer at once.
     from dataclasses import fields
@@ -630,6 +631,8 @@ def _compile(
         # The first batch, for the export trace and --state's example (text and images are
         # read lazily).
         first = next(iter(batches)) if batches is not None else None
+        if announce:
+            click.echo(f"evagraph: writing to {output}", err=True)
         block = {
             "sequential": True if (sequential or resume) else None,
             "max_memory": max_bytes,

@@ -56,3 +56,6 @@ def test_compile_without_output_writes_beside_the_model(example, tmp_path, monke
         result = CliRunner().invoke(main, [*args, "-o", "chosen"])
     assert result.exit_code == 0, result.output
     assert "writing to" not in result.stderr and (tmp_path / "chosen" / "report.json").is_file()
+    # a run that fails while loading does not say it was writing anywhere (issue 29 item 13)
+    result = CliRunner().invoke(main, ["compile", "model.pt2", "--data", "missing.pt"])
+    assert result.exit_code != 0 and "writing to" not in result.stderr, result.stderr
