@@ -245,8 +245,10 @@ def main() -> None:
     default=None,
     help="What to write besides the adapter files: pt2 (torch.export archive of the adapted "
     "model), pickle (torch.save), peft (a PEFT LoRA adapter: adapter_config.json + "
-    "adapter_model.safetensors, for PeftModel.from_pretrained), or safetensors (nothing "
-    "more). [default: pt2 for a .pt2 MODEL, pickle for a pickle, safetensors otherwise]",
+    "adapter_model.safetensors, for PeftModel.from_pretrained; the same A and B as "
+    "adapter.safetensors, in PEFT's names and layout, which evagraph.apply_adapter does not "
+    "read), or safetensors (nothing more). [default: pt2 for a .pt2 MODEL, pickle for a "
+    "pickle, safetensors otherwise]",
 )
 @click.option(
     "--state",
@@ -790,14 +792,21 @@ def _fingerprint(model: str, data: str, batch_size: int, seed: int, **data_optio
 
 @main.command("report")
 @click.argument("outdir", type=click.Path(file_okay=False))
-def report_cmd(outdir: str) -> None:
-    """Show what a compile did: a table of OUTDIR/report.json, and its pictures re-drawn.
+@click.option(
+    "--redraw",
+    is_flag=True,
+    help="Also write OUTDIR/report.html (and report.png with matplotlib) anew from "
+    "report.json; without it nothing in OUTDIR is changed.",
+)
+def report_cmd(outdir: str, redraw: bool) -> None:
+    """Show what a compile did: a table of OUTDIR/report.json.
 
     Prints one row per target layer in depth order (kind, in->out features, rank, the
     minibatch at which it converged, and the share of its input variance that its rank
-    captures), then the skipped layers with their reasons. Rewrites OUTDIR/report.html
-    (charts of rank, cumulative explained variance and convergence per layer; opens in
-    any browser, no network needed) and OUTDIR/report.png if matplotlib is installed.
+    captures), then the skipped layers with their reasons. Reads only; --redraw rewrites
+    OUTDIR/report.html (charts of rank, cumulative explained variance and convergence per
+    layer; opens in any browser, no network needed) and OUTDIR/report.png if matplotlib is
+    installed.
 
     \b
     Example:
@@ -816,6 +825,8 @@ def report_cmd(outdir: str) -> None:
     except EvagraphError as err:
         raise click.ClickException(str(err)) from err
     click.echo(report_table(report))
+    if not redraw:
+        return
     try:
         written = render_report(report, outdir)
     except OSError as err:

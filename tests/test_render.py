@@ -135,7 +135,9 @@ def test_cli_compile_then_report(example, tmp_path):
     (out / "report.html").unlink()
     shown = runner.invoke(main, ["report", str(out)])
     assert shown.exit_code == 0, shown.output
-    assert (out / "report.html").is_file()
+    assert not (out / "report.html").exists()  # reading a report writes nothing
+    redrawn = runner.invoke(main, ["report", str(out), "--redraw"])
+    assert redrawn.exit_code == 0 and (out / "report.html").is_file(), redrawn.output
     lines = shown.output.splitlines()
     assert lines[0].startswith("5 of 5 target layer(s) adapted, total rank 20 (budget 4 x 5 = 20)")
     assert lines[2] == "layer  kind    in->out  rank  converged at  cum. var @ rank"
