@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .data import (
     check_shapes,
     input_shapes,
     resolve_device,
+    samples_and_tokens,
     to_device,
 )
 from .errors import CaptureError, ConfigError, DataError
@@ -68,6 +70,40 @@ class _Sequential:
     work_dir: Path | None = None
     resume: bool = False
     fingerprint: dict | None = None
+
+
+class _Consumed:
+    """Samples and tokens of each batch as calibration draws it (the global batch, before a
+    data-parallel process takes its slice), totalled over the batches it consumed."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[tuple[int, int | None]] = []
+
+    def counting(self, batches: Iterable[Any]) -> Iterable[Any]:
+        for batch in batches:
+            self.per_batch.append(samples_and_tokens(batch))
+            yield batch
+
+    def totals(self, steps: int) -> dict:
+        used = self.per_batch[:steps]  # a loop that stops has drawn one batch more
+        tokens = [t for _, t in used]
+        return {
+            "samples": sum(s for s, _ in used),
+            "tokens": None if not used or None in tokens else sum(tokens),
+        }
+
+
+def _versions() -> dict:
+    """The versions of evagraph and the libraries that shape its results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("evagraph", "torch", "transformers", "timm", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _weight_bytes(model: nn.Module) -> int:
@@ -128,9 +164,10 @@ def _calibrate(
     progress: bool,
     plan: _Sequential | None = None,
     device: torch.device | None = None,
-) -> tuple[EvaState, LayerGraph | None]:
+) -> tuple[EvaState, LayerGraph | None, dict]:
     """The statistics of ``work`` on ``dataloader``: whole-graph, or block by block (``plan``)
-    on ``device``. Returns the state and, for whole-graph runs, the layer graph."""
+    on ``device``. Returns the state, for whole-graph runs the layer graph, and the samples
+    and tokens of the batches calibration consumed."""
     if plan is not None and forward_fn is not None:
         raise ConfigError(
             "forward_fn cannot be used with block-by-block calibration: the blocks are called "
@@ -147,6 +184,7 @@ def _calibrate(
         raise DataError("the calibration data is empty: the dataloader yielded no batch")
     first = to_device(first, dev)
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    consumed = _Consumed()
 
     # Eval mode before capture: torch.export bakes the mode (dropout) into its graph.
     was_training = work.training
@@ -174,7 +212,7 @@ def _calibrate(
             selection = select_targets(layer_graph, settings.targets, settings.exclude)
             label_value = settings.label_mask_value if settings.use_label_mask else None
             probed = insert_probes(layer_graph, selection, label_value)
-            stream = itertools.chain([first], batches)
+            stream = consumed.counting(itertools.chain([first], batches))
             if sync is not None:  # this process's slice of each global batch
                 stream = sync.shards(stream)
             if captured.static is not None:
@@ -225,7 +263,7 @@ def _calibrate(
         capture=captured.method,
     )
     # The graph of a block-by-block run holds placeholders, not the model's weights.
-    return state, layer_graph if plan is None else None
+    return state, layer_graph if plan is None else None, consumed.totals(calibration.steps)
 
 
 def _adapt(
@@ -375,9 +413,12 @@ def adapt(
     refuse_adapted(model)
     defaults = {k: state.settings[k] for k in ("budget", "rho") if k in state.settings}
     (adapter,) = settings_from(settings, AdapterSettings, defaults=defaults)
+    start = time.monotonic()
     state.check_model(model)
     work = model if inplace else share_weights_copy(model)
-    return _adapt(work, state, adapter, example=example)
+    adapted, report = _adapt(work, state, adapter, example=example)
+    report.run = {**_versions(), "elapsed_s": round(time.monotonic() - start, 3)}
+    return adapted, report
 
 
 def transform(
@@ -415,6 +456,7 @@ def transform(
     a ``device`` other than the model's puts new tensors there. ``inplace=True`` splices into
     the model's own module tree instead.
     """
+    start = time.monotonic()
     refuse_adapted(model)
     calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
     device = resolve_device(device) if device is not None else None
@@ -422,11 +464,12 @@ def transform(
     work = model if inplace else share_weights_copy(model)
     if device is not None and plan is None:
         work.to(device)
-    state, layer_graph = _calibrate(
+    state, layer_graph, consumed = _calibrate(
         work, dataloader, calibration, forward_fn, progress, plan, device
     )
     home = execution_device(work) or torch.device("cpu")
     adapted, report = _adapt(work, state, adapter, layer_graph, device=home)
+    report.run = {**_versions(), **consumed, "elapsed_s": round(time.monotonic() - start, 3)}
     return (adapted, report, state) if return_state else (adapted, report)
 
 

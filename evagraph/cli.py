@@ -668,6 +668,7 @@ def _compile(
             eva_state = None
         if not main:
             return
+        report.run.update(model=model, data=data)
         # Traced before writing, so a disk error below is only ever about the disk.
         program = export_program(adapted, to_device(first, device)) if fmt == "pt2" else None
         with disk_errors(output):

@@ -123,6 +123,19 @@ def _summary(report: Report, rows: list[_Row]) -> str:
     return line + f"; {len(report.skipped)} layer(s) skipped"
 
 
+def _run_line(report: Report) -> str:
+    """Model, data, what calibration consumed, how long, and with which versions."""
+    run = report.run
+    parts = [f"{k} {run[k]}" for k in ("model", "data") if run.get(k)]
+    if run.get("samples") is not None:
+        tokens = f", {run['tokens']} tokens" if run.get("tokens") is not None else ""
+        parts.append(f"{run['samples']} samples{tokens} consumed")
+    if run.get("elapsed_s") is not None:
+        parts.append(f"{run['elapsed_s']:.1f} s")
+    versions = [f"{k} {run[k]}" for k in ("evagraph", "torch", "transformers") if run.get(k)]
+    return "; ".join(parts + ([", ".join(versions)] if versions else []))
+
+
 def report_table(report: Report) -> str:
     """The report as terminal text: a summary line, one row per layer, the skipped layers."""
     rows = _rows(report)
@@ -137,11 +150,14 @@ def report_table(report: Report) -> str:
         ]
         return "  ".join(parts).rstrip()
 
-    lines = [_summary(report, rows), "", fmt(head), fmt(tuple("-" * w for w in widths))]
+    lines = [_summary(report, rows)]
+    lines += [f"run: {line}" for line in [_run_line(report)] if line]
+    lines += ["", fmt(head), fmt(tuple("-" * w for w in widths))]
     lines += [fmt(cells) for cells in body]
     if report.skipped:
         lines += ["", f"skipped ({len(report.skipped)}):"]
         lines += [f"  {name}: {why}" for name, why in report.skipped.items()]
+    lines += ["", "next:"] + [f"  {step}" for step in report.next_steps]
     return "\n".join(lines)
 
 
@@ -371,6 +387,9 @@ def _html(report: Report) -> str:
         "<h1>evagraph report</h1>",
         f"<p>{_esc(_summary(report, rows))}</p>",
         f"<p>{status}</p>",
+        f"<p>{_esc(_run_line(report))}</p>" if report.run else "",
+        "<h2>Next</h2>",
+        "<ul>" + "".join(f"<li>{_esc(step)}</li>" for step in report.next_steps) + "</ul>",
         "<h2>Settings</h2>",
         _table(["setting", "value"], settings_rows, set(), [False] * len(settings_rows)),
         "<h2>Rank per layer</h2>",

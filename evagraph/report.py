@@ -51,6 +51,9 @@ class Report:
     unconverged: list[str] = field(default_factory=list)
     capture: str = "fx"  # how the graph was captured: "fx", "export", or "graph" (given one)
     rewrite: str = "module"  # "module": layers wrapped in place; "graph": graph rewritten
+    # How the run went: versions, elapsed_s, samples and tokens consumed; model and data
+    # (as the CLI was given them). Values are strings, numbers or null.
+    run: dict = field(default_factory=dict)
 
     @property
     def converged(self) -> bool:
@@ -60,10 +63,29 @@ class Report:
     def ranks(self) -> dict[str, int]:
         return {layer.name: layer.rank for layer in self.layers}
 
+    @property
+    def next_steps(self) -> list[str]:
+        """What a user does with the result, and about what did not go as planned."""
+        steps = [
+            "train: evagraph.apply_adapter(model, OUTDIR) adds the adapters to the base model "
+            "(only they train); with --format peft, PeftModel.from_pretrained(base, OUTDIR, "
+            "is_trainable=True)"
+        ]
+        if self.unconverged:
+            steps.append(
+                f"{len(self.unconverged)} adapted layer(s) did not converge: calibrate on more "
+                "data (or a larger --max-steps), or accept their components as the PCA of the "
+                "rows seen"
+            )
+        if not any(layer.rank for layer in self.layers):
+            steps.append("no layer got an adapter: see 'skipped' for why")
+        return steps
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["converged"] = self.converged
         d["total_rank"] = sum(self.ranks.values())
+        d["next_steps"] = self.next_steps
         return d
 
     def save(self, path: str | Path) -> None:
@@ -76,7 +98,8 @@ class Report:
         Raises ``ReportLoadError`` (a ``ModelLoadError``) naming the file and what is wrong if
         it cannot be read, is not JSON or is not a report: every field is checked for type and
         range (``_LAYER_FIELDS``, ``_REPORT_FIELDS``), as the renderers do arithmetic on them.
-        Unknown keys (and the derived ``converged`` / ``total_rank``) are ignored.
+        Unknown keys (and the derived ``converged`` / ``total_rank`` / ``next_steps``) are
+        ignored.
         """
         source = f"cannot read report {path}"
 
@@ -125,11 +148,11 @@ _REPORT_FIELDS = {  # key: (what, default)
     "groups": ("an object", REQUIRED), "rows": ("an object", REQUIRED),
     "batches": ("an object", REQUIRED), "steps": ("an integer >= 0", REQUIRED),
     "unconverged": ("a list of strings", []), "capture": ("a string", "fx"),
-    "rewrite": ("a string", "module"),
+    "rewrite": ("a string", "module"), "run": ("an object", {}),
 }  # fmt: skip
 _PER_ENTRY = {  # the values inside the report's objects
     "skipped": "a string", "groups": "a list of strings", "rows": "an integer >= 0",
-    "batches": "a list of [start, stop) runs",
+    "batches": "a list of [start, stop) runs", "run": "null, a string or a finite number >= 0",
 }  # fmt: skip
 
 

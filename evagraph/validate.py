@@ -43,6 +43,9 @@ _VALUE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "a string": lambda v: isinstance(v, str),
     "a non-empty string": lambda v: isinstance(v, str) and bool(v),
     "null or a string": lambda v: v is None or isinstance(v, str),
+    "null, a string or a finite number >= 0": lambda v: (
+        v is None or isinstance(v, str) or (_is_number(v) and v >= 0)
+    ),
     "a boolean": lambda v: isinstance(v, bool),
     "an integer": is_int,
     "an integer >= 0": lambda v: is_int(v) and v >= 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from evagraph.io import load_model
 
@@ -66,3 +67,38 @@ def test_warnings_are_labelled_by_whose_they_are():
     for path in package.rglob("*.py"):
         for call in re.findall(r"warnings\.warn\((.*?)stacklevel", path.read_text(), re.S):
             assert "EvagraphWarning" in call or "ConvergenceWarning" in call, (path, call)
+
+
+class Tokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids)) * attention_mask[..., None]
+        return self.head(h)
+
+
+def test_the_report_says_what_the_run_consumed_and_with_what():
+    import warnings
+
+    import evagraph
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for n in (4, 3, 4, 4, 2):
+        mask = (torch.rand(n, 10, generator=g) > 0.3).long()
+        batches.append(
+            {"input_ids": torch.randint(0, 32, (n, 10), generator=g), "attention_mask": mask}
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", evagraph.ConvergenceWarning)
+        _, report = evagraph.transform(Tokens(), batches, budget=2, max_steps=3, progress=False)
+    assert report.steps == 3
+    assert report.run["samples"] == 4 + 3 + 4  # the batches consumed, not the one drawn after
+    assert report.run["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches[:3])
+    assert report.run["elapsed_s"] > 0
+    assert report.run["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert any("did not converge" in step for step in report.next_steps)

@@ -140,7 +140,10 @@ def test_cli_compile_then_report(example, tmp_path):
     assert redrawn.exit_code == 0 and (out / "report.html").is_file(), redrawn.output
     lines = shown.output.splitlines()
     assert lines[0].startswith("5 of 5 target layer(s) adapted, total rank 20 (budget 4 x 5 = 20)")
-    assert lines[2] == "layer  kind    in->out  rank  converged at  cum. var @ rank"
+    assert lines[1].startswith("run: ") and " samples consumed; " in lines[1]  # no tokens: images
+    assert "; evagraph " in lines[1] and "torch " in lines[1]
+    assert lines[3] == "layer  kind    in->out  rank  converged at  cum. var @ rank"
+    assert lines[-2] == "next:" and "apply_adapter" in lines[-1]
     report = json.loads((out / "report.json").read_text())
     for layer in report["layers"]:
         row = next(x.split() for x in lines if x.startswith(layer["name"] + " "))

@@ -36,6 +36,7 @@ __all__ = [
     "load_calibration",
     "open_data",
     "resolve_device",
+    "samples_and_tokens",
     "text_batches",
     "to_device",
 ]
@@ -163,6 +164,21 @@ def input_shapes(batch: Any) -> dict[str, tuple[int, ...]]:
         inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
         named = ((f"#{i}", v) for i, v in enumerate(inputs))
     return {k: tuple(v.shape) for k, v in named if isinstance(v, torch.Tensor)}
+
+
+def samples_and_tokens(batch: Any) -> tuple[int, int | None]:
+    """How many samples a batch holds (its first tensor's first dimension) and, for token
+    batches (``input_ids``), how many tokens (``attention_mask`` ones where it has one)."""
+    if isinstance(batch, Mapping):
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    else:
+        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        tensors, mask, ids = [v for v in inputs if isinstance(v, torch.Tensor)], None, None
+    samples = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
+    if isinstance(mask, torch.Tensor):
+        return samples, int(mask.count_nonzero())
+    return samples, int(ids.numel()) if isinstance(ids, torch.Tensor) else None
 
 
 def check_shapes(
