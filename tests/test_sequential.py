@@ -130,6 +130,42 @@ def test_sequential_equals_whole_graph(name):
         assert not p.is_meta and torch.equal(p, b)
 
 
+def _padded_tokens(n=6, batch=4, seq=12, vocab=64):
+    """Token batches with right padding (pad id 0, attention_mask 0) of 0 to 7 per row."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        pad = torch.randint(0, 8, (batch,), generator=g)
+        mask = (torch.arange(seq) < seq - pad[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.999])
+def test_padded_batches_give_whole_graph_components_where_the_same_batches_were_consumed(tau):
+    # Issue 29 item 4. The modes stop a layer by different rules (block by block waits for
+    # all k components, whole-graph for its allotment's: a layer allotted rank 0 stops at
+    # once, even at tau = 1, and re-opens if its allotment grows), so a layer can stop at
+    # another minibatch; on the batches it consumed in both, its PCA is the same.
+    model, batches = _llama(), _padded_tokens()
+    kw = {**SAME_ROWS, "tau": tau, "budget": 2, "rho": 2}
+    _, _, whole = evagraph.transform(model, batches, **kw)
+    _, _, seq = evagraph.transform(model, batches, sequential=True, **kw)
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    same = [g for g in whole.components if whole.batches[g] == seq.batches[g]]
+    assert len(same) >= len(whole.components) - 2, (whole.batches, seq.batches)
+    for g in same:
+        runs = whole.batches[g]
+        assert whole.components[g].n_rows == sum(sum(tokens[a:b]) for a, b in runs)  # no pads
+        assert seq.components[g].n_rows == whole.components[g].n_rows, g
+        a, b = whole.components[g].components, seq.components[g].components
+        k = min(len(a), len(b))
+        assert (a[:k] @ b[:k].T).pow(2).sum() / k > 0.9999, g
+    # block by block nothing stops before all k components converged: at tau = 1, never
+    assert tau < 1 or all(runs == [[0, len(batches)]] for runs in seq.batches.values())
+
+
 def _partition_of(model, example, max_bytes=None):
     gm = capture(model, example).gm
     lg = build_layer_graph(gm, model)
