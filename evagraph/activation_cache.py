@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 Values = dict[str, Any]
 
@@ -82,8 +82,7 @@ def load_verified(path: Path, sha256: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as err:  # the digest matched: a file evagraph never wrote this way
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot read {path}: {reason}") from err
+        raise ConfigError(f"cannot read {path}: {first_line(err)}") from err
 
 
 def _nbytes(values: Values) -> int:

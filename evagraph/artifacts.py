@@ -18,7 +18,7 @@ import torch.fx as fx
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, first_line
 from .io import disk_errors, zip_target
 from .layers import ConvSpec, Layer, kind_from, kind_of, layer_of_module, module_kind
 from .lora import LoraAdapter, adapter_state_dict, refuse_adapted, share_weights_copy
@@ -132,7 +132,7 @@ def load_adapters(path: str | Path) -> dict[str, LoraAdapter]:
     try:
         text = manifest_file.read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"cannot read adapter from {path}: {_first_line(err)}") from err
+        raise ModelLoadError(f"cannot read adapter from {path}: {first_line(err)}") from err
     entries = _read_manifest(load_json(text, str(manifest_file)), str(manifest_file))
     weights, _ = read_safetensors(path / WEIGHTS, "adapter weights")
     return _adapters_from(entries, weights, str(path / WEIGHTS))
@@ -161,10 +161,6 @@ class _Entry:
     expert: int | None = None
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def load_json(text: str, source: str) -> Any:
     """Parse ``text``; duplicate keys (which json would resolve silently) are an error."""
 
@@ -179,7 +175,7 @@ def load_json(text: str, source: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=unique)
     except (ValueError, RecursionError) as err:
-        raise ModelLoadError(f"{source} is not valid JSON: {_first_line(err)}") from err
+        raise ModelLoadError(f"{source} is not valid JSON: {first_line(err)}") from err
 
 
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -191,7 +187,7 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tenso
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
     except Exception as err:  # SafetensorError, OSError, ...: all the file's fault
-        raise ModelLoadError(f"cannot read {what} {path}: {_first_line(err)}") from err
+        raise ModelLoadError(f"cannot read {what} {path}: {first_line(err)}") from err
     return tensors, metadata
 
 

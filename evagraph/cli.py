@@ -539,6 +539,7 @@ def _compile(
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
     from .data import check_options, resolve_device, to_device
+    from .errors import first_line
     from .io import (
         atomic_directory,
         check_checkpoint,
@@ -547,7 +548,7 @@ def _compile(
         load_model,
         zip_target,
     )
-    from .passes.capture import _first_line, export_program
+    from .passes.capture import export_program
     from .render import render_report
     from .state import EvaState
 
@@ -688,7 +689,7 @@ def _compile(
                         torch.save(adapted, f)
                     except (pickle.PicklingError, AttributeError, TypeError) as err:
                         raise ConfigError(  # e.g. a model loaded from a .pt2 (local lambdas)
-                            f"--format pickle cannot save this model: {_first_line(err)}"
+                            f"--format pickle cannot save this model: {first_line(err, typed=True)}"
                         ) from err
                 written.append("model.pt")
             elif fmt == "peft":

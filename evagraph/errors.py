@@ -37,3 +37,14 @@ class EvagraphWarning(UserWarning):
 
 class ConvergenceWarning(EvagraphWarning):
     """Calibration stopped before every layer's components converged."""
+
+
+def first_line(err: BaseException, *, typed: bool = False) -> str:
+    """``err``'s message on one line, for a one-line error: its first line, or its type's name
+    when it has none. ``typed``: prefixed with the type's name (``RuntimeError: ...``), for
+    errors from other code, whose message alone may not say what went wrong."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    if typed:
+        return type(err).__name__ + (f": {line}" if line else "")
+    return line or type(err).__name__

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from .errors import EvagraphWarning, ModelLoadError, OutputError
+from .errors import EvagraphWarning, ModelLoadError, OutputError, first_line
 from .pt2 import load_exported_program
 
 
@@ -74,8 +74,9 @@ def load_model(
         try:
             return program.module(), "pt2"
         except Exception as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ModelLoadError(f"cannot load torch.export archive {path}: {reason}") from err
+            raise ModelLoadError(
+                f"cannot load torch.export archive {path}: {first_line(err)}"
+            ) from err
     return _load_pickle(path, allow_pickle), "pickle"
 
 
@@ -133,7 +134,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
         except Exception as err2:
             raise ModelLoadError(f"cannot unpickle {path}: {_unpickle_hint(err2)}") from err2
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if path.stat().st_size == 0:
             reason = "it is an empty file (0 bytes)"
         raise ModelLoadError(f"cannot read {path}: {reason}") from err
@@ -147,7 +148,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> nn.Module:
 
 def _unpickle_hint(err: Exception) -> str:
     """Why a whole-module pickle did not load, with what to do when its class is missing."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = first_line(err)
     found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
     if found is None:
         return text
@@ -222,7 +223,7 @@ def _load_hf(
         raise
     except Exception as err:
         raise ModelLoadError(
-            f"cannot load HF model from {path}: {str(err).strip().splitlines()[0]}"
+            f"cannot load HF model from {path}: {first_line(err)}"
             + ("" if allow_pickle else " (safetensors weights are required without --allow-pickle)")
         ) from err
     return model.eval()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 
 class ShardedCheckpoint:
@@ -55,7 +55,7 @@ class ShardedCheckpoint:
                 with safe_open(single, "pt") as f:
                     self.files = dict.fromkeys(f.keys(), single)
             except Exception as err:
-                raise ModelLoadError(f"cannot read {single}: {_first_line(err)}") from err
+                raise ModelLoadError(f"cannot read {single}: {first_line(err)}") from err
         else:
             raise ModelLoadError(
                 f"{directory} has no safetensors weights (model.safetensors or its index): "
@@ -79,13 +79,8 @@ class ShardedCheckpoint:
                     for n in group:
                         out[n] = f.get_tensor(n)
             except Exception as err:  # a missing file, not safetensors, a name it lacks
-                raise ModelLoadError(f"cannot read {path}: {_first_line(err)}") from err
+                raise ModelLoadError(f"cannot read {path}: {first_line(err)}") from err
         return out
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _weight_map(index: Path) -> dict[str, str]:
@@ -93,7 +88,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_bytes()).get("weight_map")
     except (OSError, ValueError, AttributeError) as err:  # not JSON, or not an object
-        reason = _first_line(err) if not isinstance(err, AttributeError) else "not an object"
+        reason = first_line(err) if not isinstance(err, AttributeError) else "not an object"
         raise ModelLoadError(f"cannot read {index}: {reason}") from err
     if not isinstance(weight_map, dict):
         raise ModelLoadError(
@@ -114,7 +109,7 @@ def _inside(directory: Path, name: str, entry: str) -> Path:
     try:
         root, target = directory.resolve(), path.resolve()
     except (OSError, RuntimeError) as err:  # a loop of symbolic links
-        raise ModelLoadError(f"{entry} -> {name!r}: {_first_line(err)}") from err
+        raise ModelLoadError(f"{entry} -> {name!r}: {first_line(err)}") from err
     # The hub cache: REPO/snapshots/REV holds links to REPO/blobs/HASH.
     blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
     inside = target.is_relative_to(root) or (blobs is not None and target.parent == blobs)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .layers import kind_of, layer_of_module
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
@@ -183,8 +183,7 @@ def to_peft(adapted: nn.Module) -> nn.Module:
         try:
             peft_model = peft.get_peft_model(unwrap(adapted), config)
         except ValueError as err:  # PEFT's own rules (e.g. layers it refuses in Mamba models)
-            first = (str(err).strip().splitlines() or ["ValueError"])[0]
-            raise ConfigError(f"PEFT refused these adapters: {first}") from err
+            raise ConfigError(f"PEFT refused these adapters: {first_line(err)}") from err
     inner = peft_model.base_model.model
     params = _by_parameter(adapted)
     for weight, group in params.items():
@@ -240,7 +239,7 @@ def _check_runs(peft_model: nn.Module, adapted: nn.Module, example: Any) -> None
         with torch.no_grad():
             call_model(peft_model, example)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         found = re.search(r"has no attribute '(\w+)'", reason)
         attr = found.group(1) if found else None
         inner = peft_model.base_model.model

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .data import check_shapes
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 MODEL_NAME = "model"  # the program torch.export.save writes and torch.export.load returns
 
@@ -95,7 +95,7 @@ def load_exported_program(
     except (ValueError, EOFError, NotImplementedError) as err:  # e.g. a name not in UTF-8
         raise ModelLoadError(
             f"cannot read torch.export archive {path}: its zip directory is damaged "
-            f"({_first_line(err)})"
+            f"({_reason(err)})"
         ) from err
     except OSError as err:
         raise ModelLoadError(f"cannot read torch.export archive {path}: {err.strerror}") from err
@@ -114,7 +114,7 @@ def load_exported_program(
         except ModelLoadError:
             raise
         except Exception as err:
-            reason = _first_line(err)
+            reason = _reason(err)
             raise ModelLoadError(f"cannot load torch.export archive {path}: {reason}") from err
 
 
@@ -220,7 +220,7 @@ class _Archive:
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as err:
-            raise self.damaged(name, f"is not JSON ({_first_line(err)})") from err
+            raise self.damaged(name, f"is not JSON ({_reason(err)})") from err
 
     def read_tensor_bytes(self, name: str, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` of the entry as a uint8 tensor (no other copy is kept); the
@@ -264,7 +264,7 @@ class _Archive:
             yield
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
                 NotImplementedError) as err:  # fmt: skip
-            reason = _first_line(err)
+            reason = _reason(err)
             if "CRC" in reason:
                 raise self.damaged(name, "does not match its CRC (damaged or altered)") from err
             raise self.damaged(name, f"is unreadable: {reason}") from err
@@ -909,11 +909,11 @@ def _shown(text: str, limit: int = 80) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
     """The message of ``err`` on one line, without the advice torch's C++ reader appends."""
-    text = str(err).strip()
-    text = text.splitlines()[0] if text else type(err).__name__
-    return re.split(r"\.?\s+(?=This is an internal miniz error|\(Could this error)", text)[0]
+    return re.split(
+        r"\.?\s+(?=This is an internal miniz error|\(Could this error)", first_line(err)
+    )[0]
 
 
 def input_shapes(path: str | Path) -> dict[str, tuple[int | None, ...]]:

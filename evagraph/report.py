@@ -6,16 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ReportLoadError
+from .errors import ReportLoadError, first_line
 from .validate import REQUIRED, check_settings, expect
 
 
 def _expect(d: dict, key: str, what: str, source: str, where: str, default=REQUIRED):
     return expect(d, key, what, source, where, default, ReportLoadError)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @dataclass
@@ -111,7 +107,7 @@ class Report:
         except OSError as err:
             raise bad(err.strerror or str(err)) from err
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested too deep
-            raise bad(f"not valid JSON ({_first_line(err)})") from err
+            raise bad(f"not valid JSON ({first_line(err)})") from err
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise bad("no 'layers' list: not an evagraph report")
         layers = [_layer_from(d, i, source) for i, d in enumerate(data["layers"])]

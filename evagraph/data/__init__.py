@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..passes.capture import _first_line
+from ..errors import ConfigError, DataError, first_line
 from .images import ImageBatches, image_batches
 from .text import TextBatches, is_text_source, text_batches
 
@@ -132,7 +131,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
             str(path), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except Exception as err:
-        reason = _first_line(err)
+        reason = first_line(err, typed=True)
         if "custom code" in reason or "trust_remote_code" in reason:
             reason = (
                 "it ships its own code (auto_map), which runs only with --trust-remote-code "
@@ -152,7 +151,9 @@ def call_model(model: torch.nn.Module, batch: Any) -> Any:
 
 def batch_failed(index: int, err: Exception) -> DataError:
     """The error for a batch the model could not run: the first line of what it raised."""
-    return DataError(f"the model failed on calibration batch {index}: {_first_line(err)}")
+    return DataError(
+        f"the model failed on calibration batch {index}: {first_line(err, typed=True)}"
+    )
 
 
 def input_shapes(batch: Any) -> dict[str, tuple[int, ...]]:
@@ -275,13 +276,17 @@ def load_calibration(path: str | Path, batch_size: int) -> list[Any]:
         # The safe unpickler names the class it refused; its own text runs to many lines.
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found is None:
-            raise DataError(f"cannot read calibration data {path}: {_first_line(err)}") from err
+            raise DataError(
+                f"cannot read calibration data {path}: {first_line(err, typed=True)}"
+            ) from err
         raise DataError(
             f"calibration data {path} holds pickled Python objects ({found.group(1)}), not "
             "only tensors; they are not loaded, as unpickling them runs code from the file"
         ) from err
     except Exception as err:
-        raise DataError(f"cannot read calibration data {path}: {_first_line(err)}") from err
+        raise DataError(
+            f"cannot read calibration data {path}: {first_line(err, typed=True)}"
+        ) from err
     if isinstance(data, Mapping) and len(data) == 1:
         data = next(iter(data.values()))
     if isinstance(data, torch.Tensor):

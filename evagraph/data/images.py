@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError, EvagraphWarning
-from ..passes.capture import _first_line
+from ..errors import ConfigError, DataError, EvagraphWarning, first_line
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
@@ -61,7 +60,9 @@ class ImageBatches:
                     images.append(_decode(path))
                 except Exception as err:  # the header read, the pixels did not (truncated)
                     warnings.warn(
-                        f"skipped image {path}: {_first_line(err)}", EvagraphWarning, stacklevel=2
+                        f"skipped image {path}: {first_line(err, typed=True)}",
+                        EvagraphWarning,
+                        stacklevel=2,
                     )
             if images:
                 yield self._batch(images)
@@ -170,7 +171,7 @@ def _images_in(folder: Path) -> list[Path]:
         path, err = failed[0]
         raise DataError(
             f"image folder {folder}: none of its {len(files)} file(s) is an image PIL can read "
-            f"(e.g. {path.relative_to(folder)}: {_first_line(err)})"
+            f"(e.g. {path.relative_to(folder)}: {first_line(err, typed=True)})"
         )
     if failed:
         names = ", ".join(str(p.relative_to(folder)) for p, _ in failed[:3])
@@ -239,7 +240,7 @@ def _load_processor(processor: Any, trust_remote_code: bool = False) -> Any:
         )
     except Exception as err:
         raise ConfigError(
-            f"cannot load an image processor from {processor}: {_first_line(err)}"
+            f"cannot load an image processor from {processor}: {first_line(err, typed=True)}"
         ) from err
 
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..passes.capture import _first_line
+from ..errors import ConfigError, DataError, first_line
 
 # Suffix -> the ``datasets`` packaged reader; none of them needs the network.
 READERS = {
@@ -152,7 +151,7 @@ class TextBatches:
         except Exception as err:
             raise DataError(
                 f"{self.name}: the tokenizer's chat template cannot render a row of "
-                f"'messages' ({_first_line(err)})"
+                f"'messages' ({first_line(err, typed=True)})"
             ) from err
 
     def _encode(self, texts: list[str], truncate: bool) -> list[list[int]]:
@@ -279,7 +278,7 @@ def _read(source: Any, one_per_line: bool) -> tuple[Any, str]:
         except Exception as err:
             raise DataError(
                 f"calibration data {path} is a directory but not a saved dataset "
-                f"(datasets.Dataset.save_to_disk): {_first_line(err)}"
+                f"(datasets.Dataset.save_to_disk): {first_line(err, typed=True)}"
             ) from err
         if isinstance(loaded, datasets.DatasetDict):
             loaded = _split(loaded, str(path))
@@ -307,7 +306,7 @@ def _read(source: Any, one_per_line: bool) -> tuple[Any, str]:
         dataset = datasets.load_dataset(reader, data_files=str(path), split="train", **extra)
     except Exception as err:
         raise DataError(
-            f"cannot read calibration data {path}: {_first_line(_root_cause(err))}"
+            f"cannot read calibration data {path}: {first_line(_root_cause(err), typed=True)}"
         ) from err
     finally:
         datasets.logging.set_verbosity(verbosity)
@@ -409,5 +408,6 @@ def _drop_blank(dataset: Any, column: str, name: str) -> Any:
         return dataset.with_format("arrow").filter(keep, batched=True).with_format(None)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise DataError(
-            f"calibration data {name}: column {column!r} is not text ({_first_line(err)})"
+            f"calibration data {name}: column {column!r} is not text "
+            f"({first_line(err, typed=True)})"
         ) from err

@@ -43,7 +43,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from ..errors import CaptureError, EvagraphWarning
+from ..errors import CaptureError, EvagraphWarning, first_line
 from ..layers import is_hf_conv1d
 
 
@@ -68,11 +68,6 @@ def _concrete_args(model: nn.Module, example: Any) -> dict[str, Any] | None:
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     return fixed or None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return type(err).__name__ + (f": {text.splitlines()[0]}" if text else "")
 
 
 # Frames from these installed packages are not the user's. Compared by real path, not by a
@@ -331,7 +326,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         fx_error = err
     if example is None:
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__} ({_first_line(fx_error)}"
+            f"torch.fx could not trace {type(model).__name__} ({first_line(fx_error, typed=True)}"
             f"{_user_frame(fx_error)}) and "
             "torch.export needs an example batch"
         ) from fx_error
@@ -355,7 +350,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         opaque.update(like)
     # Shape logic export cannot decide for every size (timm's CPUBone pads to a multiple of
     # its stride) is decided for the example's sizes.
-    dynamic = f"{_first_line(dynamic_error)}{_user_frame(dynamic_error)}"
+    dynamic = f"{first_line(dynamic_error, typed=True)}{_user_frame(dynamic_error)}"
     err = dynamic_error
     if not isinstance(dynamic_error, GuardOnDataDependentSymNode):
         try:
@@ -371,10 +366,10 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
                 stacklevel=2,
             )
             return Captured(gm, "export", static=dynamic)
-    static = f"{_first_line(err)}{_user_frame(err)}"
+    static = f"{first_line(err, typed=True)}{_user_frame(err)}"
     raise CaptureError(
         f"cannot capture {type(model).__name__} as a graph. torch.fx: "
-        f"{_first_line(fx_error)}{_user_frame(fx_error)}; torch.export: {static}"
+        f"{first_line(fx_error, typed=True)}{_user_frame(fx_error)}; torch.export: {static}"
         + (f" (with dynamic shapes: {dynamic})" if dynamic != static else "")
         + ". Check that the model runs on the calibration batch as given (a dict is "
         "passed as keyword arguments), or exclude the construct named above from the model."
