@@ -22,15 +22,6 @@ from torch import nn
 from . import distributed
 from .artifacts import attach_adapters
 from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-from .data import (
-    batch_failed,
-    call_model,
-    check_shapes,
-    input_shapes,
-    resolve_device,
-    samples_and_tokens,
-    to_device,
-)
 from .errors import CaptureError, ConfigError, DataError
 from .lora import refuse_adapted, share_weights_copy
 from .onload import Onloader, ShardedCheckpoint, execution_device, has_offloaded_weights
@@ -43,17 +34,18 @@ from .passes.rewrite import init_adapters, layer_scaling
 from .passes.select import select_targets
 from .passes.sequential import calibrate_sequential
 from .report import LayerReport, Report
+from .runtime import (
+    call_model,
+    check_batch_fits,
+    check_shapes,
+    input_shapes,
+    model_device,
+    resolve_device,
+    samples_and_tokens,
+    set_training,
+    to_device,
+)
 from .state import EvaState
-
-
-def _set_training(module: nn.Module, mode: bool) -> None:
-    # Modules unlifted from torch.export refuse train()/eval(): their mode is baked in.
-    with contextlib.suppress(NotImplementedError):
-        module.train(mode)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @dataclass
@@ -146,16 +138,6 @@ def _plan(
     )
 
 
-def _check_batch_fits(model: nn.Module, batch: Any, forward_fn: Callable | None) -> None:
-    """Raise DataError if ``model`` fails eagerly on ``batch``: a capture failure is then the
-    data's fault (wrong keys, shapes, dtypes), not the model's."""
-    try:
-        with torch.no_grad():
-            (forward_fn or call_model)(model, batch)
-    except Exception as err:
-        raise batch_failed(0, err) from err
-
-
 def _calibrate(
     work: nn.Module,
     dataloader: Iterable[Any],
@@ -173,7 +155,7 @@ def _calibrate(
             "forward_fn cannot be used with block-by-block calibration: the blocks are called "
             "with the graph's own inputs; pass batches the model takes as they are"
         )
-    dev = device or (plan is not None and execution_device(work)) or _model_device(work)
+    dev = device or (plan is not None and execution_device(work)) or model_device(work)
     if dev.type == "meta":  # a skeleton: its blocks run where the user has not said, the CPU
         dev = torch.device("cpu")
     sync = distributed.current()
@@ -188,7 +170,7 @@ def _calibrate(
 
     # Eval mode before capture: torch.export bakes the mode (dropout) into its graph.
     was_training = work.training
-    _set_training(work, False)
+    set_training(work, False)
     onloader = Onloader(work, dev, plan.weights) if plan is not None else None
     with onloader.installed() if onloader is not None else contextlib.nullcontext():
         try:
@@ -196,12 +178,12 @@ def _calibrate(
                 captured = capture(work, first)
             except CaptureError:
                 if plan is None:
-                    _check_batch_fits(work, first, forward_fn)
+                    check_batch_fits(work, first, forward_fn)
                 raise
             if captured.method == "graph":
                 # A loaded .pt2 checks its input shapes in a hook of its own module, which
                 # the probed copy of its graph does not carry: run that check once, on the model.
-                _check_batch_fits(work, first, forward_fn)
+                check_batch_fits(work, first, forward_fn)
             if forward_fn is not None and captured.method == "export":
                 raise CaptureError(
                     "forward_fn needs a model torch.fx can trace; torch.export captures the "
@@ -245,7 +227,7 @@ def _calibrate(
                     sync=sync,
                 )
         finally:
-            _set_training(work, was_training)
+            set_training(work, was_training)
 
     state = EvaState(
         settings=settings.to_dict(),
@@ -279,7 +261,7 @@ def _adapt(
     adapters = init_adapters(work, state.layers, ranks, per_layer, settings, device)
     was_training = work.training
     adapted = attach_adapters(work, adapters, example, state.source, layer_graph)
-    _set_training(adapted, was_training)
+    set_training(adapted, was_training)
 
     layers = []
     for name, layer in state.layers.items():
@@ -378,10 +360,10 @@ def calibrate(
     refuse_adapted(model)
     (calibration,) = settings_from(settings, CalibrationSettings)
     device = resolve_device(device) if device is not None else None
-    if device is not None and device != _model_device(model):
+    if device is not None and device != model_device(model):
         if sequential is False:
             raise ConfigError(
-                f"device {device} is not where the model is ({_model_device(model)}): calibrate "
+                f"device {device} is not where the model is ({model_device(model)}): calibrate "
                 "moves one block at a time there (sequential); move the model yourself to "
                 "calibrate it whole on that device"
             )

@@ -538,7 +538,7 @@ def _compile(
     from .api import adapt, transform
     from .artifacts import save_adapter
     from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import check_options, resolve_device, to_device
+    from .data import check_options
     from .errors import first_line
     from .io import (
         atomic_directory,
@@ -550,6 +550,7 @@ def _compile(
     )
     from .passes.capture import export_program
     from .render import render_report
+    from .runtime import resolve_device, to_device
     from .state import EvaState
 
     # Validate settings, device and flags before any slow loading.

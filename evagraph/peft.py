@@ -233,7 +233,7 @@ def save_peft(adapted: nn.Module, directory: str | Path, example: Any = None) ->
 def _check_runs(peft_model: nn.Module, adapted: nn.Module, example: Any) -> None:
     """Run ``example`` through ``peft_model``; a failure is a ``ConfigError`` that names the
     layers whose PEFT wrapper lacks the attribute the model asked for, if that was it."""
-    from .data import call_model
+    from .runtime import call_model
 
     try:
         with torch.no_grad():

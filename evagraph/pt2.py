@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .data import check_shapes
 from .errors import ModelLoadError, first_line
+from .runtime import check_shapes
 
 MODEL_NAME = "model"  # the program torch.export.save writes and torch.export.load returns
 

@@ -23,7 +23,6 @@ from torch import nn
 import evagraph
 from evagraph.cli import main
 from evagraph.config import patterns
-from evagraph.data import resolve_device
 from evagraph.errors import (
     CaptureError,
     ConfigError,
@@ -34,6 +33,7 @@ from evagraph.errors import (
     ReportLoadError,
 )
 from evagraph.io import atomic_directory, load_model
+from evagraph.runtime import resolve_device
 
 
 def mlp() -> nn.Module:

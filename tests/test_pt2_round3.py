@@ -32,7 +32,6 @@ from test_pt2_safety import craft, edit_json, in_graph
 from torch import nn
 
 import evagraph
-from evagraph.api import _check_batch_fits
 from evagraph.errors import EvagraphError, ModelLoadError
 from evagraph.io import load_model
 from evagraph.pt2 import (
@@ -43,6 +42,7 @@ from evagraph.pt2 import (
     input_shapes,
     load_exported_program,
 )
+from evagraph.runtime import check_batch_fits
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 S77 = "Symbol('s77', positive=True, integer=True)"  # the example's dynamic batch size
@@ -751,7 +751,7 @@ def test_fuzzed_archives_load_the_same_or_fail_typed(tiny_archive, tmp_path):
                 warnings.simplefilter("ignore")
                 module, _ = load_model(path)
                 check_batches(path, input_shapes(path), [x])
-                _check_batch_fits(module, x, None)
+                check_batch_fits(module, x, None)
                 out = module(x)
         except EvagraphError as err:
             assert "\n" not in str(err), str(err)

@@ -37,6 +37,32 @@ def is_text_source(path: str | Path) -> bool:
     return path.is_dir() or path.suffix.lower() in READERS
 
 
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` from a local directory, as a one-line error.
+
+    Code shipped with the tokenizer (``auto_map`` in its ``tokenizer_config.json`` or
+    ``config.json``) runs only with ``trust_remote_code``; without it transformers is told so
+    explicitly, as otherwise it would ask on stdin whether to run the code.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer {path}: not a directory (save_pretrained writes one)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        reason = first_line(err, typed=True)
+        if "custom code" in reason or "trust_remote_code" in reason:
+            reason = (
+                "it ships its own code (auto_map), which runs only with --trust-remote-code "
+                "(trust_remote_code=True): pass it only if you trust the directory"
+            )
+        raise ConfigError(f"cannot load a tokenizer from {path}: {reason}") from err
+
+
 def text_batches(
     source: str | Path | Any,
     tokenizer: Any,

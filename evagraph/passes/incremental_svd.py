@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CalibrationSettings
-from ..data import batch_failed
 from ..errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
+from ..runtime import batch_failed
 from ..stats import Components, Statistic, Sync, flush_all, make_statistic
 from .allocate import allocate
 from .probe import ProbedGraph, ProbeFailure, slice_to_probes

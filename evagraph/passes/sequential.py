@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationCache, load_verified, read_verified, save_hashed
 from ..config import CalibrationSettings
-from ..data import batch_failed, call_model
 from ..errors import ConfigError, DataError, EvagraphError, OutputError
 from ..onload import Onloader
+from ..runtime import batch_failed, call_model
 from ..stats import Components, Sync
 from .incremental_svd import Calibration, _Calibrator, _finish
 from .partition import Block, Partition
