@@ -2,13 +2,14 @@
 
 Public API: ``transform`` (= ``calibrate``, giving an ``EvaState``, then ``adapt``),
 ``export``, ``save_adapter``, ``apply_adapter``, ``merge``, ``unmerge``, ``save_peft``,
-``to_peft``, ``from_peft_eva_state_dict``, ``adapter_state_dict``, ``Report`` /
-``LayerReport``, ``CalibrationSettings`` / ``AdapterSettings`` (the settings, by name), and
-the exceptions in ``evagraph.errors``.
+``to_peft``, ``from_peft_eva_state_dict``, ``adapter_state_dict``, ``write_outputs`` (an
+OUTDIR as ``evagraph compile`` writes it), ``Report`` / ``LayerReport``,
+``CalibrationSettings`` / ``AdapterSettings`` (the settings, by name), the extension points
+``PIPELINES`` / ``Calibrator`` (``evagraph.pipelines``) and ``WRITERS``
+(``evagraph.formats``), and the exceptions in ``evagraph.errors``.
 """
 
 from .api import adapt, calibrate, transform
-from .artifacts import apply_adapter, export, save_adapter
 from .config import AdapterSettings, CalibrationSettings
 from .errors import (
     CaptureError,
@@ -21,17 +22,30 @@ from .errors import (
     OutputError,
     ReportLoadError,
 )
+from .formats import (
+    WRITERS,
+    apply_adapter,
+    export,
+    from_peft_eva_state_dict,
+    save_adapter,
+    save_peft,
+    to_peft,
+    write_outputs,
+)
 from .lora import LoraAdapter, LoraLayer, adapter_state_dict
 from .merge import merge, unmerge
-from .peft import from_peft_eva_state_dict, save_peft, to_peft
+from .pipelines import PIPELINES, Calibrator
 from .report import LayerReport, Report
 from .state import EvaState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PIPELINES",
+    "WRITERS",
     "AdapterSettings",
     "CalibrationSettings",
+    "Calibrator",
     "CaptureError",
     "ConfigError",
     "ConvergenceWarning",
@@ -58,4 +72,5 @@ __all__ = [
     "to_peft",
     "transform",
     "unmerge",
+    "write_outputs",
 ]

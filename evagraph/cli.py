@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
-import pickle
 import random
-import re
 import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin
 
 import click
+import torch
 from click.core import ParameterSource
 
-from .errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
+from . import distributed
+from .api import adapt, transform
+from .config import AdapterSettings, CalibrationSettings, cli_fields, parse_size, settings_from
+from .data import check_options
+from .errors import ConfigError, ConvergenceWarning, EvagraphError, EvagraphWarning
+from .formats import WRITERS, default_format, write_outputs
+from .formats.outdir import atomic_directory, check_apart, default_output
+from .formats.pt2 import calibration_batches, input_shapes
+from .loading import check_checkpoint, load_model
+from .pipelines import blockwise, choose, read_lazily
+from .render import render_report, report_table
+from .report import Report
+from .runtime import resolve_device, to_device
+from .state import EvaState
 
 
 def _split_patterns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
@@ -43,27 +55,9 @@ def _rgb(ctx: click.Context, param: click.Parameter, value: str | None):
     return rgb
 
 
-def _setting_fields() -> list:
-    """The settings on the command line: the fields of both settings dataclasses (budget and
-    rho, fields of both, once), where each setting's name, type, default and help live."""
-    from dataclasses import fields
-
-    from .config import AdapterSettings, CalibrationSettings
-
-    found: dict[str, object] = {}
-    for cls in (CalibrationSettings, AdapterSettings):
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            if f.name not in found and f.metadata.get("cli") is not False:
-                f = copy.copy(f)  # the dataclass's own field keeps its annotation
-                f.type = hints[f.name]  # resolved, for the option's type
-                found[f.name] = f
-    return list(found.values())
-
-
 def _settings_options(command):
-    """Add one option per setting (see ``_setting_fields``)."""
-    for f in reversed(_setting_fields()):
+    """Add one option per setting (``config.cli_fields``: name, type, default and help)."""
+    for f in reversed(cli_fields()):
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
         text = f.metadata["help"]
         optional = get_origin(f.type) in (Union, UnionType)
@@ -241,7 +235,7 @@ def main() -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["pt2", "safetensors", "pickle", "peft"]),
+    type=click.Choice(list(WRITERS)),
     default=None,
     help="What to write besides the adapter files: pt2 (torch.export archive of the adapted "
     "model), pickle (torch.save), peft (a PEFT LoRA adapter: adapter_config.json + "
@@ -331,18 +325,60 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     opts["announce"] = opts["output"] is None and os.environ.get("RANK", "0") == "0"
     if opts["output"] is None:
         opts["output"] = str(default_output(opts["model"], force=opts["force"]))
-    # Settings the user gave: the others keep their defaults, or the saved state's (--state).
-    opts["settings"] = {}
-    for f in _setting_fields():
-        value = opts.pop(f.name)
-        if ctx.get_parameter_source(f.name) != ParameterSource.DEFAULT:
-            opts["settings"][f.name] = value
-    # Data options the user gave (refused for data they do not fit), as the readers' keywords.
-    opts["data_options"] = {}
-    for name in DATA_OPTIONS:
-        value = opts.pop(name)
-        if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
-            opts["data_options"][name] = value
+    # Settings and data options the user gave: the others keep their defaults, or the saved
+    # state's (--state); data options are refused for data they do not fit.
+    opts["settings"] = _given(ctx, opts, [f.name for f in cli_fields()])
+    opts["data_options"] = _given(ctx, opts, DATA_OPTIONS)
+    job = _Job(**opts)
+    with _as_command(job):
+        _compile(job)
+
+
+def _given(ctx: click.Context, opts: dict, names: Iterable[str]) -> dict:
+    """The options ``names``, taken out of ``opts``, that the user gave (not defaults)."""
+    values = {name: opts.pop(name) for name in names}
+    return {
+        k: v for k, v in values.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT
+    }
+
+
+@dataclass
+class _Job:
+    """One ``compile``: its options as parsed, then what is worked out from them."""
+
+    model: str
+    data: str | None
+    state: str | None
+    output: str
+    fmt: str | None
+    checkpoint: str | None
+    batch_size: int
+    device: Any
+    seed: int
+    allow_pickle: bool
+    force: bool
+    quiet: bool
+    fail_unconverged: bool
+    trust_remote_code: bool
+    settings: dict
+    max_memory: str | int | None
+    sequential: bool
+    resume: bool
+    tokenizer: str | None
+    data_options: dict
+    announce: bool
+    main: bool = True  # this process writes (process 0 under torchrun)
+    lazy: bool = False  # a model directory read block by block, never loaded whole
+
+    @property
+    def work_dir(self) -> Path:
+        return blockwise.work_dir_for(self.output)
+
+
+@contextlib.contextmanager
+def _as_command(job: _Job) -> Iterator[None]:
+    """Run a compile as a command: errors as one line and an exit code, SIGTERM as Ctrl-C,
+    no stdin, warnings on one line; everything put back after."""
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary output is
     # removed; the default action would leave it behind.
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -352,32 +388,199 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
     # Warnings as one line each, without the Python source line Python prints under them.
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        _compile(**opts)
+        yield
     except (EvagraphError, ConvergenceWarning, FileExistsError, PermissionError) as err:
-        if not _shown_here(err):
+        if not distributed.shows(err):
             sys.exit(1)
-        where = _process_of(err)
-        raise click.ClickException(f"{where}{err}") from err
+        raise click.ClickException(f"{distributed.whose(err)}{err}") from err
     except KeyboardInterrupt:
-        if _shown_here(None):
-            click.echo(f"evagraph: interrupted; nothing was written{_resumable(opts)}", err=True)
+        if distributed.shows(None):
+            click.echo(f"evagraph: interrupted; nothing was written{_resumable(job)}", err=True)
         sys.exit(130)
     except _Terminated:
-        if _shown_here(None):
-            click.echo(f"evagraph: terminated; nothing was written{_resumable(opts)}", err=True)
+        if distributed.shows(None):
+            click.echo(f"evagraph: terminated; nothing was written{_resumable(job)}", err=True)
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.stdin.close()
         sys.stdin = stdin
         warnings.formatwarning = formatwarning
-        _leave_process_group()
+        distributed.leave()
+
+
+def _resumable(job: _Job) -> str:
+    if blockwise.resumable(job.work_dir):
+        return "; the finished blocks are saved: run the same command with --resume to go on"
+    return ""
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException, so no ``except Exception`` eats it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _compile(job: _Job) -> None:
+    """Check everything that can be checked before loading, load, calibrate (or adapt from
+    --state), write OUTDIR whole, and say what was written."""
+    device = _check_settings_and_device(job)
+    _check_flags(job)
+    random.seed(job.seed)
+    torch.manual_seed(job.seed)
+    # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
+    outdir = atomic_directory(job.output, force=job.force) if job.main else contextlib.nullcontext()
+    with outdir as tmp:
+        module, kind, batches = _load(job)
+        # The first batch, for the export trace and --state's example (text and images are
+        # read lazily).
+        first = next(iter(batches)) if batches is not None else None
+        if job.announce:
+            click.echo(f"evagraph: writing to {job.output}", err=True)
+        fmt = job.fmt or default_format(kind)
+        if WRITERS[fmt].needs_example and batches is None:
+            raise ConfigError(f"--format {fmt} needs --data: the export traces one example batch")
+        adapted, report, eva_state = _adapt(job, module, batches, first, device)
+        if not job.main:
+            return
+        report.run.update(model=job.model, data=job.data)
+        # the example batch: a format may run the model on it (not under --state without
+        # data, nor for a model whose weights were never loaded whole)
+        example = None if job.lazy else to_device(first, device)
+        written = write_outputs(
+            adapted, report, eva_state, tmp, fmt, example=example, shown=job.output
+        )
+    blockwise.remove_work_dir(job.work_dir)  # the output is whole: nothing to resume
+    n_adapted = sum(1 for layer in report.layers if layer.rank)
+    click.echo(
+        f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
+        f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
+        f"wrote {Path(job.output)}/{{{', '.join(written)}}}"
+    )
+
+
+def _check_settings_and_device(job: _Job) -> torch.device:
+    """The settings checked (from saved statistics only the adapter's apply), and the device
+    this process computes on (joining the process group under torchrun)."""
+    if job.state is not None:
+        fixed = sorted(set(job.settings) - {f.name for f in fields(AdapterSettings)})
+        if fixed:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in fixed)
+            raise ConfigError(
+                f"{flags}: calibration setting(s), fixed by the saved statistics (--state); "
+                "calibrate again (--data) to change them"
+            )
+        settings_from(job.settings, AdapterSettings)
+    else:
+        settings_from(job.settings, CalibrationSettings, AdapterSettings)
+    device = resolve_device(job.device)
+    if distributed.launched():  # under torchrun: data parallel, process 0 writes
+        device = distributed.init_from_env(device)
+        job.main = distributed.current().main
+    if not job.main:  # process 0 shows the progress
+        _quiet_libraries()
+    return device
+
+
+def _check_flags(job: _Job) -> None:
+    """Flags that contradict each other, the model, the data or OUTDIR: refused before any
+    slow loading."""
+    job.max_memory = parse_size(job.max_memory, "--max-memory")
+    if job.state is not None and (job.max_memory or job.sequential or job.resume):
+        raise ConfigError(
+            "--max-memory, --sequential and --resume are for calibration, not --state"
+        )
+    # A Hugging Face directory over the bound is never loaded whole: a skeleton on the meta
+    # device, its weights read from the directory one block at a time.
+    job.lazy = read_lazily(
+        job.model, sequential=job.sequential or job.resume, max_memory=job.max_memory
+    )
+    if job.lazy and job.fmt is not None and WRITERS[job.fmt].whole_model:
+        raise ConfigError(
+            f"--format {job.fmt} writes the whole model, which block-by-block calibration of a "
+            "model directory never loads: use --format safetensors or peft (adapter files), "
+            "then apply them to the model where it fits"
+        )
+    if job.state is None and job.main:  # another run calibrating into OUTDIR: refused now
+        blockwise.check_unused(job.work_dir)
+    if job.resume and not blockwise.resumable(job.work_dir):
+        raise ConfigError(
+            f"--resume: no interrupted block-by-block calibration into {job.output} was found "
+            f"({job.work_dir} holds no finished block)"
+        )
+    check_checkpoint(job.model, job.checkpoint)
+    check_apart(
+        job.output, MODEL=job.model, **{"--data": job.data, "--state": job.state,
+        "--tokenizer": job.tokenizer, "--checkpoint": job.checkpoint},
+    )  # fmt: skip
+    if job.data is not None:  # options that do not fit the data, before any loading
+        check_options(job.data, job.tokenizer, **job.data_options)
+    elif job.data_options or job.tokenizer is not None:
+        given = [f"--{k.replace('_', '-')}" for k in job.data_options]
+        given += ["--tokenizer"] if job.tokenizer is not None else []
+        raise ConfigError(f"{', '.join(given)}: options of --data, which was not given")
+    if job.quiet:  # before loading: transformers draws a bar while it reads the weights
+        _quiet_libraries()
+
+
+def _load(job: _Job) -> tuple[torch.nn.Module, str, Any]:
+    """The model (its kind: ``load_model``'s) and the calibration batches (None: --state
+    without --data). Images are preprocessed as the model expects (a Hugging Face
+    directory's image processor, a timm model's data config), so the model comes first."""
+    module, kind = load_model(
+        job.model, allow_pickle=job.allow_pickle, checkpoint=job.checkpoint,
+        trust_remote_code=job.trust_remote_code, lazy=job.lazy,
+    )  # fmt: skip
+    if job.data is None:
+        return module, kind, None
+    tell = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 tells
+    with warnings.catch_warnings():
+        if not job.main:  # process 0 shows them (skipped images)
+            warnings.simplefilter("ignore")
+        batches = calibration_batches(
+            job.model, job.data, job.batch_size, model=module, tokenizer=job.tokenizer,
+            seed=job.seed, processor=_image_processor(job.model) if kind == "hf" else None,
+            default_tokenizer=job.model if (Path(job.model) / "config.json").is_file() else None,
+            trust_remote_code=job.trust_remote_code,
+            world=int(os.environ.get("WORLD_SIZE", "1")),  # --batch-size is the global batch
+            tell=(lambda text: click.echo(text, err=True)) if tell else None,
+            **job.data_options,
+        )  # fmt: skip
+    return module, kind, batches
+
+
+def _adapt(
+    job: _Job, module: torch.nn.Module, batches: Any, first: Any, device: torch.device
+) -> tuple[torch.nn.Module, Report, EvaState | None]:
+    """Calibrate and adapt ``module`` in place (``transform``), or adapt it from --state."""
+    if job.state is not None:
+        module.to(device)
+        example = to_device(first, device) if first is not None else None
+        state = EvaState.load(job.state)
+        adapted, report = adapt(module, state, example=example, inplace=True, **job.settings)
+        return adapted, report, None
+    with warnings.catch_warnings():
+        if not job.main:  # process 0 shows them
+            warnings.simplefilter("ignore")
+        if job.fail_unconverged:  # the warning becomes the error, raised before writing
+            warnings.simplefilter("error", ConvergenceWarning)
+        pipeline = choose(
+            module, sequential=True if (job.sequential or job.resume) else None,
+            max_memory=job.max_memory, weights=job.model if job.lazy else None,
+            work_dir=job.work_dir, resume=job.resume,
+            fingerprint=_fingerprint(job.model, job.data, job.batch_size, job.seed,
+                                     tokenizer=job.tokenizer, **job.data_options),
+        )  # fmt: skip
+        return transform(
+            module, batches, device=device, progress=not job.quiet, inplace=True,
+            return_state=True, pipeline=pipeline, **job.settings,
+        )  # fmt: skip
 
 
 def _data_example(model: str) -> str:
     """The shortest working ``compile`` of ``model`` with data, as far as its files tell."""
-    from .pt2 import input_shapes
-
     path = Path(model)
     run = f"evagraph compile {shlex.quote(model)}"
     if (path / "config.json").is_file():
@@ -406,8 +609,6 @@ DATA_OPTIONS += ("num_samples", "shuffle")
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A warning on one line, labelled by whose it is: evagraph's own (``EvagraphWarning``)
     as ``evagraph: warning:``, another library's under that library's name."""
-    from .errors import EvagraphWarning
-
     text = " ".join(str(message).split())
     if issubclass(category, EvagraphWarning):
         return f"evagraph: warning: {text}\n"
@@ -417,47 +618,6 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
         Path(filename).stem,
     )
     return f"{where.removesuffix('.py')}: {category.__name__}: {text}\n"
-
-
-def default_output(model: str, *, force: bool = False) -> Path:
-    """Where ``compile MODEL`` writes without ``-o``: ``MODEL.eva`` beside a model file (its
-    suffix replaced: ``model.pt2`` -> ``model.eva``) or directory (``./my-llama`` ->
-    ``./my-llama.eva``), ``./NAME.eva`` in the current directory for a timm name.
-
-    An existing output is never replaced by default: if that directory exists and is not
-    empty, the first free one of ``model.eva-2``, ``model.eva-3`` ... is taken (so a rerun
-    keeps the earlier result, and ``--resume`` finds the run it continues, which was writing
-    to the first free one too). With ``force`` it is ``model.eva`` itself, replaced.
-    """
-    path = Path(model)
-    if path.is_file():
-        base = path.with_name(f"{path.stem}.eva")
-    elif path.is_dir():
-        path = path if path.name not in ("", ".", "..") else path.resolve()
-        base = path.with_name(f"{path.name}.eva")
-    else:  # a timm name ("resnet18", "hf-hub:org/model"): no path separators in the name
-        base = Path(f"{re.sub(r'[^A-Za-z0-9._-]', '_', model)}.eva")
-    if force:
-        return base
-    candidate, n = base, 1
-    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
-def _shown_here(err: BaseException | None) -> bool:
-    """Whether this process shows ``err``: under torchrun, process 0 shows what all processes
-    share (settings, model, data errors), a process whose own slice failed shows that error
-    (``distributed.Sync.settle`` marks it), and the others stay quiet."""
-    from . import distributed
-
-    sync = distributed.current() if "torch" in sys.modules else None
-    if sync is None:
-        return True
-    if getattr(err, "evagraph_own_failure", False):
-        return True
-    return sync.main and not isinstance(err, distributed.PeerFailed)
 
 
 def _quiet_libraries() -> None:
@@ -475,305 +635,6 @@ def _quiet_libraries() -> None:
         sys.modules["datasets"].disable_progress_bars()
     else:  # read when datasets is imported (text data)
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-
-
-def _process_of(err: BaseException) -> str:
-    """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
-    if getattr(err, "evagraph_own_failure", False):
-        return f"process {os.environ.get('RANK', '?')}: "
-    return ""
-
-
-def _leave_process_group() -> None:
-    if "torch" in sys.modules:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _work_dir(output: str) -> Path:
-    """Where a block-by-block calibration into ``output`` keeps its activations and progress."""
-    out = Path(output).absolute()
-    return out.parent / f".{out.name}.evagraph-work"
-
-
-def _progress_file(output: str) -> Path:
-    """The file that makes a block-by-block calibration into ``output`` resumable (this
-    process's, under torchrun: each keeps its own slices' activations). The sequential pass
-    owns the layout of the work directory."""
-    from .passes.sequential import resume_point
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return resume_point(_work_dir(output), int(os.environ.get("RANK", "0")) if world > 1 else None)
-
-
-def _resumable(opts: dict) -> str:
-    # Before the sequential pass is imported no calibration ran: nothing to look for (and an
-    # interrupt during start-up should not wait for torch to import).
-    if "evagraph.passes.sequential" in sys.modules and _progress_file(opts["output"]).is_file():
-        return "; the finished blocks are saved: run the same command with --resume to go on"
-    return ""
-
-
-class _Terminated(BaseException):
-    """Raised by the SIGTERM handler (a BaseException, so no ``except Exception`` eats it)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
-def _compile(
-    *, model, data, state, output, fmt, checkpoint, batch_size, device, seed, allow_pickle,
-    force, quiet, fail_unconverged, trust_remote_code, settings, max_memory, sequential,
-    resume, tokenizer, data_options, announce,
-) -> None:  # fmt: skip
-    # Heavy imports stay here so `--help` and flag errors answer at once.
-    from dataclasses import fields
-
-    import torch
-
-    from . import distributed
-    from .api import adapt, transform
-    from .artifacts import save_adapter
-    from .config import AdapterSettings, CalibrationSettings, parse_size, settings_from
-    from .data import check_options
-    from .errors import first_line
-    from .io import (
-        atomic_directory,
-        check_checkpoint,
-        disk_errors,
-        hf_weight_bytes,
-        load_model,
-        zip_target,
-    )
-    from .passes.capture import export_program
-    from .render import render_report
-    from .runtime import resolve_device, to_device
-    from .state import EvaState
-
-    # Validate settings, device and flags before any slow loading.
-    if state is not None:  # from saved statistics, only the adapter's settings apply
-        fixed = sorted(set(settings) - {f.name for f in fields(AdapterSettings)})
-        if fixed:
-            flags = ", ".join(f"--{n.replace('_', '-')}" for n in fixed)
-            raise ConfigError(
-                f"{flags}: calibration setting(s), fixed by the saved statistics (--state); "
-                "calibrate again (--data) to change them"
-            )
-        settings_from(settings, AdapterSettings)
-    else:
-        settings_from(settings, CalibrationSettings, AdapterSettings)
-    device = resolve_device(device)
-    sync = None
-    if distributed.launched():  # under torchrun: data parallel, process 0 writes
-        device = distributed.init_from_env(device)
-        sync = distributed.current()
-    main = sync is None or sync.main
-    if not main:  # process 0 shows the progress
-        _quiet_libraries()
-    max_bytes = parse_size(max_memory, "--max-memory")
-    if state is not None and (max_bytes or sequential or resume):
-        raise ConfigError(
-            "--max-memory, --sequential and --resume are for calibration, not --state"
-        )
-    # A Hugging Face directory over the bound is never loaded whole: a skeleton on the meta
-    # device, its weights read from the directory one block at a time.
-    on_disk = hf_weight_bytes(model)
-    lazy = on_disk is not None and (sequential or resume or (max_bytes or on_disk) < on_disk)
-    if lazy and fmt in ("pt2", "pickle"):
-        raise ConfigError(
-            f"--format {fmt} writes the whole model, which block-by-block calibration of a "
-            "model directory never loads: use --format safetensors or peft (adapter files), "
-            "then apply them to the model where it fits"
-        )
-    from .passes.sequential import check_unused, remove_work_dir
-
-    work = _work_dir(output)
-    if state is None and main:  # another run calibrating into OUTDIR: refused before loading
-        check_unused(work)
-    if resume and not _progress_file(output).is_file():
-        raise ConfigError(
-            f"--resume: no interrupted block-by-block calibration into {output} was found "
-            f"({work} holds no finished block)"
-        )
-    check_checkpoint(model, checkpoint)
-    _check_apart(
-        output, MODEL=model, **{"--data": data, "--state": state, "--tokenizer": tokenizer,
-        "--checkpoint": checkpoint},
-    )  # fmt: skip
-    if data is not None:  # options that do not fit the data, before any loading
-        check_options(data, tokenizer, **data_options)
-    elif data_options or tokenizer is not None:
-        given = [f"--{k.replace('_', '-')}" for k in data_options]
-        given += ["--tokenizer"] if tokenizer is not None else []
-        raise ConfigError(f"{', '.join(given)}: options of --data, which was not given")
-    if quiet:  # before loading: transformers draws a bar while it reads the weights
-        _quiet_libraries()
-    random.seed(seed)
-    torch.manual_seed(seed)
-    # Refuses a non-empty OUTDIR first. Under torchrun only process 0 writes.
-    with atomic_directory(output, force=force) if main else contextlib.nullcontext() as tmp:
-        module, kind = load_model(
-            model, allow_pickle=allow_pickle, checkpoint=checkpoint,
-            trust_remote_code=trust_remote_code, lazy=lazy,
-        )  # fmt: skip
-        # After the model: images are preprocessed as it expects (a Hugging Face directory's
-        # image processor, a timm model's data config).
-        batches = None
-        if data is not None:
-            with warnings.catch_warnings():
-                if not main:  # process 0 shows them (skipped images)
-                    warnings.simplefilter("ignore")
-                batches = _calibration(
-                    model, data, batch_size, model=module, tokenizer=tokenizer, seed=seed,
-                    processor=_image_processor(model) if kind == "hf" else None,
-                    default_tokenizer=model if (Path(model) / "config.json").is_file() else None,
-                    trust_remote_code=trust_remote_code, **data_options,
-                )  # fmt: skip
-        # The first batch, for the export trace and --state's example (text and images are
-        # read lazily).
-        first = next(iter(batches)) if batches is not None else None
-        if announce:
-            click.echo(f"evagraph: writing to {output}", err=True)
-        block = {
-            "sequential": True if (sequential or resume) else None,
-            "max_memory": max_bytes,
-            "weights": model if lazy else None,
-            "work_dir": work,
-            "resume": resume,
-        }
-        fmt = fmt or {"pt2": "pt2", "pickle": "pickle"}.get(kind, "safetensors")
-        if fmt == "pt2" and batches is None:
-            raise ConfigError("--format pt2 needs --data: the export traces one example batch")
-        written = ["adapter.safetensors", "adapter.json", "report.json"]
-        if state is None:
-            with warnings.catch_warnings():
-                if not main:  # process 0 shows them
-                    warnings.simplefilter("ignore")
-                if fail_unconverged:  # the warning becomes the error, raised before writing
-                    warnings.simplefilter("error", ConvergenceWarning)
-                adapted, report, eva_state = transform(
-                    module, batches, device=device, progress=not quiet, inplace=True,
-                    return_state=True, **block, **settings,
-                    fingerprint=_fingerprint(
-                        model, data, batch_size, seed, tokenizer=tokenizer, **data_options
-                    ),
-                )  # fmt: skip
-        else:
-            module.to(device)
-            example = to_device(first, device) if first is not None else None
-            adapted, report = adapt(
-                module, EvaState.load(state), example=example, inplace=True, **settings
-            )
-            eva_state = None
-        if not main:
-            return
-        report.run.update(model=model, data=data)
-        # Traced before writing, so a disk error below is only ever about the disk.
-        program = export_program(adapted, to_device(first, device)) if fmt == "pt2" else None
-        with disk_errors(output):
-            if eva_state is not None:
-                eva_state.save(tmp / "eva_state.safetensors")
-                written.append("eva_state.safetensors")
-            save_adapter(adapted, tmp, report.settings)
-            report.save(tmp / "report.json")
-            written += [path.name for path in render_report(report, tmp)]
-            if program is not None:
-                with zip_target(tmp / "model.pt2") as f:
-                    torch.export.save(program, f)
-                written.append("model.pt2")
-            elif fmt == "pickle":
-                with zip_target(tmp / "model.pt") as f:
-                    try:
-                        torch.save(adapted, f)
-                    except (pickle.PicklingError, AttributeError, TypeError) as err:
-                        raise ConfigError(  # e.g. a model loaded from a .pt2 (local lambdas)
-                            f"--format pickle cannot save this model: {first_line(err, typed=True)}"
-                        ) from err
-                written.append("model.pt")
-            elif fmt == "peft":
-                from .peft import save_peft
-
-                # the example batch: PEFT's wrappers must run the model (not under --state
-                # without data, nor for a model whose weights were never loaded whole)
-                save_peft(adapted, tmp, example=None if lazy else to_device(first, device))
-                written += ["adapter_config.json", "adapter_model.safetensors"]
-    remove_work_dir(work)  # the output is whole: nothing to resume (unless a run took it over)
-    n_adapted = sum(1 for layer in report.layers if layer.rank)
-    click.echo(
-        f"adapted {n_adapted} layer(s), total rank {sum(report.ranks.values())}, "
-        f"{report.steps} minibatch(es){'' if report.converged else ', NOT all converged'}; "
-        f"wrote {Path(output)}/{{{', '.join(written)}}}"
-    )
-
-
-def _check_apart(output: str, **inputs: str | None) -> None:
-    """Refuse an OUTDIR that is, contains or lies inside one of the ``inputs`` (by the flag
-    that named it): ``--force`` replaces OUTDIR whole, so an input inside it would be deleted,
-    and an output inside an input directory (an image folder, a model directory) changes it."""
-    out = Path(os.path.realpath(output))
-    for flag, given in inputs.items():
-        if given is None or not os.path.lexists(given):
-            continue  # a timm name, or a missing file reported where it is read
-        path = Path(os.path.realpath(given))
-        if path == out or out in path.parents:
-            where = "is" if path == out else "contains"
-            raise ConfigError(
-                f"output directory {output} {where} {flag} {given}: --force would delete it; "
-                "give another -o"
-            )
-        if path in out.parents:
-            raise ConfigError(
-                f"output directory {output} is inside {flag} {given}: give a -o outside it"
-            )
-
-
-def _calibration(model_path: str, data: str, batch_size: int, **reader: Any) -> Iterable:
-    """``data`` in minibatches of ``batch_size`` (``evagraph.data.open_data``; ``reader``: its
-    options), tensor data checked against a ``.pt2`` MODEL's input shapes. A program exported
-    with a static batch dimension only runs batches of that size: they are used instead (told
-    on stderr), and a smaller last batch is dropped."""
-    from .data import open_data
-    from .pt2 import check_batches, input_shapes, static_batch_size
-
-    shapes = input_shapes(model_path) if Path(model_path).is_file() else {}
-    static = static_batch_size(shapes)
-    name = Path(model_path).name
-    tell = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 tells
-    if static is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # --batch-size is the global batch
-        if batch_size != static * world:
-            batch_size = static * world
-            each = f" ({static} per process)" if world > 1 else ""
-            if tell:
-                click.echo(
-                    f"evagraph: {name} was exported for batches of {static}: using "
-                    f"--batch-size {batch_size}{each}",
-                    err=True,
-                )
-    batches = open_data(data, batch_size, **reader)
-    if not isinstance(batches, list):  # text, read lazily: not a .pt2's usual input
-        return batches
-    if static is not None:
-        last = batches[-1]
-        rows = (next(iter(last.values())) if isinstance(last, dict) else last).shape[0]
-        if rows < batch_size and len(batches) == 1:
-            raise DataError(
-                f"{data} holds {rows} sample(s), fewer than one batch of {batch_size}, the "
-                f"batch size {name} was exported for"
-            )
-        if rows < batch_size:
-            batches.pop()
-            if tell:
-                click.echo(
-                    f"evagraph: dropping the last {rows} sample(s): {name} takes batches of "
-                    f"exactly {batch_size}",
-                    err=True,
-                )
-    check_batches(model_path, shapes, batches)
-    return batches
 
 
 def _image_processor(model: str) -> str | None:
@@ -816,10 +677,6 @@ def report_cmd(outdir: str, redraw: bool) -> None:
       evagraph compile model.pt2 --data calib.safetensors -o out/
       evagraph report out/
     """
-
-    from .render import render_report, report_table
-    from .report import Report
-
     path = Path(outdir) / "report.json"
     if not path.is_file():
         raise click.ClickException(f"no report.json in {outdir} (evagraph compile writes one)")

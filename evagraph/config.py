@@ -9,11 +9,12 @@ validated on construction. The Python API takes their fields as keyword argument
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, get_type_hints
 
 from .errors import ConfigError
 from .stats import KINDS
@@ -153,6 +154,13 @@ class AdapterSettings(_Ranks):
         if not 0 <= _finite("dropout", self.dropout) < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
+    def layer_scaling(self, rank: int) -> tuple[float, float]:
+        """(alpha, scale) of a layer of ``rank`` > 0, by the spec's rule: alpha scaled by
+        ``rank / budget`` (``adjust_scaling_factors``, PEFT's) or kept, and scale = alpha / rank.
+        """
+        alpha = self.alpha * rank / self.budget if self.adjust_scaling_factors else self.alpha
+        return alpha, alpha / rank
+
 
 def settings_from(
     options: dict[str, Any], *classes: type, defaults: dict[str, Any] | None = None
@@ -173,6 +181,21 @@ def settings_from(
     return tuple(
         cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given}) for cls in classes
     )
+
+
+def cli_fields() -> list[Field]:
+    """The settings the command line offers: the fields of both settings classes (budget and
+    rho, fields of both, once), each with its type resolved and its metadata (``help``, and
+    ``flag`` / ``choices`` where the option differs from the field)."""
+    found: dict[str, Field] = {}
+    for cls in (CalibrationSettings, AdapterSettings):
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in found and f.metadata.get("cli") is not False:
+                f = copy.copy(f)  # the dataclass's own field keeps its annotation
+                f.type = hints[f.name]  # resolved, for the option's type
+                found[f.name] = f
+    return list(found.values())
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}

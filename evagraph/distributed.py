@@ -158,6 +158,31 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def shows(err: BaseException | None) -> bool:
+    """Whether this process shows ``err`` (None: an interruption): process 0 shows what all
+    processes share (settings, model, data errors), a process whose own slice failed shows
+    that error (``Sync.settle`` marks it), and the others stay quiet."""
+    sync = current()
+    if sync is None:
+        return True
+    if getattr(err, "evagraph_own_failure", False):
+        return True
+    return sync.main and not isinstance(err, PeerFailed)
+
+
+def whose(err: BaseException) -> str:
+    """``"process N: "`` for an error only process N met (its slice of the data), else ``""``."""
+    if getattr(err, "evagraph_own_failure", False):
+        return f"process {os.environ.get('RANK', '?')}: "
+    return ""
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_from_env(device: torch.device) -> torch.device:
     """Join the process group ``torchrun`` describes: NCCL for CUDA, else gloo. Returns the
     device this process computes on (``cuda:LOCAL_RANK`` for a bare ``cuda``)."""

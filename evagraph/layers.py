@@ -198,7 +198,7 @@ class LayerKind:
 
     # --- The adapter manifest (adapter.json) and the EVA state.
     def manifest_fields(self, adapter: Any) -> dict[str, Any]:
-        """The entry's fields that depend on the kind (``artifacts._describe`` orders them)."""
+        """The entry's fields that depend on the kind (``formats.adapter`` orders them)."""
         return {"kind": self.serial, "weight_transposed": self.transposed, "expert": None,
                 "conv": None}  # fmt: skip
 

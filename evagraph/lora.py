@@ -19,6 +19,12 @@ from .errors import ConfigError
 from .layers import ConvSpec, kind_from, kind_of
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the adapter of a base ``weight``: half-precision bases train their adapters
+    in float32, as PEFT's ``autocast_adapter_dtype``; others in the weight's own dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
 class LoraAdapter(nn.Module):
     """``scale * B(A(dropout(x)))``, computed in the adapter's dtype, returned in x's."""
 

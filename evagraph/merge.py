@@ -28,8 +28,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .artifacts import attach_adapters, check_adapters, load_adapters
+from .attach import attach_adapters, check_adapters
 from .errors import ConfigError
+from .formats.adapter import load_adapters
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
 

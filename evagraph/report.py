@@ -1,4 +1,9 @@
-"""What ``transform`` did to a model: per-layer facts, serialisable to JSON."""
+"""What ``transform`` did to a model: per-layer facts, serialisable to JSON.
+
+``Report.from_state`` builds it from the statistics (``EvaState``), the ranks allocated on
+them and the adapter settings, and says why each layer left out was; ``Report.load`` reads a
+saved one back, every value checked.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import AdapterSettings
 from .errors import ReportLoadError, first_line
+from .state import EvaState
 from .validate import REQUIRED, check_settings, expect
 
 
@@ -50,6 +57,50 @@ class Report:
     # How the run went: versions, elapsed_s, samples and tokens consumed; model and data
     # (as the CLI was given them). Values are strings, numbers or null.
     run: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_state(
+        cls, state: EvaState, ranks: dict[str, int], settings: AdapterSettings
+    ) -> Report:
+        """The report of adapters made from ``state`` with ``ranks`` (``state.ranks``) and
+        ``settings``: per target layer its rank, scale and statistics, every layer left out
+        with why (rank 0 included), and how calibration went. ``run`` is left to the caller."""
+        layers = []
+        for name, layer in state.layers.items():
+            group, rank = state.layer_group[name], ranks[name]
+            alpha_l, scale = settings.layer_scaling(rank) if rank else (0.0, 0.0)
+            layers.append(
+                LayerReport(
+                    name=name,
+                    kind=layer.kind,
+                    op=layer.op,
+                    in_features=layer.in_features,
+                    out_features=layer.out_features,
+                    rank=rank,
+                    alpha=alpha_l,
+                    scaling=scale,
+                    group=group,
+                    depth=state.depth.get(name, 0),
+                    explained_variance_ratio=state.components[
+                        group
+                    ].explained_variance_ratio.tolist(),
+                    converged=bool(state.component_converged[group][:rank].all()),
+                    steps_to_converge=state.converged_at.get(name),
+                )
+            )
+        graph_mode = any(state.layers[n].module is None for n, r in ranks.items() if r)
+        return cls(
+            settings={"calibration": dict(state.settings), "adapter": settings.to_dict()},
+            layers=layers,
+            skipped={**state.skipped, **_rank_zero(state, ranks, settings.budget)},
+            groups=state.groups,
+            rows={g: c.n_rows for g, c in state.components.items()},
+            batches=state.batches,
+            steps=state.steps,
+            unconverged=[layer.name for layer in layers if layer.rank and not layer.converged],
+            capture=state.capture,
+            rewrite="graph" if graph_mode else "module",
+        )
 
     @property
     def converged(self) -> bool:
@@ -128,6 +179,35 @@ class Report:
         from .render import render_report
 
         return render_report(self, outdir)
+
+
+def _rank_zero(state: EvaState, ranks: dict[str, int], budget: int) -> dict[str, str]:
+    """Why each target layer that got rank 0 did."""
+    reasons = {}
+    few = state.few_rows(budget)
+    for n, r in ranks.items():
+        if r:
+            continue
+        if n in few:
+            reasons[n] = (
+                f"rank 0: the router sent this expert {few[n]} row(s), too few for a rank "
+                f"(more than budget={budget} needed)"
+            )
+            continue
+        found = state.components[state.layer_group[n]]
+        if found.n_rows < 2:
+            reasons[n] = (
+                f"rank 0: it saw {found.n_rows} row(s) of calibration data, too few for a PCA "
+                "(more data needed)"
+            )
+            continue
+        dead = not bool((found.explained_variance > 0).any())
+        reasons[n] = (
+            "rank 0: its inputs have no variance (constant, zero or masked)"
+            if dead
+            else "rank 0: its variance did not make the global cut"
+        )
+    return reasons
 
 
 # What each saved field must be (``expect``'s words), for ``Report.load``.

@@ -9,8 +9,6 @@ allocation is the only step that changes. Also converts to PEFT's ``eva_state_di
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import check_layer, load_json, read_safetensors
+from .attach import check_layer
+from .config import AdapterSettings
 from .errors import ConfigError, ModelLoadError
 from .layers import Layer, kind_from
 from .passes.allocate import allocate
@@ -30,6 +29,8 @@ from .validate import (
     check_settings,
     check_tensor,
     expect,
+    load_json,
+    read_safetensors,
 )
 
 _FORMAT = "evagraph-state/1"
@@ -76,12 +77,13 @@ class EvaState:
             groups.setdefault(g, []).append(layer)
         return groups
 
-    def ranks(self, budget: int, rho: float) -> dict[str, int]:
-        """The allocation for ``budget`` and ``rho`` on these statistics."""
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-            raise ConfigError(f"budget must be a positive integer, got {budget!r}")
-        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 1 <= rho < math.inf:
-            raise ConfigError(f"rho must be a finite number >= 1, got {rho!r}")
+    def ranks(self, settings: AdapterSettings | int, rho: float | None = None) -> dict[str, int]:
+        """The allocation on these statistics for the budget and rho of ``settings`` (an
+        ``AdapterSettings``; ``ranks(budget, rho)`` is short for one with those two, checked
+        as settings are)."""
+        if not isinstance(settings, AdapterSettings):
+            settings = AdapterSettings(budget=settings, rho=rho)
+        budget, rho = settings.budget, settings.rho
         if round(budget * rho) > self.max_components:
             raise ConfigError(
                 f"budget {budget} x rho {rho} needs {round(budget * rho)} components per layer "
@@ -140,7 +142,7 @@ class EvaState:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ModelLoadError`` unless every target layer of this state is a layer of
-        ``model`` of the same kind, widths and conv geometry (``artifacts.check_layer``).
+        ``model`` of the same kind, widths and conv geometry (``attach.check_layer``).
 
         Statistics from another model would otherwise give adapters that fail at the first
         forward, or silently adapt other layers than the ones calibrated.
@@ -167,10 +169,7 @@ class EvaState:
         for layer, rank in self.ranks(budget, rho).items():
             if self.layers[layer].kind != "linear":
                 continue
-            c = self.components[self.layer_group[layer]]
-            A = c.components[:rank]
-            if whiten:
-                A = A / c.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
+            A = self.components[self.layer_group[layer]].lora_A(rank, whiten)
             out[prefix + layer] = A.clone()
         return out
 

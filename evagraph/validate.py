@@ -1,22 +1,25 @@
 """Checks of untrusted saved values (adapter manifests and weights, EVA state files, reports,
 PEFT state dicts), each in one place: ``expect`` reads a JSON key, ``check_settings`` a saved
 settings object, ``check_tensor`` a tensor, ``check_orthonormal_rows`` / ``check_descending``
-what a PCA's components and variances must be. Each raises one line (``ModelLoadError`` unless
-told another ``EvagraphError``) naming the file, the entry and what the value must be. Shared
-by ``artifacts``, ``state``, ``report``, ``peft`` and the layer kinds (``layers``), which
-import nothing else of each other for it."""
+what a PCA's components and variances must be; ``load_json`` and ``read_safetensors`` read a
+file as one error. Each raises one line (``ModelLoadError`` unless told another
+``EvagraphError``) naming the file, the entry and what the value must be. Shared by the
+adapter files (``formats.adapter``), ``state``, ``report``, ``formats.peft`` and the layer
+kinds (``layers``), which import nothing else of each other for it."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
 
 from .config import AdapterSettings, CalibrationSettings
-from .errors import ConfigError, EvagraphError, ModelLoadError
+from .errors import ConfigError, EvagraphError, ModelLoadError, first_line
 
 # Integers evagraph saves are widths, ranks, counts and steps: int64 holds them all. Bigger
 # JSON integers (Python's are unbounded) are no file of evagraph's, and would overflow where
@@ -237,3 +240,36 @@ def check_descending(
                 f"{source}: {name} increases at index {i + 1} ({float(v[i]):.4g} then "
                 f"{float(v[i + 1]):.4g}): principal components come in decreasing variance"
             )
+
+
+# --- Reading untrusted files: JSON without duplicate keys, safetensors as one error.
+
+
+def load_json(text: str, source: str) -> Any:
+    """Parse ``text``; duplicate keys (which json would resolve silently) are an error."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise ModelLoadError(f"{source}: duplicate entry {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{source} is not valid JSON: {first_line(err)}") from err
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of a safetensors file; any failure is a ModelLoadError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # SafetensorError, OSError, ...: all the file's fault
+        raise ModelLoadError(f"cannot read {what} {path}: {first_line(err)}") from err
+    return tensors, metadata

@@ -8,8 +8,8 @@ from conftest import SharedMLP, assert_shares, quiet
 from test_models import build, call
 
 import evagraph
+from evagraph.formats.pt2 import load_exported_program
 from evagraph.lora import LoraAdapter
-from evagraph.pt2 import load_exported_program
 
 
 def train_b(model):

@@ -32,7 +32,8 @@ from evagraph.errors import (
     OutputError,
     ReportLoadError,
 )
-from evagraph.io import atomic_directory, load_model
+from evagraph.formats.outdir import atomic_directory
+from evagraph.loading import load_model
 from evagraph.runtime import resolve_device
 
 

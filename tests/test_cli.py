@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, SharedMLP, evagraph_cmd
 from safetensors.torch import load_file, save_file
 
-from evagraph.pt2 import load_exported_program
+from evagraph.formats.pt2 import load_exported_program
 
 # compile draws its report: report.html, and report.png where matplotlib is installed
 PICTURES = ["report.html"] + (["report.png"] if importlib.util.find_spec("matplotlib") else [])

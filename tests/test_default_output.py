@@ -7,7 +7,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from evagraph import ConvergenceWarning
-from evagraph.cli import default_output, main
+from evagraph.cli import main
+from evagraph.formats.outdir import default_output
 
 
 def test_default_output_names(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evagraph.io import load_model
+from evagraph.loading import load_model
 
 
 def test_a_timm_name_without_checkpoint_warns_that_weights_are_random():

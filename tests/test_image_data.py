@@ -117,7 +117,7 @@ def vit_dir(tmp_path_factory) -> Path:
 def test_hf_model_gets_its_image_processor(folders, vit_dir):
     from transformers import AutoImageProcessor
 
-    from evagraph.io import load_model
+    from evagraph.loading import load_model
 
     model, kind = load_model(vit_dir)
     assert kind == "hf"

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from evagraph.errors import ModelLoadError
-from evagraph.io import _zip_kind, load_model
+from evagraph.formats.pt2 import zip_kind
+from evagraph.loading import load_model
 
 
 def mlp() -> nn.Module:
@@ -34,12 +35,12 @@ def files(tmp_path_factory):
 
 def test_zip_kinds(files):
     out, _, _ = files
-    assert _zip_kind(out / "exported.pt") == "pt2"
-    assert _zip_kind(out / "scripted.pt") == "torchscript"
-    assert _zip_kind(out / "state_dict.pt") == "pickle"
-    assert _zip_kind(out / "module.pt") == "pickle"
+    assert zip_kind(out / "exported.pt") == "pt2"
+    assert zip_kind(out / "scripted.pt") == "torchscript"
+    assert zip_kind(out / "state_dict.pt") == "pickle"
+    assert zip_kind(out / "module.pt") == "pickle"
     (out / "text.pt").write_text("hello")
-    assert _zip_kind(out / "text.pt") is None
+    assert zip_kind(out / "text.pt") is None
 
 
 @pytest.mark.parametrize("name", ["exported.pt2", "exported.pt", "exported"])

@@ -382,7 +382,7 @@ def test_mixtral_experts_are_adapted_from_the_rows_routed_to_them(tmp_path):
         torch.testing.assert_close(_call(back, batch), out, atol=1e-4, rtol=1e-4)
         # PEFT's target_parameters LoRA holds the routers' and experts' adapters exactly
         peft = pytest.importorskip("peft")
-        config = evagraph.peft.peft_config_for(adapted)
+        config = evagraph.formats.peft.peft_config_for(adapted)
         assert "model.layers.0.mlp.experts.gate_up_proj" in config.target_parameters
         torch.testing.assert_close(_call(evagraph.to_peft(adapted), batch), out)
         evagraph.save_peft(adapted, tmp_path / "p")

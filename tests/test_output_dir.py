@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import evagraph_cmd
 
-from evagraph import io as evaio
 from evagraph.cli import main
 from evagraph.errors import OutputError
-from evagraph.io import atomic_directory
+from evagraph.formats import outdir as evaio
+from evagraph.formats.outdir import atomic_directory
 
 # Runs atomic_directory(TARGET) in its own process: writes NAME into it, announces that it
 # passed the start check (SYNC/NAME), then waits for SYNC/WAIT_FOR before finishing.
@@ -29,7 +29,7 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from evagraph.errors import OutputError
-    from evagraph.io import atomic_directory
+    from evagraph.formats.outdir import atomic_directory
 
     target, name, sync, wait_for, force = sys.argv[1:6]
     sync = Path(sync)
@@ -168,7 +168,7 @@ def test_mount_point_outdir_is_refused(tmp_path):
     script = textwrap.dedent(
         f"""
         from evagraph.errors import OutputError
-        from evagraph.io import atomic_directory
+        from evagraph.formats.outdir import atomic_directory
         for force in (False, True):
             try:
                 with atomic_directory({str(mnt)!r}, force=force) as tmp:

@@ -12,7 +12,7 @@ from torch import nn
 
 from evagraph import ConvergenceWarning
 from evagraph.cli import main
-from evagraph.pt2 import input_shapes, static_batch_size
+from evagraph.formats.pt2 import input_shapes, static_batch_size
 
 
 class Net(nn.Module):

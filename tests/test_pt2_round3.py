@@ -33,8 +33,7 @@ from torch import nn
 
 import evagraph
 from evagraph.errors import EvagraphError, ModelLoadError
-from evagraph.io import load_model
-from evagraph.pt2 import (
+from evagraph.formats.pt2 import (
     _HIGHER_ORDER,
     _Expression,
     _target_problem,
@@ -42,6 +41,7 @@ from evagraph.pt2 import (
     input_shapes,
     load_exported_program,
 )
+from evagraph.loading import load_model
 from evagraph.runtime import check_batch_fits
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -442,7 +442,7 @@ def test_expressions_outside_bounded_arithmetic_are_refused(expression, says):
 LOAD_IN_A_PROCESS = """
 import sys, time
 from evagraph.errors import ModelLoadError
-from evagraph.io import load_model
+from evagraph.loading import load_model
 start = time.monotonic()
 try:
     load_model(sys.argv[1])

@@ -26,8 +26,8 @@ from torch import nn
 
 from evagraph.cli import main
 from evagraph.errors import ModelLoadError
-from evagraph.io import load_model
-from evagraph.pt2 import load_exported_program
+from evagraph.formats.pt2 import load_exported_program
+from evagraph.loading import load_model
 
 Files = dict[str, bytes]  # archive entries without the archive's top folder
 

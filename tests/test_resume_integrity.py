@@ -22,7 +22,7 @@ import torch
 import evagraph
 from evagraph.errors import ConfigError, ModelLoadError
 from evagraph.onload import ShardedCheckpoint
-from evagraph.passes import sequential as sequential_pass
+from evagraph.pipelines import blockwise as sequential_pass
 
 pytestmark = pytest.mark.filterwarnings("ignore::evagraph.ConvergenceWarning")
 
@@ -219,7 +219,7 @@ def test_work_dir_in_use_is_refused(tmp_path):
 
 _HOLD_LOCK = """
 import sys, time
-from evagraph.passes.sequential import work_lock
+from evagraph.pipelines.blockwise import work_lock
 with work_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -258,7 +258,7 @@ def _cli(*args, cwd):
 _CLI_STOPPED_AT_BLOCK_2 = """
 import os, signal, sys, time
 from pathlib import Path
-import evagraph.passes.sequential as s
+import evagraph.pipelines.blockwise as s
 real = s._calibrate_block
 def block(run, part, b, *args):
     if b == 2:
@@ -387,7 +387,7 @@ def test_index_entry_with_dotdot_is_refused(sharded):
     text = _one_line(err)
     assert f"weight_map entry {NAME!r} -> '../{shard}' leads outside {sharded}" in text
     # And end to end: the block-by-block calibration reads nothing of it.
-    from evagraph.io import load_model
+    from evagraph.loading import load_model
 
     skeleton, _ = load_model(sharded, lazy=True)
     with pytest.raises(ModelLoadError, match="leads outside"):

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import evagraph
-from evagraph.api import _plan
 from evagraph.errors import ConfigError
-from evagraph.passes import sequential as sequential_pass
 from evagraph.passes.capture import capture
 from evagraph.passes.layer_graph import build_layer_graph
 from evagraph.passes.partition import partition
 from evagraph.passes.probe import insert_probes
 from evagraph.passes.select import select_targets
+from evagraph.pipelines import Blockwise, Whole, choose
+from evagraph.pipelines import blockwise as sequential_pass
 
 # tau = 1 converges nothing early: both modes consume every batch, so they see the same rows.
 SAME_ROWS = {"tau": 1.0, "progress": False, "return_state": True}
@@ -206,16 +206,16 @@ def test_max_memory_cuts_blocks_finer_or_names_the_block():
 def test_max_memory_switches_on_block_by_block_only_when_exceeded():
     model = _llama(2)
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert _plan(model, None, size + 1, None, None, False) is None
-    assert _plan(model, None, f"{size // 2}B", None, None, False) is not None
+    assert isinstance(choose(model, max_memory=size + 1), Whole)
+    assert isinstance(choose(model, max_memory=f"{size // 2}B"), Blockwise)
     with pytest.raises(ConfigError, match="max_memory must be a size"):
-        _plan(model, None, "lots", None, None, False)
+        choose(model, max_memory="lots")
 
 
 def test_hf_directory_is_read_lazily(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from evagraph.io import load_model
+    from evagraph.loading import load_model
 
     model = _llama(3)
     model.save_pretrained(tmp_path / "llama")
@@ -367,7 +367,7 @@ def test_cli_compiles_a_model_directory_over_max_memory(tmp_path):
 # Runs the CLI with a SIGTERM (as a scheduler's time limit sends) raised when block 2 starts.
 _TERMINATED_AT_BLOCK_2 = """
 import os, signal, sys
-import evagraph.passes.sequential as s
+import evagraph.pipelines.blockwise as s
 real = s._calibrate_block
 def block(run, part, b, *args):
     if b == 2:

@@ -1,4 +1,5 @@
 """The compiler passes, in the order the data flows through them.
 
-capture -> layer_graph -> select -> probe -> incremental_svd (uses allocate) -> allocate -> rewrite
+capture -> layer_graph -> select -> probe -> (a calibration pipeline, ``evagraph.pipelines``,
+streams the batches; it re-runs allocate) -> allocate -> rewrite
 """

@@ -30,23 +30,9 @@ from torch import nn
 from ..config import AdapterSettings
 from ..errors import ConfigError, EvagraphWarning
 from ..layers import Layer
-from ..lora import LoraAdapter, LoraLayer, ParamLoraLayer
+from ..lora import LoraAdapter, LoraLayer, ParamLoraLayer, adapter_dtype
 from ..stats import Components
 from .layer_graph import LayerGraph
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision bases train their adapters in float32, as PEFT's autocast_adapter_dtype.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
-def layer_scaling(rank: int, settings: AdapterSettings) -> tuple[float, float]:
-    """(alpha for this layer, scale) per the spec's scaling rule."""
-    if settings.adjust_scaling_factors:
-        alpha = settings.alpha * rank / settings.budget
-    else:
-        alpha = settings.alpha
-    return alpha, alpha / rank
 
 
 def needs_graph_rewrite(layer_graph: LayerGraph, names: Iterable[str]) -> bool:
@@ -90,14 +76,11 @@ def init_adapters(
             continue
         layer, stats = layers[name], components[name]
         weight = model.get_parameter(layer.weight)
-        A = stats.components[:rank]
-        if settings.whiten:
-            A = A / stats.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
-        _, scale = layer_scaling(rank, settings)
+        _, scale = settings.layer_scaling(rank)
         adapters[name] = LoraAdapter.build(
-            A.to(
+            stats.lora_A(rank, settings.whiten).to(
                 device=(meta_device or torch.device("cpu")) if weight.is_meta else weight.device,
-                dtype=_adapter_dtype(weight),
+                dtype=adapter_dtype(weight),
             ),
             layer.out_features,
             layer.conv,

@@ -33,6 +33,14 @@ class Components:
     mean: torch.Tensor  # (d,)
     n_rows: int
 
+    def lora_A(self, rank: int, whiten: bool = False) -> torch.Tensor:
+        """EVA's ``A`` for a layer of ``rank``: the top ``rank`` components; ``whiten``: each
+        divided by the square root of its singular value."""
+        A = self.components[:rank]
+        if whiten:
+            A = A / self.singular_values[:rank].clamp_min(1e-12).sqrt()[:, None]
+        return A
+
 
 class Sync(Protocol):
     """The collectives a statistic needs under data parallelism (``evagraph.distributed``):

@@ -1,11 +1,11 @@
-"""Block-by-block (sequential) calibration pass: a partitioned graph and batches -> components.
+"""Block-by-block (sequential) calibration: one block of the graph at a time, with only its
+weights resident.
 
-Takes the ``ProbedGraph``, its ``Partition``, the batches, the settings and an ``Onloader``,
-and returns the same ``Calibration`` as the incremental-SVD pass. Instead of running each
-batch through the whole graph, it runs every batch through one block before the next: the
-block's weights are loaded once (and released after), its input values for all batches come
-from an ``ActivationCache`` (host memory, or files), its outputs go back there for the next
-block, and the statistics of its layers exist only while it is calibrated.
+The probed graph is cut into blocks (the partition pass). Instead of running each batch
+through the whole graph, every batch runs through one block before the next: the block's
+weights are loaded once by the ``Onloader`` (and released after), its input values for all
+batches come from an ``ActivationCache`` (host memory, or files), its outputs go back there
+for the next block, and the statistics of its layers exist only while it is calibrated.
 
 The batches are fixed up front (all the data, or ``max_steps`` of it): a block cannot ask an
 earlier, released one for more. Since the variance of later blocks is unknown when a block
@@ -17,7 +17,8 @@ valid for every budget up to ``k``. Allocation runs once, at the end (``EvaState
 With a ``work_dir`` the cache lives in files there and the progress is saved after each
 block, so that an interrupted run resumes from the last finished block with the same result.
 The layout of that directory (its files, their digests, its lock) lives at the end of this
-module, and the CLI asks it (``resume_point``, ``check_unused``, ``remove_work_dir``).
+module, and so does where the command line keeps it (``work_dir_for``, ``resumable``,
+``check_unused``, ``remove_work_dir``).
 """
 
 from __future__ import annotations
@@ -32,102 +33,173 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..activation_cache import ActivationCache, load_verified, read_verified, save_hashed
 from ..config import CalibrationSettings
 from ..errors import ConfigError, DataError, EvagraphError, OutputError
-from ..onload import Onloader
-from ..runtime import batch_failed, call_model
-from ..stats import Components, Sync
-from .incremental_svd import Calibration, _Calibrator, _finish
-from .partition import Block, Partition
-from .probe import ProbedGraph
+from ..onload import Onloader, ShardedCheckpoint, execution_device
+from ..passes.partition import Block, Partition, partition
+from ..passes.probe import ProbedGraph
+from ..runtime import batch_failed, call_model, model_device
+from ..state import EvaState
+from ..stats import Sync
+from .base import Pipeline, Traced, register
+from .calibrator import Calibrator
 
 
-def calibrate_sequential(
-    probed: ProbedGraph,
-    part: Partition,
-    batches: Iterable[Any],
-    settings: CalibrationSettings,
-    onloader: Onloader,
-    *,
-    device: torch.device,
-    work_dir: str | Path | None = None,
-    resume: bool = False,
-    fingerprint: dict | None = None,
-    progress: bool = True,
-    sync: Sync | None = None,
-) -> Calibration:
-    """Calibrate ``part``'s blocks one at a time on ``device`` (see the module docstring).
+@register("blockwise")
+@dataclass
+class Blockwise(Pipeline):
+    """Calibrate one block at a time (see the module docstring).
 
-    ``work_dir``: where the activation cache and the progress live (None: host memory,
-    spilling to a temporary directory if it outgrows half the machine's memory). ``resume``:
-    continue the run saved there; ``fingerprint`` (JSON-able) must then equal the saved one.
-    ``sync``: data parallel (``evagraph.distributed``); ``batches`` are this process's slices,
-    and each process keeps its own cache and progress (in ``work_dir/rank<N>``).
-    ``work_dir`` is locked for the whole calibration: another run into it is refused.
+    max_bytes: bound on the weights resident at once (None: one block at a time). weights:
+    the checkpoint the model's meta-device weights are read from. work_dir: where the
+    activation cache and the progress live (None: host memory, spilling to a temporary
+    directory if it outgrows half the machine's memory); it is locked for the whole
+    calibration, so another run into it is refused. resume: continue the run saved there;
+    ``fingerprint`` (JSON-able: what the caller's inputs were) must then equal the saved one.
+    Data parallel, each process keeps its own cache and progress (in ``work_dir/rank<N>``).
     """
-    run = _Calibrator(probed, settings, device, lazy=True, all_components=True, sync=sync)
-    if sync is not None:  # each process resumes its own slices, with as many peers
-        fingerprint = {**(fingerprint or {}), "processes": sync.world}
-    fingerprint = _full_fingerprint(part, settings, fingerprint)
-    if resume and work_dir is None:
-        raise ConfigError("resume needs the work_dir the interrupted calibration used")
-    work = _WorkDir(work_dir, sync.rank if sync else None) if work_dir is not None else None
-    cache = ActivationCache(work.activations if work is not None else None)
-    blocks = part.blocks
-    homes = _homes(probed, part)  # group -> index of the last block feeding it
-    start, n = 0, None
-    with contextlib.ExitStack() as held:
-        held.callback(cache.close)
-        if work is not None:
-            error = None
-            try:
-                # One lock for the whole directory, held by process 0 under torchrun: the
-                # settle below tells every process before any of them touches its files.
-                if sync is None or sync.main:
-                    held.enter_context(work_lock(work_dir))
-                if resume:
-                    start, n = work.resume(run, fingerprint, len(blocks), cache)
-            except EvagraphError as err:
-                error = err
-            if sync is not None:
-                sync.settle(error)  # all raise if any failed, none waits for the others
-            elif error is not None:
-                raise error
-            if not resume:
-                work.start(fingerprint)
-        if n is None:
-            n = _cache_inputs(part, batches, settings, cache, sync)
-        elif progress:
-            tqdm.write(
-                f"evagraph: resuming after block {start} of {len(blocks)} ({start * n} of "
-                f"{len(blocks) * n} batch-steps done)",
-                file=sys.stderr,
+
+    max_bytes: int | None = None
+    weights: ShardedCheckpoint | None = None
+    work_dir: Path | None = None
+    resume: bool = False
+    fingerprint: dict | None = None
+    resident: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.resume and self.work_dir is None:
+            raise ConfigError("resume needs the work_dir the interrupted calibration used")
+
+    def check(self, forward_fn: Callable | None) -> None:
+        if forward_fn is not None:
+            raise ConfigError(
+                "forward_fn cannot be used with block-by-block calibration: the blocks are "
+                "called with the graph's own inputs; pass batches the model takes as they are"
             )
-        bar = tqdm(
-            total=n * (len(blocks) - start),
-            desc="EVA calibration (block by block)",
-            unit="batch",
-            disable=not progress,
-        )
+
+    def default_device(self, model: nn.Module) -> torch.device:
+        """Accelerate's execution device of an offloaded model, else where the model is."""
+        return execution_device(model) or model_device(model)
+
+    @contextlib.contextmanager
+    def placed(self, model: nn.Module, device: torch.device) -> Iterator[Onloader]:
+        """Placeholders for the model's weights, which each block loads for its turn."""
+        onloader = Onloader(model, device, self.weights)
+        with onloader.installed():
+            yield onloader
+
+    def run(
+        self,
+        traced: Traced,
+        batches: Iterator[Any],
+        settings: CalibrationSettings,
+        *,
+        forward: Callable[[nn.Module, Any], Any],
+        device: torch.device,
+        total: int | None,
+        progress: bool,
+        sync: Sync | None,
+        onloader: Onloader | None,
+    ) -> EvaState:
+        """All batches through each block of ``traced``'s graph in turn (see the module
+        docstring); ``onloader`` loads each block's weights."""
+        assert onloader is not None  # installed by placed()
+        part = partition(traced.probed, self.max_bytes)
+        run = Calibrator(traced, settings, device, lazy=True, all_components=True, sync=sync)
+        fingerprint = self.fingerprint
+        if sync is not None:  # each process resumes its own slices, with as many peers
+            fingerprint = {**(fingerprint or {}), "processes": sync.world}
+        fingerprint = _full_fingerprint(part, settings, fingerprint)
+        work = _WorkDir(self.work_dir, sync.rank if sync else None) if self.work_dir else None
+        cache = ActivationCache(work.activations if work is not None else None)
+        with contextlib.ExitStack() as held:
+            held.callback(cache.close)
+            start, n = self._start(work, run, fingerprint, len(part.blocks), cache, held, sync)
+            if n is None:
+                n = _cache_inputs(part, batches, settings, cache, sync)
+            elif progress:
+                blocks = len(part.blocks)
+                tqdm.write(
+                    f"evagraph: resuming after block {start} of {blocks} ({start * n} of "
+                    f"{blocks * n} batch-steps done)",
+                    file=sys.stderr,
+                )
+            _run_blocks(run, part, start, n, cache, onloader, device, work, progress)
+        return run.finish(run.steps())
+
+    def _start(
+        self,
+        work: _WorkDir | None,
+        run: Calibrator,
+        fingerprint: dict,
+        blocks: int,
+        cache: ActivationCache,
+        held: contextlib.ExitStack,
+        sync: Sync | None,
+    ) -> tuple[int, int | None]:
+        """The work directory locked, and the resume point restored (``resume``) or the
+        directory started afresh; returns (the next block, the batches, if resumed)."""
+        if work is None:
+            return 0, None
+        start, n, error = 0, None, None
         try:
-            for b in range(start, len(blocks)):
-                _calibrate_block(run, part, b, n, homes, cache, onloader, device, bar)
-                if work is not None:
-                    work.save(run, b + 1, n, cache)
-                cache.drop(b)  # after the save: until then they are the resume point's
-        finally:
-            bar.close()
-            run.detach()
-    steps = max((grp.seen for grp in run.groups.values()), default=0)
-    return _finish(run, steps)
+            # One lock for the whole directory, held by process 0 under torchrun: the
+            # settle below tells every process before any of them touches its files.
+            if sync is None or sync.main:
+                held.enter_context(work_lock(self.work_dir))
+            if self.resume:
+                start, n = work.resume(run, fingerprint, blocks, cache)
+        except EvagraphError as err:
+            error = err
+        if sync is not None:
+            sync.settle(error)  # all raise if any failed, none waits for the others
+        elif error is not None:
+            raise error
+        if not self.resume:
+            work.start(fingerprint)
+        return start, n
+
+
+def _run_blocks(
+    run: Calibrator,
+    part: Partition,
+    start: int,
+    n: int,
+    cache: ActivationCache,
+    onloader: Onloader,
+    device: torch.device,
+    work: _WorkDir | None,
+    progress: bool,
+) -> None:
+    """Blocks ``start``.. of ``part``, each on all ``n`` cached batches, saving the resume
+    point after each (with a work directory)."""
+    homes = _homes(run.probed, part)  # group -> index of the last block feeding it
+    blocks = part.blocks
+    bar = tqdm(
+        total=n * (len(blocks) - start),
+        desc="EVA calibration (block by block)",
+        unit="batch",
+        disable=not progress,
+    )
+    try:
+        for b in range(start, len(blocks)):
+            _calibrate_block(run, part, b, n, homes, cache, onloader, device, bar)
+            if work is not None:
+                work.save(run, b + 1, n, cache)
+            cache.drop(b)  # after the save: until then they are the resume point's
+    finally:
+        bar.close()
+        run.detach()
 
 
 def _homes(probed: ProbedGraph, part: Partition) -> dict[str, int]:
@@ -167,7 +239,7 @@ def _cache_inputs(
 
 
 def _calibrate_block(
-    run: _Calibrator,
+    run: Calibrator,
     part: Partition,
     b: int,
     n: int,
@@ -181,16 +253,13 @@ def _calibrate_block(
     block = part.blocks[b]
     last = b == len(part.blocks) - 1
     mine = [g for g, ps in run.probed.group_probes.items() if any(p in block.probes for p in ps)]
-    for g in mine:
-        if run.groups[g].stat is None and run.groups[g].final is None:
-            run.open(g)
+    run.open_new(mine)
     onloader.load(block.weights)
     try:
         for j in range(n):
             # Groups fed by later blocks too see every batch here; theirs is the later check.
-            active = [g for g in mine if _unconverged(run, g)]
-            for p in block.probes:
-                run.probed.probes[p].active = any(g in active for g in run.probe_groups[p])
+            active = run.unconverged(mine)
+            run.switch_probes(active, block.probes)
             if not active and last:
                 bar.update(n - j)
                 break
@@ -207,22 +276,11 @@ def _calibrate_block(
         onloader.release(block.weights)
     for g in mine:
         if homes[g] == b:
-            grp = run.groups[g]
-            if grp.ratios is not None and not bool((grp.ratios > 0).any()):
-                # No variance to converge on: rank 0 whatever the budget.
-                for m in grp.layers:
-                    run.converged_at[m] = run.converged_at[m] or grp.seen
-            run.close(g)
-
-
-def _unconverged(run: _Calibrator, g: str) -> bool:
-    return run.groups[g].stat is not None and any(
-        run.converged_at[m] is None for m in run.groups[g].layers
-    )
+            run.close(g)  # a group without variance: converged, rank 0 whatever the budget
 
 
 def _run_block(
-    run: _Calibrator, block: Block, read: Callable[[], dict[str, Any]], step: int
+    run: Calibrator, block: Block, read: Callable[[], dict[str, Any]], step: int
 ) -> tuple[dict[str, Any], tuple]:
     """One batch through ``block``: its inputs from ``read()``, returned with the outputs.
 
@@ -280,6 +338,20 @@ def resume_point(work_dir: str | Path, rank: int | None = None) -> Path:
     return process_dir(work_dir, rank) / _MANIFEST
 
 
+def work_dir_for(outdir: str | Path) -> Path:
+    """Where a block-by-block calibration into ``outdir`` keeps its activations and progress
+    (the command line's): ``.OUTDIR.evagraph-work`` beside it."""
+    out = Path(outdir).absolute()
+    return out.parent / f".{out.name}.evagraph-work"
+
+
+def resumable(work_dir: str | Path) -> bool:
+    """Whether ``work_dir`` holds a finished block to continue from: this process's, under
+    torchrun (each keeps its own slices' activations)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return resume_point(work_dir, int(os.environ.get("RANK", "0")) if world > 1 else None).is_file()
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -316,10 +388,11 @@ class _WorkDir:
         _atomic_write(self.path / _FINGERPRINT, data)
         self._fingerprint_sha = _sha256(data)
 
-    def save(self, run: _Calibrator, next_block: int, n: int, cache: ActivationCache) -> None:
+    def save(self, run: Calibrator, next_block: int, n: int, cache: ActivationCache) -> None:
         """The resume point after block ``next_block - 1``: its progress and its outputs."""
         manifest = self.path / _MANIFEST
-        if any(grp.stat is not None for grp in run.groups.values()):
+        snapshot = run.snapshot()
+        if snapshot is None:
             # A layer called from several blocks (shared weights) is still being fed: its
             # statistic is not saved, so no resume point is valid until it closes (and the
             # previous one's inputs are about to go).
@@ -327,9 +400,10 @@ class _WorkDir:
             self._drop_progress()
             return
         name = f"progress-{next_block}.pt"
+        progress = {"next_block": next_block, "batches": n, **snapshot}
         files = {
             _FINGERPRINT: self._fingerprint_sha,
-            name: save_hashed(_state(run, next_block, n), self.path / name),
+            name: save_hashed(progress, self.path / name),
         }
         for j, sha in sorted(cache.digests(next_block).items()):
             files[f"activations/{cache.relative(next_block, j)}"] = sha
@@ -344,7 +418,7 @@ class _WorkDir:
         self._progress = None
 
     def resume(
-        self, run: _Calibrator, fingerprint: dict, blocks: int, cache: ActivationCache
+        self, run: Calibrator, fingerprint: dict, blocks: int, cache: ActivationCache
     ) -> tuple[int, int]:
         """Restore ``run`` from the resume point; returns (the next block, the batches).
 
@@ -408,41 +482,11 @@ def _full_fingerprint(part: Partition, settings: CalibrationSettings, extra: dic
     }
 
 
-def _state(run: _Calibrator, next_block: int, n: int) -> dict:
-    """What ``torch.load(weights_only=True)`` restores: tensors, numbers, strings."""
-    groups = {}
-    for g, grp in run.groups.items():
-        if grp.final is None:
-            continue
-        groups[g] = {
-            "final": vars(grp.final),
-            "n_rows": grp.n_rows,
-            "seen": grp.seen,
-            "runs": grp.runs,
-            "component_ok": grp.component_ok,
-            "ratios": grp.ratios,
-        }
-    return {
-        "next_block": next_block,
-        "batches": n,
-        "groups": groups,
-        "converged_at": {m: at for m, at in run.converged_at.items() if at is not None},
-    }
-
-
-def _restore(run: _Calibrator, state: dict, blocks: int) -> tuple[int, int]:
-    start, n = state["next_block"], state["batches"]
+def _restore(run: Calibrator, progress: dict, blocks: int) -> tuple[int, int]:
+    start, n = progress["next_block"], progress["batches"]
     if not (isinstance(start, int) and 0 < start <= blocks and isinstance(n, int) and n > 0):
         raise ValueError("next_block or batches out of range")
-    for g, rec in state["groups"].items():
-        grp = run.groups[g]
-        grp.final = Components(**rec["final"])
-        grp.n_rows, grp.seen, grp.runs = rec["n_rows"], rec["seen"], rec["runs"]
-        grp.component_ok, grp.ratios = rec["component_ok"], rec["ratios"]
-    unknown = set(state["converged_at"]) - set(run.converged_at)
-    if unknown:
-        raise KeyError(sorted(unknown)[0])
-    run.converged_at.update(state["converged_at"])
+    run.restore(progress)
     return start, n
 
 

@@ -20,11 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, first_line
-from .layers import kind_of, layer_of_module
-from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
-from .passes.layer_graph import forward_mismatch
-from .validate import check_tensor
+from ..config import AdapterSettings
+from ..errors import ConfigError, first_line
+from ..layers import kind_of, layer_of_module
+from ..lora import (
+    LoraAdapter,
+    LoraLayer,
+    ParamLoraLayer,
+    adapter_dtype,
+    refuse_adapted,
+    share_weights_copy,
+)
+from ..passes.layer_graph import forward_mismatch
+from ..passes.rewrite import rewrite
+from ..runtime import call_model
+from ..validate import check_tensor
 
 
 def _peft():
@@ -230,11 +240,17 @@ def save_peft(adapted: nn.Module, directory: str | Path, example: Any = None) ->
         card.unlink(missing_ok=True)
 
 
+def write(adapted: nn.Module, outdir: Path, example: Any) -> list[str]:
+    """``--format peft``: ``save_peft`` into ``outdir``. ``example`` (None: not checked) runs
+    through PEFT's wrappers first; there is none under ``--state`` without data, nor for a
+    model whose weights were never loaded whole."""
+    save_peft(adapted, outdir, example=example)
+    return ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def _check_runs(peft_model: nn.Module, adapted: nn.Module, example: Any) -> None:
     """Run ``example`` through ``peft_model``; a failure is a ``ConfigError`` that names the
     layers whose PEFT wrapper lacks the attribute the model asked for, if that was it."""
-    from .runtime import call_model
-
     try:
         with torch.no_grad():
             call_model(peft_model, example)
@@ -280,9 +296,6 @@ def from_peft_eva_state_dict(
     Rank 0 entries (PEFT writes them for layers whose variance did not make the cut, and
     then removes their LoRA) give no adapter, as in PEFT.
     """
-    from .config import AdapterSettings
-    from .passes.rewrite import _adapter_dtype, layer_scaling, rewrite
-
     refuse_adapted(model)
     settings = AdapterSettings(
         budget=budget, alpha=alpha, adjust_scaling_factors=adjust_scaling_factors, dropout=dropout
@@ -324,9 +337,9 @@ def from_peft_eva_state_dict(
         if reason is not None:
             raise ConfigError(f"{source}: {where}: {reason}: not adapted")
         weight = module.weight
-        _, scale = layer_scaling(A.shape[0], settings)
+        _, scale = settings.layer_scaling(A.shape[0])
         adapters[name] = LoraAdapter.build(
-            A.detach().to(device=weight.device, dtype=_adapter_dtype(weight)),
+            A.detach().to(device=weight.device, dtype=adapter_dtype(weight)),
             layer.out_features,
             None,
             scale,

@@ -1,9 +1,14 @@
-"""Reading torch.export archives (``.pt2``) without running code from them.
+"""The ``.pt2`` artefact: torch.export archives written, told by content, and read without
+running code from them.
 
-Takes the path of an archive written by ``torch.export.save`` and returns the
-``ExportedProgram`` stored in it as ``model``; :func:`input_shapes` reads the shapes its
-inputs were exported with (for the CLI's batch size and shape checks).
-``torch.export.load`` is not used: it unpickles parts of the archive with
+``export`` writes an adapted model as an archive (``write``: ``--format pt2``); ``zip_kind``
+tells a ``.pt2`` from TorchScript and a pickle by its entries; :func:`input_shapes` reads the
+shapes an archive's inputs were exported with, from which ``calibration_batches`` takes the
+batch size of one exported for a static batch, and checks the data against its shapes.
+
+:func:`load_exported_program` takes the path of an archive written by ``torch.export.save``
+and returns the ``ExportedProgram`` stored in it as ``model``. ``torch.export.load`` is not
+used: it unpickles parts of the archive with
 ``weights_only=False`` (code runs while loading), it turns strings from the archive into
 Python code (sympy expressions are ``eval``-ed, node names and attribute paths are pasted
 into generated source, guards are ``exec``-ed), and a node's target may name any function
@@ -30,18 +35,44 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .errors import ModelLoadError, first_line
-from .runtime import check_shapes
+from ..data import open_data
+from ..errors import DataError, ModelLoadError, first_line
+from ..passes.capture import export_program
+from ..runtime import check_shapes
+from .outdir import disk_errors, zip_target
 
 MODEL_NAME = "model"  # the program torch.export.save writes and torch.export.load returns
+
+
+def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
+    """Write ``adapted`` as a torch.export archive (``.pt2``) that ``torch.export.load`` reads.
+
+    ``example_inputs``: one batch as the model takes it (a dict is keyword arguments). Batch,
+    sequence and image dimensions stay dynamic where the model allows.
+    """
+    path = Path(path)
+    program = export_program(adapted, example_inputs)  # traced first: errors below are the disk's
+    with disk_errors(str(path)), zip_target(path) as f:
+        torch.export.save(program, f)
+    return path
+
+
+def write(adapted: nn.Module, outdir: Path, example: Any) -> list[str]:
+    """``--format pt2``: the adapted model as ``outdir/model.pt2``, traced on ``example``."""
+    program = export_program(adapted, example)
+    with zip_target(outdir / "model.pt2") as f:
+        torch.export.save(program, f)
+    return ["model.pt2"]
+
 
 # Strings the deserializer pastes into generated Python source must not be able to leave
 # their place in it: names are identifiers, other strings carry no quote, backslash or
@@ -916,6 +947,26 @@ def _reason(err: BaseException) -> str:
     )[0]
 
 
+def zip_kind(path: Path) -> str | None:
+    """What the zip archive ``path`` holds, told by its entries (all under one top folder):
+    ``"pt2"`` (torch.export.save: ``archive_format``, or the old format's
+    ``serialized_exported_program.json``), ``"torchscript"`` (torch.jit.save: ``code/``,
+    ``constants.pkl``), ``"pickle"`` (torch.save: ``data.pkl``); None for anything else."""
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads only the zip's directory
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):  # damaged
+        return None
+    prefix = names[0].split("/")[0] + "/" if names and "/" in names[0] else ""
+    if f"{prefix}archive_format" in names or any(
+        n.endswith("serialized_exported_program.json") for n in names
+    ):
+        return "pt2"
+    if f"{prefix}constants.pkl" in names or any(n.startswith(f"{prefix}code/") for n in names):
+        return "torchscript"
+    return "pickle" if f"{prefix}data.pkl" in names else None
+
+
 def input_shapes(path: str | Path) -> dict[str, tuple[int | None, ...]]:
     """The tensor inputs of the program in the torch.export archive ``path``, by name in call
     order, with their exported shapes (``None`` for a dynamic dimension).
@@ -959,3 +1010,45 @@ def check_batches(
     have the shapes the archive ``path`` was exported for (its static dimensions)."""
     for _ in check_shapes(str(path), shapes, batches):
         pass
+
+
+def calibration_batches(
+    model_path: str | Path,
+    data: str | Path,
+    batch_size: int,
+    *,
+    world: int = 1,
+    tell: Callable[[str], None] | None = None,
+    **reader: Any,
+) -> Iterable:
+    """``data`` in minibatches of ``batch_size`` for the model file ``model_path``
+    (``evagraph.data.open_data``; ``reader``: its options), tensor data checked against a
+    ``.pt2``'s input shapes. A program exported with a static batch dimension only runs
+    batches of that size: they are used instead (``tell``: how to say so; ``world``: the
+    processes a global batch is cut into), and a smaller last batch is dropped."""
+    shapes = input_shapes(model_path) if Path(model_path).is_file() else {}
+    static = static_batch_size(shapes)
+    name = Path(model_path).name
+    tell = tell or (lambda text: None)
+    if static is not None and batch_size != static * world:
+        batch_size = static * world
+        each = f" ({static} per process)" if world > 1 else ""
+        tell(f"evagraph: {name} was exported for batches of {static}: using --batch-size "
+             f"{batch_size}{each}")  # fmt: skip
+    batches = open_data(data, batch_size, **reader)
+    if not isinstance(batches, list):  # text, read lazily: not a .pt2's usual input
+        return batches
+    if static is not None:
+        last = batches[-1]
+        rows = (next(iter(last.values())) if isinstance(last, dict) else last).shape[0]
+        if rows < batch_size and len(batches) == 1:
+            raise DataError(
+                f"{data} holds {rows} sample(s), fewer than one batch of {batch_size}, the "
+                f"batch size {name} was exported for"
+            )
+        if rows < batch_size:
+            batches.pop()
+            tell(f"evagraph: dropping the last {rows} sample(s): {name} takes batches of "
+                 f"exactly {batch_size}")  # fmt: skip
+    check_batches(model_path, shapes, batches)
+    return batches

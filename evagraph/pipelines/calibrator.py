@@ -1,9 +1,7 @@
-"""Incremental-SVD pass: a probed graph and minibatches -> converged principal components.
-
-Takes the ``ProbedGraph`` from the probe pass, an iterable of batches and the settings, and
-returns a ``Calibration``: per decomposition (group of layers sharing an input), the top-k
-right-singular vectors of the mean-centred activation rows, their explained variance and
-ratio, and per layer whether and when it converged.
+"""The convergence loop's state: ``Calibrator``, which the pipelines drive one named step at
+a time, and which ``finish``es into the ``EvaState``: per decomposition (group of layers
+sharing an input), the top-k right-singular vectors of the mean-centred activation rows,
+their explained variance and ratio, and per layer whether and when it converged.
 
 Each group streams its rows into a statistic from ``evagraph.stats`` (exact for narrow rows,
 a rank-max(2k + 4, k + 12) incremental SVD for wide ones), which gives current components after
@@ -12,47 +10,28 @@ Convergence follows the EVA spec: after each batch, component i of a group has c
 when |cos(current_i, previous_i)| >= tau; a layer has converged when the components its
 current rank allotment (the allocation pass, re-run every batch) needs have; groups whose
 layers all converged stop being probed (and their statistics leave the GPU), and start again
-if an allotment grows. Per batch there is one host-device sync for all groups.
+if an allotment grows (whole-graph; block by block a layer needs every component with
+variance: ``all_components``). Per batch there is one host-device sync for all groups.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import CalibrationSettings
 from ..errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
+from ..passes.allocate import allocate
+from ..passes.probe import ProbeFailure, slice_to_probes
 from ..runtime import batch_failed
+from ..state import EvaState
 from ..stats import Components, Statistic, Sync, flush_all, make_statistic
-from .allocate import allocate
-from .probe import ProbedGraph, ProbeFailure, slice_to_probes
-
-
-@dataclass
-class Calibration:
-    """Result of the incremental-SVD pass.
-
-    stats: group id -> Components. layer_group: target layer -> group id. converged: layer ->
-    whether its needed components converged. converged_at: layer -> minibatch (1-based) at
-    which it last became converged, None if it is not. batches: group -> the minibatches
-    (0-based) it consumed, as [start, stop) runs; a group pauses while its layers are
-    converged and resumes if an allotment grows. steps: minibatches run in all.
-    """
-
-    stats: dict[str, Components]
-    layer_group: dict[str, str]
-    converged: dict[str, bool]
-    converged_at: dict[str, int | None]
-    batches: dict[str, list[list[int]]]  # group -> consumed minibatches as [start, stop) runs
-    component_converged: dict[str, torch.Tensor]  # group -> per-component flags at the end
-    steps: int
-    unconverged: list[str] = field(default_factory=list)
+from .base import Traced
 
 
 @dataclass
@@ -77,12 +56,14 @@ class _Group:
             self.runs.append([step, step + 1])
 
 
-class _Calibrator:
-    """The loop's state between batches; ``calibrate`` drives it one named step at a time."""
+class Calibrator:
+    """The convergence loop's state between batches; a pipeline drives it one named step at a
+    time (``Whole.run``: forward, estimate, allocate, update_convergence per batch) and
+    ``finish``es it into the ``EvaState``."""
 
     def __init__(
         self,
-        probed: ProbedGraph,
+        traced: Traced,
         settings: CalibrationSettings,
         device: torch.device,
         *,
@@ -95,7 +76,9 @@ class _Calibrator:
         (instead of those its current allotment needs), so no allocation is needed.
         ``sync``: data parallel; statistics reduce over the processes, decisions follow
         process 0."""
-        self.probed, self.settings, self.device = probed, settings, device
+        self.traced, self.probed = traced, traced.probed
+        probed = traced.probed
+        self.settings, self.device = settings, device
         self.sync = sync
         widest = max(probed.dims.values(), default=0)
         if settings.budget > widest:  # more rank than any layer has: sized buffers would be huge
@@ -129,9 +112,23 @@ class _Calibrator:
         for p in self.probed.group_probes[g]:
             self.probed.probes[p].sinks_for(expert).append(grp.stat.update)
 
+    def open_new(self, groups: list[str]) -> None:
+        """Open those of ``groups`` that were neither opened nor closed yet."""
+        for g in groups:
+            if self.groups[g].stat is None and self.groups[g].final is None:
+                self.open(g)
+
+    def is_open(self, g: str) -> bool:
+        return self.groups[g].stat is not None
+
     def close(self, g: str) -> None:
-        """Finalise group ``g``: its components stay, its statistic and sinks go."""
+        """Finalise group ``g``: its components stay, its statistic and sinks go. With
+        ``all_components`` a group whose inputs showed no variance has nothing to converge
+        on: its layers count as converged (rank 0 whatever the budget)."""
         grp = self.groups[g]
+        if self.all_components and grp.ratios is not None and not bool((grp.ratios > 0).any()):
+            for m in grp.layers:
+                self.converged_at[m] = self.converged_at[m] or grp.seen
         for p in self.probed.group_probes[g]:
             sinks = self.probed.probes[p].sinks_for(self.probed.experts.get(g))
             sinks[:] = [s for s in sinks if getattr(s, "__self__", None) is not grp.stat]
@@ -150,15 +147,29 @@ class _Calibrator:
             if any(self.converged_at[m] is None for m in grp.layers)
         ]
 
-    def module_for(self, active: list[str], slicing: bool) -> torch.nn.Module:
+    def unconverged(self, groups: list[str]) -> list[str]:
+        """Those of ``groups`` that are open and have an unconverged layer."""
+        return [
+            g
+            for g in groups
+            if self.is_open(g) and any(self.converged_at[m] is None for m in self.groups[g].layers)
+        ]
+
+    def switch_probes(self, active: list[str], probes: list[str] | None = None) -> set[str]:
+        """Switch on the probes (of ``probes``, default all) that feed a group in ``active``,
+        and off the others of them; returns those switched on."""
+        names = self.probed.probes if probes is None else probes
+        live = {p for p in names if any(g in active for g in self.probe_groups[p])}
+        for p in names:
+            self.probed.probes[p].active = p in live
+        return live
+
+    def module_for(self, active: list[str]) -> torch.nn.Module:
         """Switch probes on for the active groups only; the graph cut to what they need."""
-        live = {p for p in self.probed.probes if any(g in active for g in self.probe_groups[p])}
-        for p, probe in self.probed.probes.items():
-            probe.active = p in live
-        key = frozenset(live)
+        key = frozenset(self.switch_probes(active))
         if key not in self._sliced:  # run only what the unconverged probes need
             self._sliced.clear()
-            self._sliced[key] = slice_to_probes(self.probed, live) if slicing else self.probed.gm
+            self._sliced[key] = slice_to_probes(self.probed, set(key))
         return self._sliced[key]
 
     def estimate(self, active: list[str], step: int) -> None:
@@ -274,62 +285,123 @@ class _Calibrator:
         self.sync.settle(error)
 
     def detach(self) -> None:
+        """Disconnect the statistics from the probes (the probed graph is done with)."""
         for probe in self.probed.probes.values():
             probe.sinks.clear()
             for sinks in probe.expert_sinks.values():
                 sinks.clear()
             probe.active = False
 
+    def steps(self) -> int:
+        """Minibatches consumed by the group that consumed most."""
+        return max((grp.seen for grp in self.groups.values()), default=0)
 
-def calibrate(
-    probed: ProbedGraph,
-    batches: Iterable[Any],
-    settings: CalibrationSettings,
-    forward: Callable[[torch.nn.Module, Any], Any],
-    *,
-    device: torch.device,
-    total: int | None = None,
-    progress: bool = True,
-    slicing: bool = True,
-    sync: Sync | None = None,
-) -> Calibration:
-    """Stream ``batches`` through ``probed.gm`` until every target layer converges.
+    def snapshot(self) -> dict | None:
+        """The state of the closed groups and the layers' convergence, as tensors, numbers and
+        strings (what ``torch.load(weights_only=True)`` restores); None while a group is open,
+        whose statistic it would not hold."""
+        if any(grp.stat is not None for grp in self.groups.values()):
+            return None
+        groups = {}
+        for g, grp in self.groups.items():
+            if grp.final is None:
+                continue
+            groups[g] = {
+                "final": vars(grp.final),
+                "n_rows": grp.n_rows,
+                "seen": grp.seen,
+                "runs": grp.runs,
+                "component_ok": grp.component_ok,
+                "ratios": grp.ratios,
+            }
+        converged_at = {m: at for m, at in self.converged_at.items() if at is not None}
+        return {"groups": groups, "converged_at": converged_at}
 
-    ``forward(module, batch)`` runs one batch (already on ``device``). Stops when all layers
-    converged, the batches run out, or ``settings.max_steps`` is reached; the last two warn
-    with ``ConvergenceWarning`` naming the unconverged layers. With ``slicing`` each batch
-    runs only the part of the graph that feeds probes still in use (``slice_to_probes``),
-    so a custom ``forward`` must return nothing it relies on (the model's outputs are cut).
-    ``sync``: data parallel (``evagraph.distributed``); ``batches`` are this process's slices.
-    """
-    run = _Calibrator(probed, settings, device, sync=sync)
-    steps = 0
-    if settings.max_steps is not None:
-        total = settings.max_steps if total is None else min(total, settings.max_steps)
-    bar = tqdm(total=total, desc="EVA calibration", unit="batch", disable=not progress)
-    ever: set[str] = set()  # layers that converged at some point
-    try:
-        for batch in batches:
-            active = run.active()
-            if not active or (settings.max_steps is not None and steps >= settings.max_steps):
-                break
-            run.forward(run.module_for(active, slicing), batch, forward, steps)
-            run.estimate(active, steps)
-            run.allocate()
-            run.update_convergence(steps)
-            steps += 1
-            bar.update(1)
-            now = {m for m, at in run.converged_at.items() if at is not None}
-            ever |= now
-            # A grown allotment re-opens a converged layer: the count goes down, and says why.
-            again = f", {len(ever - now)} re-opened (allotment grew)" if ever - now else ""
-            bar.set_postfix_str(f"{len(now)}/{len(run.converged_at)} layers converged{again}")
-    finally:
-        bar.close()
-        run.detach()
-    if steps == 0:
-        raise DataError("the calibration data is empty: no batch was produced")
-    return _finish(run, steps)
+    def restore(self, snapshot: dict) -> None:
+        """Continue from a ``snapshot``; a malformed one raises KeyError, TypeError or
+        ValueError (the caller says which file it came from)."""
+        for g, rec in snapshot["groups"].items():
+            grp = self.groups[g]
+            grp.final = Components(**rec["final"])
+            grp.n_rows, grp.seen, grp.runs = rec["n_rows"], rec["seen"], rec["runs"]
+            grp.component_ok, grp.ratios = rec["component_ok"], rec["ratios"]
+        unknown = set(snapshot["converged_at"]) - set(self.converged_at)
+        if unknown:
+            raise KeyError(sorted(unknown)[0])
+        self.converged_at.update(snapshot["converged_at"])
+
+    def finish(self, steps: int) -> EvaState:
+        """The statistics after ``steps`` minibatches: final components (solved tightly), and
+        the errors and warnings about what was seen."""
+        settings = self.settings
+        for g, grp in self.groups.items():
+            if grp.stat is not None:
+                self.close(g)
+        final = {g: grp.final for g, grp in self.groups.items()}
+        ok = {m: at is not None for m, at in self.converged_at.items()}
+        self._check_seen(final, ok)
+        unconverged = [m for m, v in ok.items() if not v]
+        if unconverged:
+            # Data parallel, every process decides alike; one shows the warning (the others
+            # still raise it if warnings are errors: --fail-unconverged).
+            quiet = self.sync is not None and not self.sync.main
+            with warnings.catch_warnings(record=True) if quiet else contextlib.nullcontext():
+                _warn_unconverged(steps, unconverged, settings.tau)
+        flags = {}
+        for g, grp in self.groups.items():
+            k = min(settings.max_components, self.probed.dims[g])
+            flags[g] = torch.zeros(k, dtype=torch.bool)
+            flags[g][: len(grp.component_ok)] = grp.component_ok[:k]
+        traced = self.traced
+        return EvaState(
+            settings=settings.to_dict(),
+            layers={name: traced.layer_graph.layers[name] for name in traced.selection.targets},
+            layer_group=self.layer_group,
+            components=final,
+            component_converged=flags,
+            converged=ok,
+            converged_at=dict(self.converged_at),
+            batches={g: grp.runs for g, grp in self.groups.items()},
+            steps=steps,
+            unconverged=unconverged,
+            skipped=traced.selection.skipped,
+            depth=dict(traced.layer_graph.graph.nodes(data="depth")),
+            capture=traced.capture,
+        )
+
+    def _check_seen(self, final: dict[str, Components], ok: dict[str, bool]) -> None:
+        """Raise ``DataError`` if the data was too little for the budget, or had no variance."""
+        settings = self.settings
+        # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
+        # the average rank, which is a data problem, not a degenerate statistic. Groups that
+        # converged had what they needed (e.g. no variance: rank 0 after one minibatch).
+        # An expert the router sent few rows to is the model's routing, not the data's fault:
+        # it gets rank 0 (the allocation and the report say why).
+        few = {
+            g: n
+            for g, grp in self.groups.items()
+            if (n := grp.n_rows) <= settings.budget
+            and not all(ok[m] for m in grp.layers)
+            and g not in self.probed.experts
+        }
+        if few:
+            g, n = min(few.items(), key=lambda item: item[1])
+            layers = ", ".join(self.groups[g].layers)
+            raise DataError(
+                f"layer(s) {layers} saw only {n} activation row(s): a PCA "
+                f"of n rows has at most n - 1 components, fewer than budget={settings.budget}; "
+                "provide more calibration data or lower the budget"
+            )
+        # No variance at any target layer: an error rather than a model without adapters, which
+        # would have nothing to train (and fail, or do nothing, far from the cause: the data).
+        if not any(
+            c is not None and bool((c.explained_variance > 0).any()) for c in final.values()
+        ):
+            raise DataError(
+                "the activations entering every target layer have zero variance (constant, zero, "
+                "or entirely masked inputs): EVA has no direction to initialise LoRA with; check "
+                "the calibration data (and attention_mask) and the layers before the targets"
+            )
 
 
 def _no_components(d: int, k: int) -> Components:
@@ -366,63 +438,4 @@ def _warn_unconverged(steps: int, unconverged: list[str], tau: float) -> None:
         "converge.",
         ConvergenceWarning,
         stacklevel=5,
-    )
-
-
-def _finish(run: _Calibrator, steps: int) -> Calibration:
-    """Final components (solved tightly), and the errors and warnings about what was seen."""
-    settings = run.settings
-    for g, grp in run.groups.items():
-        if grp.stat is not None:
-            run.close(g)
-    final = {g: grp.final for g, grp in run.groups.items()}
-    ok = {m: at is not None for m, at in run.converged_at.items()}
-    # n centred rows span at most n - 1 directions: fewer than r + 1 rows cannot give a layer
-    # the average rank, which is a data problem, not a degenerate statistic. Groups that
-    # converged had what they needed (e.g. no variance: rank 0 after one minibatch).
-    # An expert the router sent few rows to is the model's routing, not the data's fault:
-    # it gets rank 0 (the allocation and the report say why).
-    few = {
-        g: n
-        for g, grp in run.groups.items()
-        if (n := grp.n_rows) <= settings.budget
-        and not all(ok[m] for m in grp.layers)
-        and g not in run.probed.experts
-    }
-    if few:
-        g, n = min(few.items(), key=lambda item: item[1])
-        raise DataError(
-            f"layer(s) {', '.join(run.groups[g].layers)} saw only {n} activation row(s): a PCA "
-            f"of n rows has at most n - 1 components, fewer than budget={settings.budget}; "
-            "provide more calibration data or lower the budget"
-        )
-    # No variance at any target layer: an error rather than a model without adapters, which
-    # would have nothing to train (and fail, or do nothing, far from the cause: the data).
-    if not any(c is not None and bool((c.explained_variance > 0).any()) for c in final.values()):
-        raise DataError(
-            "the activations entering every target layer have zero variance (constant, zero, "
-            "or entirely masked inputs): EVA has no direction to initialise LoRA with; check "
-            "the calibration data (and attention_mask) and the layers before the targets"
-        )
-    unconverged = [m for m, v in ok.items() if not v]
-    if unconverged:
-        # Data parallel, every process decides alike; one shows the warning (the others
-        # still raise it if warnings are errors: --fail-unconverged).
-        quiet = run.sync is not None and not run.sync.main
-        with warnings.catch_warnings(record=True) if quiet else contextlib.nullcontext():
-            _warn_unconverged(steps, unconverged, settings.tau)
-    flags = {}
-    for g, grp in run.groups.items():
-        k = min(settings.max_components, run.probed.dims[g])
-        flags[g] = torch.zeros(k, dtype=torch.bool)
-        flags[g][: len(grp.component_ok)] = grp.component_ok[:k]
-    return Calibration(
-        final,
-        run.layer_group,
-        ok,
-        dict(run.converged_at),
-        {g: grp.runs for g, grp in run.groups.items()},
-        flags,
-        steps,
-        unconverged,
     )
