@@ -133,15 +133,6 @@ def _unpickle_hint(err: Exception) -> str:
     )
 
 
-def hf_weight_bytes(path: str | Path) -> int | None:
-    """Bytes of a Hugging Face directory's safetensors weights (None: not such a directory)."""
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        return None
-    files = list(path.glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files) if files else None
-
-
 def _load_hf(
     path: Path, allow_pickle: bool, trust_remote_code: bool, lazy: bool = False
 ) -> nn.Module:

@@ -14,12 +14,27 @@ import warnings
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from .errors import EvagraphWarning
 
-if TYPE_CHECKING:
-    from .report import Report
+
+class _Report(Protocol):
+    """What the pictures read of a ``report.Report``. A protocol, not the class: the report
+    imports this module (``Report.render``), so this one does not import it back."""
+
+    settings: dict
+    layers: list[Any]  # LayerReport
+    skipped: dict[str, str]
+    steps: int
+    unconverged: list[str]
+    capture: str
+    rewrite: str
+    run: dict
+
+    @property
+    def next_steps(self) -> list[str]: ...
+
 
 BLUE, RED, GREY = "#4c72b0", "#c44e52", "#8c8c8c"
 # viridis at 0, 1/4, 1/2, 3/4, 1: the heatmap's colour scale, interpolated in between
@@ -67,7 +82,7 @@ class _Row:
         return f"batch {self.steps}" if self.steps is not None else "-"
 
 
-def _rows(report: Report) -> list[_Row]:
+def _rows(report: _Report) -> list[_Row]:
     """The target layers in depth order (ties keep the report's order)."""
     unconverged = set(report.unconverged)
     return [
@@ -90,7 +105,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _settings(report: Report) -> dict:
+def _settings(report: _Report) -> dict:
     """The report's settings, flat: the adapter's, then the calibration's it does not repeat
     (reports before the split kept one flat dict)."""
     nested = [report.settings.get(k) for k in ("adapter", "calibration")]
@@ -100,7 +115,7 @@ def _settings(report: Report) -> dict:
     return {**adapter, **{k: v for k, v in calibration.items() if k not in adapter}}
 
 
-def _budget_and_cap(report: Report) -> tuple[int, int]:
+def _budget_and_cap(report: _Report) -> tuple[int, int]:
     """The average rank r and the per-layer cap round(r x rho) (0 where the settings lack them)."""
     settings = _settings(report)
     budget, rho = settings.get("budget"), settings.get("rho")
@@ -109,7 +124,7 @@ def _budget_and_cap(report: Report) -> tuple[int, int]:
     return budget, round(budget * rho) if isinstance(rho, (int, float)) else budget
 
 
-def _summary(report: Report, rows: list[_Row]) -> str:
+def _summary(report: _Report, rows: list[_Row]) -> str:
     """One line: layers, rank against the budget, minibatches, convergence."""
     budget, _ = _budget_and_cap(report)
     total = sum(r.rank for r in rows)
@@ -123,7 +138,7 @@ def _summary(report: Report, rows: list[_Row]) -> str:
     return line + f"; {len(report.skipped)} layer(s) skipped"
 
 
-def _run_line(report: Report) -> str:
+def _run_line(report: _Report) -> str:
     """Model, data, what calibration consumed, how long, and with which versions."""
     run = report.run
     parts = [f"{k} {run[k]}" for k in ("model", "data") if run.get(k)]
@@ -136,7 +151,7 @@ def _run_line(report: Report) -> str:
     return "; ".join(parts + ([", ".join(versions)] if versions else []))
 
 
-def report_table(report: Report) -> str:
+def report_table(report: _Report) -> str:
     """The report as terminal text: a summary line, one row per layer, the skipped layers."""
     rows = _rows(report)
     head = ("layer", "kind", "in->out", "rank", "converged at", "cum. var @ rank")
@@ -252,7 +267,7 @@ class _Chart:
         )
 
 
-def _rank_chart(report: Report, rows: list[_Row]) -> str:
+def _rank_chart(report: _Report, rows: list[_Row]) -> str:
     budget, cap = _budget_and_cap(report)
     chart = _Chart(rows, "rank per layer", 420)
     scale = chart.axis(max([cap, 1] + [r.rank for r in rows]), "rank (adapter size)")
@@ -307,7 +322,7 @@ def _variance_chart(rows: list[_Row]) -> str:
     return chart.svg()
 
 
-def _steps_chart(report: Report, rows: list[_Row]) -> str:
+def _steps_chart(report: _Report, rows: list[_Row]) -> str:
     chart = _Chart(rows, "minibatches to converge", 420, right=120)
     top = max([report.steps, 1] + [r.steps or 0 for r in rows])
     scale = chart.axis(top, "minibatches until the layer's components converged")
@@ -360,7 +375,7 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int], bad: list[
     return "\n".join([*out, "</table>"])
 
 
-def _html(report: Report) -> str:
+def _html(report: _Report) -> str:
     rows = _rows(report)
     bad = [r.name for r in rows if r.unconverged]
     status = (
@@ -426,7 +441,7 @@ def _html(report: Report) -> str:
 # --- PNG (matplotlib) -----------------------------------------------------------------------
 
 
-def _png(report: Report, path: Path) -> None:
+def _png(report: _Report, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.ticker import MaxNLocator
 
@@ -513,7 +528,7 @@ def _replace(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def render_report(report: Report, outdir: str | Path) -> list[Path]:
+def render_report(report: _Report, outdir: str | Path) -> list[Path]:
     """Write ``report.html`` to ``outdir``, and ``report.png`` if matplotlib is installed.
 
     The HTML is self-contained (inline SVG, no scripts): rank per layer in depth order,

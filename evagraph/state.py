@@ -273,6 +273,22 @@ def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> Eva
             f"{source}: group(s) {', '.join(sorted(set(n_rows) - set(groups))[:3])} have no layer"
         )
 
+    components, flags = _components_from(tensors, groups, layers, n_rows, max_components, source)
+    return _records_from(
+        meta, settings, layers, layer_group, components, flags, converged, converged_at, source
+    )
+
+
+def _components_from(
+    tensors: dict[str, torch.Tensor],
+    groups: dict[str, list[str]],
+    layers: dict[str, Layer],
+    n_rows: dict[str, int],
+    max_components: int,
+    source: str,
+) -> tuple[dict[str, Components], dict[str, torch.Tensor]]:
+    """Each group's components and per-component convergence flags, checked against its
+    layers' width and ``max_components``; no tensor may be left over."""
     components, flags = {}, {}
     for g, members in groups.items():
         first = layers[members[0]]
@@ -311,7 +327,23 @@ def _state_from(meta: Any, tensors: dict[str, torch.Tensor], source: str) -> Eva
         raise ModelLoadError(
             f"{source}: tensor(s) {', '.join(sorted(tensors)[:3])} belong to no group"
         )
+    return components, flags
 
+
+def _records_from(
+    meta: dict,
+    settings: dict,
+    layers: dict[str, Layer],
+    layer_group: dict[str, str],
+    components: dict[str, Components],
+    flags: dict[str, torch.Tensor],
+    converged: dict[str, bool],
+    converged_at: dict[str, int | None],
+    source: str,
+) -> EvaState:
+    """The state, with the records about calibration (batches consumed, steps, unconverged
+    and skipped layers, depths, capture) checked against its groups and layers."""
+    groups = {layer_group[name] for name in layers}
     batches = expect(meta, "batches", "an object", source, "batches")
     for g in batches:
         if g not in groups:

@@ -295,6 +295,14 @@ def _function_layer(
             return None, (_where(node, args, model), reason)
         rows = weight.shape[1] * math.prod(spec.kernel_size)
         layer = Layer(name, "conv", op, rows, weight.shape[0], wname, conv=spec)
+    _place(layer, weight, wname, node, model)
+    layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
+    return layer, None
+
+
+def _place(layer: Layer, weight: torch.Tensor, wname: str, node: fx.Node, model: nn.Module) -> None:
+    """Set where ``layer``'s adapter goes: ``module``, the module whose own call the op is, or
+    ``host``, the module the op runs in (the adapter then changes the weight it reads)."""
     # The op is a module of the model when it ran inside that module's forward on that
     # module's own weight (torch.export keeps the parameters and records nn_module_stack).
     owner_name = wname.rpartition(".")[0]
@@ -322,8 +330,6 @@ def _function_layer(
             layer.host = owner_name
     else:
         layer.host = _host(innermost, owner_name)
-    layer.inputs.append(args["input"].name if isinstance(args["input"], fx.Node) else "")
-    return layer, None
 
 
 def _host(innermost: str | None, owner: str) -> str | None:
@@ -585,6 +591,42 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
     ``model`` (the module ``gm`` was captured from) lets the pass report linear/conv modules
     that the graph never calls as layers, e.g. ones inside an opaque leaf module.
     """
+    layers, unsupported, layer_of_node, experts_of_node = _find_layers(gm, model)
+    model_is_graph = model is None or isinstance(model, fx.GraphModule)
+    if model_is_graph:  # a flat graph: no experts module to wrap
+        _drop_graph_experts(layers, unsupported, layer_of_node, experts_of_node)
+    graph = _data_flow(gm, layers, layer_of_node, experts_of_node)
+    outputs = _head_layers(gm, layer_of_node)
+    groups: dict[str, list[str]] = {}
+    by_key: dict[tuple, str] = {}
+    for name, layer in layers.items():
+        gid = by_key.setdefault(layer.row_key, f"g{len(by_key)}")
+        groups.setdefault(gid, []).append(name)
+    if model is not None:
+        for qualname, m in model.named_modules():
+            if qualname in layers or qualname in unsupported or module_kind(m) is None:
+                continue
+            if not any(layer.weight == f"{qualname}.weight" for layer in layers.values()):
+                unsupported[qualname] = (
+                    "not called as a layer in the captured graph (inside an opaque module, "
+                    "or unused)"
+                )
+    # Experts of one grouped matmul share its row order: the gather found for one applies
+    # to all calls on the same offsets (down_proj reads what gate_up_proj's rows became).
+    gathers = {la.offsets: la.gather for la in layers.values() if la.gather is not None}
+    for layer in layers.values():
+        if layer.expert is not None and layer.gather is None:
+            layer.gather = gathers.get(layer.offsets)
+    for name, reason in _batched_weights(gm, layers).items():
+        unsupported.setdefault(name, reason)
+    return LayerGraph(gm, layers, groups, outputs, unsupported, graph, model_is_graph)
+
+
+def _find_layers(
+    gm: fx.GraphModule, model: nn.Module | None
+) -> tuple[dict[str, Layer], dict[str, str], dict[fx.Node, str], dict[fx.Node, list[str]]]:
+    """The layers ``gm`` calls, the linear/conv weights it uses that are not adaptable (with
+    why), and per calling node its layer (the first, for a grouped matmul) and its experts."""
     layers: dict[str, Layer] = {}
     unsupported: dict[str, str] = {}
     layer_of_node: dict[fx.Node, str] = {}
@@ -619,19 +661,37 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
             # One node, several experts: the first stands for the node in the data flow.
             layer_of_node.setdefault(node, layer.name)
             experts_of_node.setdefault(node, []).append(layer.name)
+    return layers, unsupported, layer_of_node, experts_of_node
 
-    model_is_graph = model is None or isinstance(model, fx.GraphModule)
-    if model_is_graph:  # a flat graph: no experts module to wrap
-        for node, names in list(experts_of_node.items()):
-            if layers[names[0]].expert is None:
-                continue
-            for name in names:
-                layers.pop(name, None)
-            unsupported[names[0].rpartition("[")[0]] = (
-                "fused expert weights in a graph of its own (.pt2): not adapted yet; adapt "
-                "the model as a module"
-            )
-            del layer_of_node[node], experts_of_node[node]
+
+def _drop_graph_experts(
+    layers: dict[str, Layer],
+    unsupported: dict[str, str],
+    layer_of_node: dict[fx.Node, str],
+    experts_of_node: dict[fx.Node, list[str]],
+) -> None:
+    """Fused experts found in a model that is itself a graph: reported, not adapted (there is
+    no experts module to wrap)."""
+    for node, names in list(experts_of_node.items()):
+        if layers[names[0]].expert is None:
+            continue
+        for name in names:
+            layers.pop(name, None)
+        unsupported[names[0].rpartition("[")[0]] = (
+            "fused expert weights in a graph of its own (.pt2): not adapted yet; adapt "
+            "the model as a module"
+        )
+        del layer_of_node[node], experts_of_node[node]
+
+
+def _data_flow(
+    gm: fx.GraphModule,
+    layers: dict[str, Layer],
+    layer_of_node: dict[fx.Node, str],
+    experts_of_node: dict[fx.Node, list[str]],
+) -> nx.DiGraph:
+    """The layers as a graph: an edge where one layer's result reaches another without
+    passing through a third; node attribute ``depth``, the longest path from an input."""
     # Sources each node depends on without passing through a layer: layers and graph inputs.
     reach: dict[fx.Node, frozenset] = {}
     graph = nx.DiGraph()
@@ -654,39 +714,12 @@ def build_layer_graph(gm: fx.GraphModule, model: nn.Module | None = None) -> Lay
             reach[node] = frozenset(experts_of_node[node])
         else:
             reach[node] = upstream
-
-    outputs = _head_layers(gm, layer_of_node)
-
     depth: dict[str, int] = {}
     for name in nx.topological_sort(graph) if nx.is_directed_acyclic_graph(graph) else layers:
         preds = [depth[p] for p in graph.predecessors(name) if p in depth]
         depth[name] = 1 + max(preds, default=-1)
     nx.set_node_attributes(graph, depth, "depth")
-
-    groups: dict[str, list[str]] = {}
-    by_key: dict[tuple, str] = {}
-    for name, layer in layers.items():
-        gid = by_key.setdefault(layer.row_key, f"g{len(by_key)}")
-        groups.setdefault(gid, []).append(name)
-
-    if model is not None:
-        for qualname, m in model.named_modules():
-            if qualname in layers or qualname in unsupported or module_kind(m) is None:
-                continue
-            if not any(layer.weight == f"{qualname}.weight" for layer in layers.values()):
-                unsupported[qualname] = (
-                    "not called as a layer in the captured graph (inside an opaque module, "
-                    "or unused)"
-                )
-    # Experts of one grouped matmul share its row order: the gather found for one applies
-    # to all calls on the same offsets (down_proj reads what gate_up_proj's rows became).
-    gathers = {la.offsets: la.gather for la in layers.values() if la.gather is not None}
-    for layer in layers.values():
-        if layer.expert is not None and layer.gather is None:
-            layer.gather = gathers.get(layer.offsets)
-    for name, reason in _batched_weights(gm, layers).items():
-        unsupported.setdefault(name, reason)
-    return LayerGraph(gm, layers, groups, outputs, unsupported, graph, model_is_graph)
+    return graph
 
 
 _BATCHED_MATMULS = ("mm", "bmm", "matmul", "linear", "einsum", "baddbmm", "addmm", "grouped_mm")

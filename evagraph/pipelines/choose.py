@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import parse_size
 from ..errors import ConfigError
-from ..loading import hf_weight_bytes
 from ..onload import ShardedCheckpoint, has_offloaded_weights
 from ..runtime import model_device
 from .base import Pipeline
@@ -88,3 +87,12 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s parameters and buffers (each tensor once)."""
     tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def hf_weight_bytes(path: str | Path) -> int | None:
+    """Bytes of a Hugging Face directory's safetensors weights (None: not such a directory)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        return None
+    files = list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
