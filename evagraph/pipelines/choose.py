@@ -1,5 +1,7 @@
 """Which pipeline calibrates a model: the one decision between whole-graph and block-by-block
-calibration, for the Python API and the command line alike."""
+calibration, for the Python API and the command line alike. The pipelines are taken from the
+registry by name (``PIPELINES["whole"]``, ``PIPELINES["blockwise"]``), so a pipeline
+registered under one of those names runs wherever that one would."""
 
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ from ..config import parse_size
 from ..errors import ConfigError
 from ..onload import ShardedCheckpoint, has_offloaded_weights
 from ..runtime import model_device
-from .base import Pipeline
-from .blockwise import Blockwise
-from .whole import Whole
+from .base import PIPELINES, Pipeline
 
 
 def choose(
@@ -29,7 +29,8 @@ def choose(
     resume: bool = False,
     fingerprint: dict | None = None,
 ) -> Pipeline:
-    """``Whole()`` or ``Blockwise(...)`` for ``model``, from the caller's arguments.
+    """The ``"whole"`` or the ``"blockwise"`` pipeline for ``model``, from the caller's
+    arguments.
 
     Block by block when ``sequential`` says so; when it is None, when the model's weights are
     not all resident (accelerate offload, the meta device, or ``weights``: a Hugging Face
@@ -60,13 +61,13 @@ def choose(
             "(sequential=True, --sequential)"
         )
     if not sequential:
-        return Whole()
-    return Blockwise(
-        max_bytes,
-        ShardedCheckpoint(weights) if weights is not None else None,
-        Path(work_dir) if work_dir is not None else None,
-        resume,
-        fingerprint,
+        return PIPELINES["whole"]()
+    return PIPELINES["blockwise"](
+        max_bytes=max_bytes,
+        weights=ShardedCheckpoint(weights) if weights is not None else None,
+        work_dir=Path(work_dir) if work_dir is not None else None,
+        resume=resume,
+        fingerprint=fingerprint,
     )
 
 
