@@ -1,7 +1,7 @@
 """Rewrite pass: ranks and components -> the model with EVA-initialised LoRA adapters.
 
 ``init_adapters`` takes the ``LayerGraph``, the rank per target layer (allocation pass), each
-layer's ``Components`` (incremental-SVD pass) and the settings, and returns one ``LoraAdapter``
+layer's ``Components`` (a calibration pipeline) and the settings, and returns one ``LoraAdapter``
 per layer with rank > 0: ``A = V[:rank]`` (optionally whitened), ``B = 0``, scale
 ``alpha / r`` (``adjust_scaling_factors``) or ``alpha / rank``, so the output is unchanged
 until training moves B. ``rewrite`` splices adapters into the model and freezes every other

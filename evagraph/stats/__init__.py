@@ -1,4 +1,4 @@
-"""Streaming statistics of activation rows: what the incremental-SVD pass accumulates.
+"""Streaming statistics of activation rows: what the calibration pipelines accumulate.
 
 ``make_statistic(kind, dim, k, device)`` returns the statistic for one decomposition:
 ``ExactCovariance`` (a ``d x d`` second moment: the exact PCA of every row seen) for narrow

@@ -1,4 +1,5 @@
-"""The incremental-SVD pass: the convergence criterion, and whose fault an error is."""
+"""The convergence loop (pipelines/calibrator.py): the convergence criterion, and whose fault an
+error is."""
 
 import pytest
 import torch
