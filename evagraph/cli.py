@@ -28,7 +28,7 @@ from .errors import ConfigError, ConvergenceWarning, EvagraphError, EvagraphWarn
 from .formats import WRITERS, default_format, write_outputs
 from .formats.outdir import atomic_directory, check_apart, default_output
 from .formats.pt2 import calibration_batches, input_shapes
-from .loading import check_checkpoint, load_model
+from .loading import check_checkpoint, is_gguf, load_model
 from .pipelines import blockwise, choose, read_lazily
 from .render import render_report, report_table
 from .report import Report
@@ -147,9 +147,9 @@ def main() -> None:
 @click.option(
     "--tokenizer",
     default=None,
-    type=click.Path(file_okay=False),
-    help="Tokenizer directory for text --data (AutoTokenizer). [default: MODEL, when it is a "
-    "Hugging Face model directory]",
+    type=click.Path(),
+    help="Tokenizer directory for text --data (AutoTokenizer), or a GGUF file holding one. "
+    "[default: MODEL, when it is a Hugging Face model directory or a GGUF file]",
 )
 @click.option(
     "--max-length",
@@ -291,7 +291,9 @@ def compile_cmd(ctx: click.Context, **opts) -> None:
 
     MODEL is a torch.export archive (.pt2; recognised by content, whatever the suffix; not
     TorchScript), a local Hugging Face model directory
-    (save_pretrained, safetensors weights), a timm model name (random init, or --checkpoint),
+    (save_pretrained, safetensors weights), a GGUF file (llama.cpp's format, de-quantized to
+    float32 by transformers; its tokenizer tokenizes text --data), a timm model name (random
+    init, or --checkpoint),
     or a torch.save'd module (only with --allow-pickle: unpickling runs code from the file).
 
     OUTDIR gets adapter.safetensors + adapter.json (re-apply with evagraph.apply_adapter),
@@ -446,6 +448,8 @@ def _compile(job: _Job) -> None:
         if not job.main:
             return
         report.run.update(model=job.model, data=job.data)
+        if kind == "gguf":  # the adapters are for the de-quantized weights, not the file's
+            report.run["model_format"] = "GGUF, de-quantized to float32 by transformers"
         # the example batch: a format may run the model on it (not under --state without
         # data, nor for a model whose weights were never loaded whole)
         example = None if job.lazy else to_device(first, device)
@@ -542,7 +546,7 @@ def _load(job: _Job) -> tuple[torch.nn.Module, str, Any]:
         batches = calibration_batches(
             job.model, job.data, job.batch_size, model=module, tokenizer=job.tokenizer,
             seed=job.seed, processor=_image_processor(job.model) if kind == "hf" else None,
-            default_tokenizer=job.model if (Path(job.model) / "config.json").is_file() else None,
+            default_tokenizer=job.model if kind == "gguf" or kind == "hf" else None,
             trust_remote_code=job.trust_remote_code,
             world=int(os.environ.get("WORLD_SIZE", "1")),  # --batch-size is the global batch
             tell=(lambda text: click.echo(text, err=True)) if tell else None,
@@ -583,6 +587,8 @@ def _data_example(model: str) -> str:
     """The shortest working ``compile`` of ``model`` with data, as far as its files tell."""
     path = Path(model)
     run = f"evagraph compile {shlex.quote(model)}"
+    if path.is_file() and is_gguf(path):
+        return f"{run} --data corpus.txt (text documents, tokenized by the file's tokenizer)"
     if (path / "config.json").is_file():
         if (path / "preprocessor_config.json").is_file():
             return f"{run} --data ./images (a folder of images, preprocessed as {model} says)"

@@ -1,5 +1,5 @@
-"""Model files in: what MODEL names (a ``.pt2``, a Hugging Face directory, a timm name, a
-whole-module pickle), loaded without running code from it unless a flag says so."""
+"""Model files in: what MODEL names (a ``.pt2``, a Hugging Face directory, a GGUF file, a timm
+name, a whole-module pickle), loaded without running code from it unless a flag says so."""
 
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ def load_model(
     trust_remote_code: bool = False,
     lazy: bool = False,
 ) -> tuple[nn.Module, str]:
-    """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf" or "timm".
+    """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf", "gguf" or "timm".
 
     MODEL is a torch.export archive (told by its content, whatever its suffix: a graph of
     ATen ops, read by :func:`evagraph.formats.pt2.load_exported_program`: no code from the file
     runs), a local Hugging Face model directory (``save_pretrained``; safetensors weights), a
+    GGUF file (llama.cpp's format, told by its magic bytes: transformers de-quantizes its
+    weights to float32; needs the ``gguf`` package), a
     timm model name (random init, or ``checkpoint``: a local state dict), or a whole-module
     pickle, which executes code while loading and so is refused unless ``allow_pickle``
     (which also lets a ``.pt2`` hold pickles the safe unpickler refuses). A TorchScript
@@ -51,6 +53,8 @@ def load_model(
         raise ModelLoadError(
             f"model not found: {spec} is neither a file, a directory, nor a timm model name"
         )
+    if is_gguf(path):
+        return _load_gguf(path), "gguf"
     kind = zip_kind(path)  # by content: a torch.export archive may be named model.pt
     if kind == "torchscript":
         raise ModelLoadError(
@@ -186,6 +190,35 @@ def _load_hf(
             f"cannot load HF model from {path}: {first_line(err)}"
             + ("" if allow_pickle else " (safetensors weights are required without --allow-pickle)")
         ) from err
+    return model.eval()
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a GGUF file (its first four bytes are ``GGUF``), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _load_gguf(path: Path) -> nn.Module:
+    """The causal language model in the GGUF file ``path``, de-quantized to float32 by
+    transformers (its architecture and config come from the file's metadata; no code runs)."""
+    import transformers
+
+    try:
+        import gguf  # noqa: F401  (transformers reads the file with it)
+    except ImportError as err:
+        raise ModelLoadError(
+            f"{path} is a GGUF file: reading it needs the gguf package (pip install gguf)"
+        ) from err
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
+        )
+    except Exception as err:
+        raise ModelLoadError(f"cannot load GGUF model {path}: {first_line(err)}") from err
     return model.eval()
 
 

@@ -142,6 +142,8 @@ def _run_line(report: _Report) -> str:
     """Model, data, what calibration consumed, how long, and with which versions."""
     run = report.run
     parts = [f"{k} {run[k]}" for k in ("model", "data") if run.get(k)]
+    if run.get("model_format"):
+        parts[0:1] = [f"{parts[0]} ({run['model_format']})"] if parts else []
     if run.get("samples") is not None:
         tokens = f", {run['tokens']} tokens" if run.get("tokens") is not None else ""
         parts.append(f"{run['samples']} samples{tokens} consumed")

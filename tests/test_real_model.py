@@ -128,3 +128,27 @@ def test_peft_export_loads_onto_the_gguf_model(smollm2, batches, tmp_path):
     with torch.no_grad():
         x = batches[0]
         torch.testing.assert_close(loaded(**x).logits, adapted(**x).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_cli_on_the_gguf_file_with_its_own_tokenizer(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import evagraph_cmd
+
+    try:
+        gguf = real.gguf_file()
+    except real.Unavailable as err:
+        pytest.skip(f"the real model is not available here: {err}")
+    docs = dict(list(real.splits()["calibration"].items())[:16])
+    real.write_jsonl(docs, tmp_path / "corpus.jsonl")
+    proc = subprocess.run(
+        [*evagraph_cmd(), "compile", str(gguf), "--data", "corpus.jsonl", "--max-length", "64",
+         "--batch-size", "4", "--targets", "*.layers.0.*", "--budget", "4", "--format", "peft",
+         "-o", "out", "-q"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["run"]["model_format"].startswith("GGUF")
+    assert report["run"]["tokens"] and len(report["layers"]) == 7

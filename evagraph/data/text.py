@@ -38,21 +38,29 @@ def is_text_source(path: str | Path) -> bool:
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained(path)`` from a local directory, as a one-line error.
+    """``AutoTokenizer.from_pretrained(path)`` from a local directory (or the tokenizer stored
+    in a GGUF model file), as a one-line error.
 
     Code shipped with the tokenizer (``auto_map`` in its ``tokenizer_config.json`` or
     ``config.json``) runs only with ``trust_remote_code``; without it transformers is told so
     explicitly, as otherwise it would ask on stdin whether to run the code.
     """
+    from ..loading import is_gguf
+
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"tokenizer {path}: not a directory (save_pretrained writes one)")
+    gguf = path.is_file() and is_gguf(path)
+    if not path.is_dir() and not gguf:
+        raise ConfigError(
+            f"tokenizer {path}: not a directory (save_pretrained writes one) nor a GGUF file"
+        )
     from transformers import AutoTokenizer
 
+    where = {"gguf_file": path.name} if gguf else {}
     try:
         return AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+            str(path.parent if gguf else path), local_files_only=True,
+            trust_remote_code=trust_remote_code, **where,
+        )  # fmt: skip
     except Exception as err:
         reason = first_line(err, typed=True)
         if "custom code" in reason or "trust_remote_code" in reason:
