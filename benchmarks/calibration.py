@@ -138,26 +138,27 @@ def worker(args) -> dict:
     rss0 = _start_peak(args.device)
     out: dict = {}
     if args.worker == "forward":  # per-pass times, batches in the order the methods use them
-        times = []
+        times, cpu = [], []
         with torch.no_grad():
             model(**batches[0])  # warm-up, as both methods get one
             for i in range(args.steps):
                 _sync(args.device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 model(**batches[i % len(batches)])
                 _sync(args.device)
                 times.append(time.perf_counter() - t)
-        out["times"] = times
+                cpu.append(time.process_time() - c)
+        out["times"], out["cpu_times"] = times, cpu
     elif args.worker == "evagraph":
         import evagraph
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state = evagraph.calibrate(
             model, batches, budget=args.r, rho=args.rho, tau=args.tau, progress=False,
             targets=[f"*.{n}" for n in TARGETS], statistic=args.statistic,
         )  # fmt: skip
         _sync(args.device)
-        out["seconds"] = time.perf_counter() - t
+        out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
         out["forwards"] = state.steps
         ranks = state.ranks(args.r, args.rho)
         out["ranks"] = ranks
@@ -191,12 +192,12 @@ def worker(args) -> dict:
             r=args.r, target_modules=TARGETS, init_lora_weights="eva",
             eva_config=peft.EvaConfig(rho=args.rho, tau=args.tau),
         )  # fmt: skip
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state = peft.get_eva_state_dict(
             model, batches, config, forward_fn=forward_fn, show_progress_bar=False
         )
         _sync(args.device)
-        out["seconds"] = time.perf_counter() - t
+        out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
         out["forwards"] = calls[0]
         out["ranks"] = {k: v.shape[0] for k, v in state.items()}
         out["components"] = {k: v.float().cpu().tolist() for k, v in state.items()}
@@ -243,6 +244,29 @@ def similarity(components: torch.Tensor, reference: torch.Tensor) -> float:
     (``reference`` orthonormal): 1.0 for the same subspace."""
     q, _ = torch.linalg.qr(components.double().T)
     return float(torch.linalg.svdvals(q.T @ reference.T).pow(2).mean())
+
+
+def captured(components: torch.Tensor, rows: float, total, xtx) -> float:
+    """The fraction of the variance of rows (count, sum, ``x^T x``) in the span of
+    ``components``: what LoRA's A rows keep of text they were not computed from."""
+    mean = total / rows
+    cov = (xtx - rows * torch.outer(mean, mean)) / (rows - 1)
+    q, _ = torch.linalg.qr(components.double().T)
+    return float(torch.trace(q.T @ cov @ q) / torch.trace(cov))
+
+
+def held_energy(acc: dict, method: str, result: dict, key_of, common_rank) -> tuple[float, float]:
+    """Mean over a method's adapted layers of the held-out variance its components capture,
+    at its own ranks and at the ranks both methods gave the layer."""
+    own, common = [], []
+    for n, r in result["ranks"].items():
+        if not r:
+            continue
+        comps = torch.tensor(result["components"][n])
+        own.append(captured(comps, *acc[key_of(method, n)]))
+        if c := common_rank(n):
+            common.append(captured(comps[:c], *acc[key_of(method, n)]))
+    return sum(own) / max(1, len(own)), sum(common) / max(1, len(common))
 
 
 def quality(args, results: dict) -> dict[str, dict[str, float]]:
@@ -357,6 +381,7 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
     del acc
     acc = accumulate(list(enumerate(held_out)), lambda name, i: {("held", name): 1})
     on_held = mean_similarity(acc, held_key, held_refs)
+    energy = {m: held_energy(acc, m, results[m], held_key, common_rank) for m in methods}
     out = {}
     for m in methods:
         # what the rows the method saw allow: their exact PCA against the held-out one
@@ -371,6 +396,8 @@ def quality(args, results: dict) -> dict[str, dict[str, float]]:
             "seen_common": on_seen[m][1],
             "heldout_common": on_held[m][1],
             "heldout_common_exact": sum(ceiling) / max(1, len(ceiling)),
+            "energy": energy[m][0],
+            "energy_common": energy[m][1],
         }
     return out
 
@@ -387,6 +414,7 @@ def compare(args, argv: list[str]) -> dict:
     plain = run_worker("forward", argv, steps=steps)
     for m in methods:
         results[m]["plain_seconds"] = sum(plain["times"][: results[m]["forwards"]])
+        results[m]["plain_cpu_seconds"] = sum(plain["cpu_times"][: results[m]["forwards"]])
         print(
             f"{m}: {results[m]['seconds']:.1f} s, {results[m]['forwards']} forwards, plain "
             f"{results[m]['plain_seconds']:.1f} s, peak {results[m]['peak_mb']:.0f} MB",
@@ -459,6 +487,8 @@ QUALITY = {
     "seen_common": "same ranks: seen",
     "heldout_common": "same ranks: held-out",
     "heldout_common_exact": "same ranks: held-out, exact PCA of the rows seen",
+    "energy": "held-out variance captured",
+    "energy_common": "same ranks: held-out variance captured",
 }
 
 
@@ -551,20 +581,21 @@ def main() -> None:
     extra = f"targets: {', '.join(TARGETS)}; quality against {args.heldout} held-out minibatches"
     lines = [
         *header(title, model_line(args, extra)),
-        "| method | wall s | forward passes | plain forwards s | x plain forwards | peak MB | "
-        + " | ".join(QUALITY.values())
-        + " | converged |",
-        "|---|---|---|---|---|---|" + "---|" * (len(QUALITY) + 1),
+        "| method | wall s | CPU s | forward passes | plain forwards s (CPU s) | x plain forwards "
+        "(CPU) | peak MB | " + " | ".join(QUALITY.values()) + " | converged |",
+        "|---|---|---|---|---|---|---|" + "---|" * (len(QUALITY) + 1),
     ]
     for m in (m for m in METHODS if m in results):
         r = results[m]
         lines.append(
-            f"| {m} | {r['seconds']:.1f} | {r['forwards']} | {r['plain_seconds']:.1f} "
-            f"| {r['seconds'] / r['plain_seconds']:.2f} | {r['peak_mb']:.0f} "
+            f"| {m} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['forwards']} "
+            f"| {r['plain_seconds']:.1f} ({r['plain_cpu_seconds']:.1f}) "
+            f"| {r['seconds'] / r['plain_seconds']:.2f} "
+            f"({r['cpu_seconds'] / r['plain_cpu_seconds']:.2f}) | {r['peak_mb']:.0f} "
             f"| {_similarities(r)} | {'yes' if r['converged'] else 'no (bound hit)'} |"
         )
     lines.append(
-        f"| plain forward | | | | 1.00 | {results['plain_peak_mb']:.0f} |"
+        f"| plain forward | | | | | 1.00 | {results['plain_peak_mb']:.0f} |"
         + " |" * (len(QUALITY) + 1)
     )
     if "evagraph" in results and "peft" in results:
@@ -572,7 +603,8 @@ def main() -> None:
         equal = sum(ours["ranks"][n] == theirs["ranks"].get(n) for n in ours["ranks"])
         lines += [
             "",
-            f"- evagraph vs PEFT: **{theirs['seconds'] / ours['seconds']:.1f}x faster**, "
+            f"- evagraph vs PEFT: **{theirs['seconds'] / ours['seconds']:.1f}x faster** "
+            f"({theirs['cpu_seconds'] / ours['cpu_seconds']:.1f}x in CPU seconds), "
             f"peak memory {ours['peak_mb']:.0f} MB vs {theirs['peak_mb']:.0f} MB, "
             f"per-layer ranks equal for {equal}/{len(ours['ranks'])} layers.",
         ]
