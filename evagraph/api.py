@@ -167,11 +167,11 @@ def adapt(
     """Adapters from saved statistics: allocation and initialisation only, no data needed.
 
     ``settings``: the fields of ``AdapterSettings`` (budget, rho, alpha,
-    adjust_scaling_factors, whiten, dropout); budget and rho default to the calibration's,
-    and ``round(budget * rho)`` may not exceed the components the state holds. The state's
-    layers must be the model's (same names, kinds and shapes). ``example`` (one batch) is
-    needed only if a layer is an op in a graph and the model is not a GraphModule. The
-    result shares the model's weights (see ``transform``).
+    adjust_scaling_factors, whiten, dropout, use_dora, use_rslora); budget and rho default to
+    the calibration's, and ``round(budget * rho)`` may not exceed the components the state
+    holds. The state's layers must be the model's (same names, kinds and shapes). ``example``
+    (one batch) is needed only if a layer is an op in a graph and the model is not a
+    GraphModule. The result shares the model's weights (see ``transform``).
     """
     refuse_adapted(model)
     defaults = {k: state.settings[k] for k in ("budget", "rho") if k in state.settings}
@@ -222,6 +222,13 @@ def transform(
     start = time.monotonic()
     refuse_adapted(model)
     calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
+    if adapter.use_dora and any(p.is_meta for p in model.parameters()):
+        # refused now, not after calibration: init_magnitude would refuse every layer
+        raise ConfigError(
+            "use_dora: DoRA's magnitudes are the norms of the base weights, and this model's "
+            "are not resident (on the meta device: offloaded, or read from weights= block by "
+            "block); load them, or adapt without use_dora"
+        )
     device = resolve_device(device) if device is not None else None
     # device=None: a pipeline that runs the model where it is gets the copy moved there.
     pipeline = _pipeline(

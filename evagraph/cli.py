@@ -501,6 +501,12 @@ def _check_flags(job: _Job) -> None:
     job.lazy = read_lazily(
         job.model, sequential=job.sequential or job.resume, max_memory=job.max_memory
     )
+    if job.lazy and job.settings.get("use_dora"):
+        raise ConfigError(
+            "--dora: DoRA's magnitudes are the norms of the base weights, which block-by-block "
+            "calibration of a model directory never loads whole: adapt without --dora, or "
+            "without --sequential / --max-memory where the model fits"
+        )
     if job.lazy and job.fmt is not None and WRITERS[job.fmt].whole_model:
         raise ConfigError(
             f"--format {job.fmt} writes the whole model, which block-by-block calibration of a "

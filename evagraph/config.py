@@ -146,6 +146,19 @@ class AdapterSettings(_Ranks):
     )
     whiten: bool = _setting(False, "Divide A's rows by sqrt of their singular values.")
     dropout: float = _setting(0.0, "LoRA dropout.")
+    use_dora: bool = _setting(
+        False,
+        "DoRA: a trainable magnitude per output (the base weight's row norms, so the output "
+        "is the base model's at init) times the direction of W + scale x B A, as PEFT's "
+        "use_dora; linear, conv and HF Conv1D modules only.",
+        flag="--dora",
+    )
+    use_rslora: bool = _setting(
+        False,
+        "rsLoRA (PEFT's use_rslora): divide a layer's alpha by sqrt(rank) instead of rank; "
+        "with the default adjusted scaling the scale is then alpha x sqrt(rank) / r.",
+        flag="--rslora",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,10 +169,18 @@ class AdapterSettings(_Ranks):
 
     def layer_scaling(self, rank: int) -> tuple[float, float]:
         """(alpha, scale) of a layer of ``rank`` > 0, by the spec's rule: alpha scaled by
-        ``rank / budget`` (``adjust_scaling_factors``, PEFT's) or kept, and scale = alpha / rank.
+        ``rank / budget`` (``adjust_scaling_factors``, PEFT's EVA) or kept, and scale =
+        alpha / rank, or alpha / sqrt(rank) with ``use_rslora`` (PEFT's order: alpha is
+        adjusted first, then divided).
         """
         alpha = self.alpha * rank / self.budget if self.adjust_scaling_factors else self.alpha
-        return alpha, alpha / rank
+        return alpha, alpha / scale_divisor(rank, self.use_rslora)
+
+
+def scale_divisor(rank: int, rslora: bool) -> float:
+    """What LoRA's alpha is divided by to give a layer of ``rank`` its scale: the rank, or its
+    square root for rsLoRA (PEFT's ``use_rslora``)."""
+    return math.sqrt(rank) if rslora else rank
 
 
 def settings_from(

@@ -8,12 +8,13 @@ The kinds of adaptable layer each have one ``LayerKind`` instance here (``KINDS`
 linear, convolution, HF ``Conv1D`` (a linear stored (in, out)) and one expert of a fused MoE
 weight [E, ...]. A kind owns what differs between them: which modules it is
 (``layer_of_module``), the rows of its input (``rows``), its LoRA A/B modules and their merge
-delta (``adapter_modules``, ``delta``), its base weight's shape (``weight_shape``), its
-fields in the adapter manifest and EVA state (``manifest_fields``, ``read_manifest``,
-``read_saved``), how it is described (``describe``) and whether PEFT can express its adapter
-(``check_peft``). ``kind_of`` reads the kind off a Layer, an adapter or a manifest entry from
-their existing fields (``kind_from``); the saved ``Layer.kind`` stays "linear" or "conv"
-(``LayerKind.serial``), so files keep their format.
+delta (``adapter_modules``, ``delta``), where its outputs lie in its weight and its output
+(DoRA's per-output norms: ``output_norms``, ``on_output``, ``on_weight``), its base weight's
+shape (``weight_shape``), its fields in the adapter manifest and EVA state
+(``manifest_fields``, ``read_manifest``, ``read_saved``), how it is described (``describe``)
+and whether PEFT can express its adapter (``check_peft``). ``kind_of`` reads the kind off a
+Layer, an adapter or a manifest entry from their existing fields (``kind_from``); the saved
+``Layer.kind`` stays "linear" or "conv" (``LayerKind.serial``), so files keep their format.
 
 To add a kind: subclass ``LayerKind`` (or the kind it refines), override what differs, add
 the instance to ``KINDS`` and teach ``kind_from`` the saved fields that tell it apart.
@@ -183,6 +184,20 @@ class LayerKind:
         """``scale * B A`` shaped like the base weight (one expert's slice of it), float32."""
         return _product(adapter, grad)[0]
 
+    # --- DoRA: a magnitude per output, the norm of that output's weights (its row of W).
+    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of each output's weights in ``weight`` (shaped like the base weight),
+        shape (out,): DoRA's ``||W||_c``, computed as PEFT does."""
+        return torch.linalg.vector_norm(weight, dim=1)
+
+    def on_output(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``v`` (one value per output) shaped to broadcast against the layer's output."""
+        return v
+
+    def on_weight(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``v`` (one value per output) shaped to broadcast against the base ``weight``."""
+        return v[:, None]
+
     # --- Checks of saved layers against a model.
     def weight_shape(self, layer: Layer) -> tuple[int, ...]:
         """The shape the base weight has (for an expert, its slice of the fused weight)."""
@@ -259,6 +274,12 @@ class HFConv1DKind(LayerKind):
     def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
         return _product(adapter, grad)[0].T
 
+    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight, dim=0)
+
+    def on_weight(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v[None, :]
+
     def weight_shape(self, layer: Layer) -> tuple[int, ...]:
         return (layer.in_features, layer.out_features)
 
@@ -319,6 +340,15 @@ class ConvKind(LayerKind):
     def delta(self, adapter: Any, grad: bool = False) -> torch.Tensor:
         delta, A, B = _product(adapter, grad)  # B is 1x1, so B(A(x)) is one conv, weight B @ A
         return delta.reshape(B.shape[0], *A.shape[1:])
+
+    def output_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())))
+
+    def on_output(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *(1,) * (weight.dim() - 2))  # channels, then the spatial dims
+
+    def on_weight(self, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *(1,) * (weight.dim() - 1))
 
     def weight_shape(self, layer: Layer) -> tuple[int, ...]:
         kernel = layer.conv.kernel_size  # in_features = in_channels x kernel, by construction

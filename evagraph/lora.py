@@ -3,7 +3,9 @@
 ``LoraAdapter`` is the trainable update ``scale * B(A(dropout(x)))``; ``LoraLayer`` wraps a
 base layer and adds its adapter's output. The A/B modules and the merge delta depend on the
 layer's kind (``evagraph.layers.LayerKind``): linear A/B for linear layers, an A conv with the
-base kernel and a 1x1 B conv for convolutions.
+base kernel and a 1x1 B conv for convolutions. A DoRA adapter (``use_dora``) also holds a
+magnitude per output, and its ``LoraLayer`` computes ``m * (W + scale B A) / ||W + scale B A||``
+(per output) as PEFT's DoRA does (``LoraAdapter.dora``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import scale_divisor
 from .errors import ConfigError
 from .layers import ConvSpec, kind_from, kind_of
 
@@ -26,7 +29,12 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class LoraAdapter(nn.Module):
-    """``scale * B(A(dropout(x)))``, computed in the adapter's dtype, returned in x's."""
+    """``scale * B(A(dropout(x)))``, computed in the adapter's dtype, returned in x's.
+
+    ``use_rslora``: ``scaling`` is alpha / sqrt(rank), not alpha / rank (what ``alpha`` reads
+    back). ``magnitude`` (DoRA, one value per output; see ``init_magnitude``): the trainable
+    ``lora_magnitude_vector``, PEFT's name; None for plain LoRA.
+    """
 
     def __init__(
         self,
@@ -39,11 +47,18 @@ class LoraAdapter(nn.Module):
         weight_transposed: bool = False,
         host: str | None = None,
         expert: int | None = None,
+        *,
+        use_rslora: bool = False,
+        magnitude: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
+        self.use_rslora = use_rslora
+        self.register_parameter(
+            "lora_magnitude_vector", None if magnitude is None else nn.Parameter(magnitude)
+        )
         self.layer_name = layer_name  # qualified name of the layer it adapts
         # Where the base weight lives in the un-adapted model, and whether it is stored
         # (in, out) like HF Conv1D: what merging needs.
@@ -57,6 +72,15 @@ class LoraAdapter(nn.Module):
     def rank(self) -> int:
         return self.lora_A.weight.shape[0]
 
+    @property
+    def alpha(self) -> float:
+        """LoRA's alpha: ``scaling`` times the rank (its square root for rsLoRA)."""
+        return self.scaling * scale_divisor(self.rank, self.use_rslora)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return (self.lora_B(h) * self.scaling).to(x.dtype)
@@ -65,6 +89,60 @@ class LoraAdapter(nn.Module):
         """``scale * B A`` shaped like the base weight (one expert's slice of it), float32:
         what merging adds to it; with ``grad``, differentiable (weight-space adapters)."""
         return kind_of(self).delta(self, grad)
+
+    # --- DoRA.
+    def dora_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + scale B A||`` per output of the base ``weight``, float32, detached: the
+        DoRA paper (section 4.3) and PEFT treat it as a constant in the gradient."""
+        delta = self.delta_weight().to(weight.device)
+        with torch.no_grad():
+            return kind_of(self).output_norms(weight.float() + delta)
+
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """Make this a DoRA adapter of the base ``weight``: magnitude = ``dora_norms(weight)``,
+        which is ``||W||`` while B is zero, so the layer computes exactly what its base does.
+
+        Raises ``ConfigError`` naming the layer where the weight's values are not at hand
+        (meta device) or are no floats (quantized), or where an output's weights are all
+        zero: its direction ``W / ||W||`` is 0 / 0 there (PEFT's DoRA gives NaN).
+        """
+        where = f"layer {self.layer_name}: use_dora"
+        if weight.is_meta:
+            raise ConfigError(
+                f"{where}: DoRA's magnitude is the norm of the base weight, and "
+                f"{self.base_weight} is not resident (on the meta device: offloaded, or loaded "
+                "block by block); load the model's weights, or adapt without use_dora"
+            )
+        if not weight.is_floating_point():
+            raise ConfigError(
+                f"{where}: the base weight {self.base_weight} is {weight.dtype} (quantized?), "
+                "and DoRA needs its values to normalise it; adapt without use_dora"
+            )
+        norms = self.dora_norms(weight)
+        if not bool((norms > 0).all()):
+            raise ConfigError(
+                f"{where}: {int((norms == 0).sum())} output(s) of {self.base_weight} have all "
+                "weights zero, whose direction W / ||W|| DoRA cannot take (PEFT's gives NaN); "
+                "exclude the layer, or adapt without use_dora"
+            )
+        self.lora_magnitude_vector = nn.Parameter(norms.to(self.lora_A.weight.dtype))
+
+    def dora(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """What DoRA adds to ``base_out = base_layer(x)``: ``(f - 1) W x + f scale B A x``,
+        ``f = m / ||W + scale B A||`` per output, so that the layer computes
+        ``f (W + scale B A) x + bias``. As PEFT's: ``W x`` is the base output less its bias,
+        or, while dropout is active, the base layer of the dropped input that B A sees too."""
+        weight, kind = base_layer.weight, kind_of(self)
+        dtype = self.lora_A.weight.dtype
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            x = self.lora_dropout(x)
+            base_out = base_layer(x)
+        plain = base_out.to(dtype)
+        if getattr(base_layer, "bias", None) is not None:
+            plain = plain - kind.on_output(base_layer.bias.to(dtype), weight)
+        f = kind.on_output(self.lora_magnitude_vector / self.dora_norms(weight).to(dtype), weight)
+        lora = self.lora_B(self.lora_A(x.to(dtype))) * self.scaling
+        return ((f - 1) * plain + f * lora).to(base_out.dtype)
 
     @classmethod
     def build(
@@ -79,25 +157,31 @@ class LoraAdapter(nn.Module):
         weight_transposed: bool = False,
         host: str | None = None,
         expert: int | None = None,
+        *,
+        use_rslora: bool = False,
+        magnitude: torch.Tensor | None = None,
     ) -> LoraAdapter:
         """An adapter whose A rows are ``A`` (rank x d) and whose B is zero."""
         kind = kind_from("linear" if conv is None else "conv", weight_transposed, expert)
         lora_A, lora_B = kind.adapter_modules(A, out_features, conv)
         return cls(
             lora_A, lora_B, scaling, dropout, layer_name, base_weight, weight_transposed, host,
-            expert,
+            expert, use_rslora=use_rslora, magnitude=magnitude,
         )  # fmt: skip
 
 
 class LoraLayer(nn.Module):
-    """A base layer plus a LoRA adapter: ``base_layer(x) + lora(x)``."""
+    """A base layer plus a LoRA adapter: ``base_layer(x) + lora(x)`` (DoRA: ``lora.dora``)."""
 
     def __init__(self, base_layer: nn.Module, lora: LoraAdapter) -> None:
         super().__init__()
         self.base_layer, self.lora = base_layer, lora
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs) + self.lora(x)
+        out = self.base_layer(x, *args, **kwargs)
+        if self.lora.use_dora:  # DoRA rescales the base output too: it needs it and W
+            return out + self.lora.dora(x, out, self.base_layer)
+        return out + self.lora(x)
 
     def __getattr__(self, name: str):
         # Code that reads e.g. `layer.weight` or `layer.in_features` keeps working.
@@ -233,12 +317,16 @@ def _held_tensors(value: Any, depth: int = 4) -> list[torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights of ``model`` keyed ``{layer}.lora_A.weight`` / ``{layer}.lora_B.weight``."""
+    """The LoRA weights of ``model`` keyed ``{layer}.lora_A.weight`` / ``{layer}.lora_B.weight``,
+    and DoRA's ``{layer}.lora_magnitude_vector`` (PEFT's key) where there is one."""
     state = {}
     for module in model.modules():
         if isinstance(module, LoraAdapter):
             state[f"{module.layer_name}.lora_A.weight"] = module.lora_A.weight.detach()
             state[f"{module.layer_name}.lora_B.weight"] = module.lora_B.weight.detach()
+            if module.use_dora:
+                magnitude = module.lora_magnitude_vector.detach()
+                state[f"{module.layer_name}.lora_magnitude_vector"] = magnitude
     return state
 
 

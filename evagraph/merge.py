@@ -12,6 +12,11 @@ go on. ``merge`` marks its result with the adapters it folded in (attribute ``ME
 that ``unmerge`` can refuse a model that never held them: subtracting deltas from a base model
 would silently corrupt it.
 
+A DoRA adapter folds in as ``m * (W + delta) / ||W + delta||`` (per output, PEFT's merge).
+Every output of the result has norm ``m`` whatever ``||W + delta||`` was, so that norm cannot
+be read back from the merged weight: ``merge`` records it (attribute ``DORA_NORMS``, as PEFT
+caches it on the layer) and ``unmerge`` needs that record.
+
 Neither copies the model's weights nor writes into them: the result is a new module tree
 (``share_weights_copy``) over the input's weights, in which each folded layer gets a new
 weight tensor. A weight tied to a layer without an adapter is untied by this: that layer keeps
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,11 +37,14 @@ from torch import nn
 from .attach import attach_adapters, check_adapters
 from .errors import ConfigError
 from .formats.adapter import load_adapters
+from .layers import kind_of
 from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
 from .passes.layer_graph import forward_mismatch
 
 # Attribute of a merged model: the names of the layers whose adapters were folded into it.
 MERGED = "evagraph_merged"
+# Attribute of a merged model with DoRA adapters: {layer: ||W + delta|| per output} at merge.
+DORA_NORMS = "evagraph_dora_norms"
 
 
 def _refuse_unfoldable(pairs: list[tuple[LoraAdapter, nn.Module]]) -> None:
@@ -66,10 +75,12 @@ def _fold(
     adapters: list[LoraAdapter],
     sign: float,
     folded: dict[int, str],
+    norms: dict[str, torch.Tensor],
 ) -> None:
     """Set ``owner.attr`` to a new Parameter ``W + sign * delta`` of ``adapters``: one adapter,
     or the experts of a fused weight, each into its slice (one new tensor for all of them). W
-    is shared with the model merge/unmerge was given, so it is replaced, never written."""
+    is shared with the model merge/unmerge was given, so it is replaced, never written. A DoRA
+    adapter (a module's, alone on its weight) folds by ``_dora_fold``, with ``norms``."""
     weight = getattr(owner, attr)
     new = weight.to(torch.float32, copy=True)
     for adapter in adapters:
@@ -96,18 +107,65 @@ def _fold(
                 f"adapter {adapter.layer_name}: delta {tuple(delta.shape)} does not fit base "
                 f"weight {adapter.base_weight} {tuple(weight.shape)}"
             )
-        target += sign * delta
+        if adapter.use_dora:
+            target.copy_(_dora_fold(adapter, target, delta, sign, norms))
+        else:
+            target += sign * delta
     setattr(owner, attr, nn.Parameter(new.to(weight.dtype), requires_grad=weight.requires_grad))
 
 
+def _dora_fold(
+    adapter: LoraAdapter,
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    sign: float,
+    norms: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Merging (``sign`` > 0): ``f (W + delta)`` with ``f = m / ||W + delta||`` per output,
+    the norms recorded in ``norms``; unmerging: ``W' / f - delta`` with the recorded norms
+    (``_check_dora_unmerge`` made sure they are there). Float32, as ``weight`` and ``delta``."""
+    kind, name = kind_of(adapter), adapter.layer_name
+    magnitude = adapter.lora_magnitude_vector.detach().float().to(weight.device)
+    if sign > 0:
+        norms[name] = adapter.dora_norms(weight)  # what the forward divides by
+        return kind.on_weight(magnitude / norms[name], weight) * (weight + delta)
+    factor = kind.on_weight(magnitude / norms[name].to(weight.device), weight)
+    return weight / factor - delta
+
+
+def _check_dora_unmerge(adapters: Iterable[LoraAdapter], norms: dict[str, torch.Tensor]) -> None:
+    """Raise ``ConfigError`` naming a DoRA adapter whose merge cannot be undone: its norms
+    were not recorded on the merged model (it was saved and reloaded, or copied), or some
+    magnitude is zero (that output of the merged weight is zero, whatever W was)."""
+    for a in adapters:
+        if not a.use_dora:
+            continue
+        if a.layer_name not in norms:
+            raise ConfigError(
+                f"layer {a.layer_name}: a DoRA adapter's merge cannot be undone without the norms "
+                "||W + scale B A|| that evagraph.merge recorded on the model it returned (a "
+                "merged model saved and reloaded, or copied, has lost them): re-apply the "
+                "adapter to the base model instead (evagraph.apply_adapter)"
+            )
+        if not bool((a.lora_magnitude_vector != 0).all()):
+            raise ConfigError(
+                f"layer {a.layer_name}: its DoRA magnitude is zero for some outputs, whose "
+                "weights the merge set to zero: the base weight cannot be recovered"
+            )
+
+
 def _fold_at(
-    model: nn.Module, adapters: list[LoraAdapter], sign: float, folded: dict[int, str]
+    model: nn.Module,
+    adapters: list[LoraAdapter],
+    sign: float,
+    folded: dict[int, str],
+    norms: dict[str, torch.Tensor],
 ) -> None:
     """``_fold`` into the parameter that ``adapters`` (all of one weight) name in ``model``."""
     name = adapters[0].base_weight
     model.get_parameter(name)  # AttributeError unless it is one
     owner, _, attr = name.rpartition(".")
-    _fold(model.get_submodule(owner), attr, adapters, sign, folded)
+    _fold(model.get_submodule(owner), attr, adapters, sign, folded, norms)
 
 
 def _by_weight(adapters) -> list[list[LoraAdapter]]:
@@ -136,6 +194,7 @@ def merge(model: nn.Module) -> nn.Module:
         + [(a, _owner(merged, a)) for a in graph_adapters if isinstance(a, LoraAdapter)]
     )
     found, folded = False, {}
+    norms: dict[str, torch.Tensor] = {}
     names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
     unwrapped: set[int] = set()
@@ -144,7 +203,7 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             found = True
             if id(module) not in unwrapped:
-                _fold(module.base_layer, "weight", [module.lora], +1.0, folded)
+                _fold(module.base_layer, "weight", [module.lora], +1.0, folded, norms)
                 unwrapped.add(id(module))
                 names.add(module.lora.layer_name)
             parent_name, _, child = name.rpartition(".")
@@ -154,7 +213,7 @@ def merge(model: nn.Module) -> nn.Module:
             for path in module.params:
                 owner, _, attr = path.rpartition(".")
                 adapters = module.adapters(path)
-                _fold(module.base_layer.get_submodule(owner), attr, adapters, +1.0, folded)
+                _fold(module.base_layer.get_submodule(owner), attr, adapters, +1.0, folded, norms)
                 names.update(a.layer_name for a in adapters)
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name), child, module.base_layer)
@@ -166,7 +225,7 @@ def merge(model: nn.Module) -> nn.Module:
             if not isinstance(adapter, LoraAdapter):
                 continue
             found = True
-            _fold_at(merged, [adapter], +1.0, folded)
+            _fold_at(merged, [adapter], +1.0, folded, norms)
             names.add(adapter.layer_name)
             for add in list(node.users):  # y + lora(x)  ->  y
                 if add.target is operator.add:
@@ -179,6 +238,8 @@ def merge(model: nn.Module) -> nn.Module:
         raise ConfigError("the model has no evagraph LoRA adapters to merge")
     merged.requires_grad_(True)
     setattr(merged, MERGED, sorted(names))
+    if norms:
+        setattr(merged, DORA_NORMS, norms)
     return merged
 
 
@@ -234,12 +295,15 @@ def unmerge(
             )
     check_adapters(merged, found, source)  # before any weight is changed
     _refuse_unfoldable([(a, _owner(merged, a)) for a in found.values() if a.host is None])
+    norms = getattr(merged, DORA_NORMS, {})
+    _check_dora_unmerge(found.values(), norms)
     work = share_weights_copy(merged)
     work.__dict__.pop(MERGED, None)
+    work.__dict__.pop(DORA_NORMS, None)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     folded: dict[int, str] = {}
     for adapter in found.values():
         adapter.to(device)
     for adapters in _by_weight(found.values()):
-        _fold_at(work, adapters, -1.0, folded)
+        _fold_at(work, adapters, -1.0, folded, norms)
     return attach_adapters(work, found, example, source=source)

@@ -157,7 +157,7 @@ def test_each_setting_reaches_the_report_from_where_it_was_set():
     assert calibration["budget"] == 2 and calibration["statistic"] == "auto"
     assert adapter == {
         "budget": 1, "rho": 2.0, "alpha": 4.0, "adjust_scaling_factors": True, "whiten": False,
-        "dropout": 0.0,
+        "dropout": 0.0, "use_dora": False, "use_rslora": False,
     }  # fmt: skip
 
 

@@ -1,9 +1,10 @@
 """The adapter files: the LoRA weights alone, written and read back with their checks.
 
 The adapter is two files in a directory: ``adapter.safetensors`` (``{layer}.lora_A.weight``,
-``{layer}.lora_B.weight``) and ``adapter.json``, a manifest with each layer's kind, rank,
-alpha, scaling, dropout, shapes and conv geometry, from which ``apply_adapter`` rebuilds the
-adapters on a base model.
+``{layer}.lora_B.weight``, and DoRA's ``{layer}.lora_magnitude_vector``) and ``adapter.json``,
+a manifest with each layer's kind, rank, alpha, scaling, dropout, shapes, conv geometry and
+whether it is DoRA / rsLoRA, from which ``apply_adapter`` rebuilds the adapters on a base
+model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ _FORMAT = "evagraph-adapter/1"
 
 # The manifest entry's keys, in the order written (kept so files stay byte-identical).
 _ENTRY_KEYS = ("name", "kind", "base_weight", "weight_transposed", "host", "expert", "rank",
-               "alpha", "scaling", "dropout", "lora_A_shape", "lora_B_shape", "conv")  # fmt: skip
+               "alpha", "scaling", "dropout", "lora_A_shape", "lora_B_shape", "conv",
+               "use_dora", "use_rslora")  # fmt: skip
 
 
 def _describe(adapter: LoraAdapter) -> dict:
@@ -39,11 +41,13 @@ def _describe(adapter: LoraAdapter) -> dict:
         "base_weight": adapter.base_weight,
         "host": adapter.host,
         "rank": adapter.rank,
-        "alpha": adapter.scaling * adapter.rank,
+        "alpha": adapter.alpha,
         "scaling": adapter.scaling,
         "dropout": dropout,
         "lora_A_shape": list(adapter.lora_A.weight.shape),
         "lora_B_shape": list(adapter.lora_B.weight.shape),
+        "use_dora": adapter.use_dora,
+        "use_rslora": adapter.use_rslora,
         **kind_of(adapter).manifest_fields(adapter),  # kind, weight_transposed, expert, conv
     }
     return {key: entry[key] for key in _ENTRY_KEYS}
@@ -66,7 +70,9 @@ def save_adapter(model: nn.Module, directory: str | Path, settings: dict | None 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _adapter_from(entry: _Entry, A: torch.Tensor, B: torch.Tensor) -> LoraAdapter:
+def _adapter_from(
+    entry: _Entry, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor | None
+) -> LoraAdapter:
     adapter = LoraAdapter.build(
         A.reshape(A.shape[0], -1),
         B.shape[0],
@@ -78,6 +84,8 @@ def _adapter_from(entry: _Entry, A: torch.Tensor, B: torch.Tensor) -> LoraAdapte
         entry.weight_transposed,
         entry.host,
         entry.expert,
+        use_rslora=entry.use_rslora,
+        magnitude=magnitude,
     )
     with torch.no_grad():
         adapter.lora_B.weight.copy_(B)
@@ -141,6 +149,8 @@ class _Entry:
     B_shape: list[int]
     host: str | None = None
     expert: int | None = None
+    use_dora: bool = False  # absent from files written before DoRA and rsLoRA: plain LoRA
+    use_rslora: bool = False
 
 
 def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
@@ -179,7 +189,12 @@ def _read_manifest(manifest: Any, source: str) -> list[_Entry]:
             B_shape=B_shape,
             host=host,
             expert=expert,
+            use_dora=expect(e, "use_dora", "a boolean", source, where, default=False),
+            use_rslora=expect(e, "use_rslora", "a boolean", source, where, default=False),
         )
+        if entries[name].use_dora and host is not None:
+            raise ModelLoadError(f"{source}: {where}: a DoRA adapter cannot change a weight "
+                                 f"inside module {host}")  # fmt: skip
     return list(entries.values())
 
 
@@ -223,7 +238,16 @@ def _adapters_from(
             raise ModelLoadError(
                 f"{where}: 'scaling' {entry.scaling:.4g} overflows the adapter's {A.dtype}"
             )
-        adapters[entry.name] = _adapter_from(entry, A, B)
+        magnitude = None
+        if entry.use_dora:  # one per output (a tensor left over otherwise: refused below)
+            key = f"{entry.name}.lora_magnitude_vector"
+            if key not in weights:
+                raise ModelLoadError(f"{where}: missing tensor {key} (the manifest says DoRA)")
+            magnitude = check_tensor(
+                weights.pop(key), f"layer {entry.name}: lora_magnitude_vector", source,
+                shape=(B.shape[0],),
+            )  # fmt: skip
+        adapters[entry.name] = _adapter_from(entry, A, B, magnitude)
     if weights:
         raise ModelLoadError(
             f"{source}: tensor(s) {', '.join(sorted(weights)[:3])} belong to no layer of the "

@@ -1,11 +1,11 @@
 """Interoperability with HF PEFT: write evagraph's adapters as a PEFT LoRA adapter.
 
 ``save_peft(adapted, directory)`` writes what ``peft.PeftModel.from_pretrained(base, directory)``
-loads (``adapter_config.json`` with ``target_modules``, ``rank_pattern``, ``alpha_pattern``;
-``adapter_model.safetensors`` with PEFT's key names) and which then computes what evagraph's
-model computes. The files are produced by PEFT itself (``get_peft_model`` on the base model,
-evagraph's A and B copied in, ``save_pretrained``), so the format is PEFT's own. Needs the
-``peft`` extra.
+loads (``adapter_config.json`` with ``target_modules``, ``rank_pattern``, ``alpha_pattern``,
+``use_dora``, ``use_rslora``; ``adapter_model.safetensors`` with PEFT's key names) and which
+then computes what evagraph's model computes. The files are produced by PEFT itself
+(``get_peft_model`` on the base model, evagraph's A, B and DoRA magnitudes copied in,
+``save_pretrained``), so the format is PEFT's own. Needs the ``peft`` extra.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdapterSettings
+from ..config import AdapterSettings, scale_divisor
 from ..errors import ConfigError, first_line
 from ..layers import kind_of, layer_of_module
 from ..lora import (
@@ -113,13 +113,25 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
         kind_of(adapters[name]).check_peft(name, adapters[name])
     for weight, group in params.items():
         _check_parameter(adapted, weight, group)
+    # A PEFT config has one use_dora and one use_rslora for all its layers.
+    for flag in ("use_dora", "use_rslora"):
+        values = {n: getattr(a, flag) for n, a in adapters.items()}
+        if len(set(values.values())) > 1:
+            on, off = (next(n for n, v in values.items() if v is b) for b in (True, False))
+            raise ConfigError(
+                f"layers {on} and {off}: one has {flag} and the other not, and a PEFT config "
+                f"holds one {flag} for all layers, so these adapters cannot be expressed in "
+                "PEFT's format"
+            )
+    rslora = any(a.use_rslora for a in adapters.values())
     ranks = {n: adapters[n].rank for n in wrapped}
-    alphas = {n: adapters[n].scaling * adapters[n].rank for n in wrapped}
+    alphas = {n: adapters[n].alpha for n in wrapped}
     for weight, group in params.items():
         if group[0].expert is None:
-            ranks[weight], alphas[weight] = group[0].rank, group[0].scaling * group[0].rank
+            ranks[weight], alphas[weight] = group[0].rank, group[0].alpha
         else:  # scale 1: each expert's own scale goes into its B
-            ranks[weight] = alphas[weight] = max(a.rank for a in group)
+            ranks[weight] = max(a.rank for a in group)
+            alphas[weight] = scale_divisor(ranks[weight], rslora)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(round(alphas[n], 9) for n in ranks if ranks[n] == r).most_common(1)[0][0]
     dropouts = {getattr(adapters[n].lora_dropout, "p", 0.0) for n in wrapped} | {0.0}
@@ -144,6 +156,8 @@ def peft_config_for(adapted: nn.Module, **extra) -> object:
         rank_pattern={key[n]: k for n, k in ranks.items() if k != r},
         alpha_pattern={key[n]: a for n, a in alphas.items() if abs(a - alpha) > 1e-9},
         lora_dropout=max(dropouts),
+        use_dora=any(a.use_dora for a in adapters.values()),
+        use_rslora=rslora,
         **extra,
     )
 
@@ -216,6 +230,9 @@ def to_peft(adapted: nn.Module) -> nn.Module:
                 )
             target.lora_A["default"].weight.copy_(module.lora_A.weight)
             target.lora_B["default"].weight.copy_(module.lora_B.weight)
+            if module.use_dora:  # PEFT's is (out,), or (1, out, 1, ...) for a conv
+                magnitude = target.lora_magnitude_vector["default"].weight
+                magnitude.copy_(module.lora_magnitude_vector.reshape(magnitude.shape))
             if abs(target.scaling["default"] - module.scaling) > 1e-6 * abs(module.scaling):
                 raise ConfigError(f"layer {module.layer_name}: PEFT scaling does not match")
     return peft_model

@@ -3,9 +3,10 @@
 ``init_adapters`` takes the ``LayerGraph``, the rank per target layer (allocation pass), each
 layer's ``Components`` (a calibration pipeline) and the settings, and returns one ``LoraAdapter``
 per layer with rank > 0: ``A = V[:rank]`` (optionally whitened), ``B = 0``, scale
-``alpha / r`` (``adjust_scaling_factors``) or ``alpha / rank``, so the output is unchanged
-until training moves B. ``rewrite`` splices adapters into the model and freezes every other
-parameter; ``apply_adapter`` reuses it for adapters loaded from disk.
+``alpha / r`` (``adjust_scaling_factors``) or ``alpha / rank`` (``sqrt(rank)`` for rsLoRA),
+with DoRA a magnitude of ``||W||`` per output, so the output is unchanged until training moves
+B. ``rewrite`` splices adapters into the model and freezes every other parameter;
+``apply_adapter`` reuses it for adapters loaded from disk.
 
 Two ways of splicing the same ``LoraAdapter`` in, chosen by what the model is:
 - every target is an ``nn.Module`` layer: that module is replaced by ``LoraLayer(base, lora)``
@@ -71,13 +72,18 @@ def init_adapters(
             EvagraphWarning,
             stacklevel=3,
         )
+    if settings.use_dora:
+        for name, rank in ranks.items():
+            if rank and layers[name].host is not None:
+                raise _no_dora(name, f"it is an op on {layers[name].weight} in module "
+                               f"{layers[name].host}")  # fmt: skip
     for name, rank in ranks.items():
         if rank == 0:
             continue
         layer, stats = layers[name], components[name]
         weight = model.get_parameter(layer.weight)
         _, scale = settings.layer_scaling(rank)
-        adapters[name] = LoraAdapter.build(
+        adapter = LoraAdapter.build(
             stats.lora_A(rank, settings.whiten).to(
                 device=(meta_device or torch.device("cpu")) if weight.is_meta else weight.device,
                 dtype=adapter_dtype(weight),
@@ -91,8 +97,20 @@ def init_adapters(
             weight_transposed=layer.weight_transposed,
             host=layer.host,
             expert=layer.expert,
+            use_rslora=settings.use_rslora,
         )
+        if settings.use_dora:
+            adapter.init_magnitude(weight)
+        adapters[name] = adapter
     return adapters
+
+
+def _no_dora(name: str, why: str) -> ConfigError:
+    """The refusal of DoRA for layer ``name``, which is no module a ``LoraLayer`` wraps."""
+    return ConfigError(
+        f"layer {name}: use_dora needs a linear/conv module to wrap (nn.Linear, nn.ConvNd, HF "
+        f"Conv1D: PEFT's DoRA kinds), but {why}: exclude the layer, or adapt without use_dora"
+    )
 
 
 def rewrite(
@@ -105,7 +123,16 @@ def rewrite(
     Wraps modules unless ``layer_graph`` is given and some layer is only an op in it, in
     which case ``layer_graph.gm`` is rewritten and returned. Freezes all other parameters.
     """
-    if layer_graph is not None and needs_graph_rewrite(layer_graph, adapters):
+    graph = layer_graph is not None and needs_graph_rewrite(layer_graph, adapters)
+    for name, adapter in adapters.items():
+        if adapter.use_dora and adapter.host is not None:
+            raise _no_dora(name, f"it is an op on {adapter.base_weight} in module {adapter.host}")
+        if adapter.use_dora and graph:
+            raise _no_dora(
+                name, "the adapters go into the model's graph (a loaded .pt2, or a layer that "
+                "is F.linear on a parameter)",
+            )  # fmt: skip
+    if graph:
         adapted = _splice_graph(layer_graph, adapters)
     else:
         # A module registered under several names (self.b = self.a) is one layer in the
