@@ -336,8 +336,12 @@ def refuse_adapted(model: nn.Module) -> None:
     Adapting such a model would put new adapters on the old ones' ``lora_A``/``lora_B``
     layers (they are linear/conv layers too) and calibrate through the old adapters. A
     ``.pt2`` exported from an adapted model keeps no adapter classes, only the parameter
-    names, so those are checked too.
+    names, so those are checked too. A ``torch.compile`` wrapper is refused too: Dynamo
+    skips hooks added after compilation, so probes would see nothing, and adapters spliced
+    into the eager module would not be in the compiled code.
     """
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "OptimizedModule", None)
     peft_types: tuple[type, ...] = ()
     if "peft" in sys.modules:  # PEFT objects can only exist if peft was imported
         from peft import PeftModel
@@ -346,6 +350,13 @@ def refuse_adapted(model: nn.Module) -> None:
         peft_types = (PeftModel, BaseTuner, BaseTunerLayer)
     for name, module in model.named_modules():
         where = f" (at {name})" if name else ""
+        if compiled is not None and isinstance(module, compiled):
+            inner = f"{name}._orig_mod" if name else "model._orig_mod"
+            raise ConfigError(
+                f"the model is compiled with torch.compile{where}: pass the eager module "
+                f"({inner}), then compile the adapted model (hooks added to a compiled model "
+                "are skipped, and adapters spliced into it would not be in its compiled code)"
+            )
         if isinstance(module, (LoraLayer, LoraAdapter)):
             raise ConfigError(
                 f"the model already carries evagraph LoRA adapters{where}: pass the base model, "
