@@ -27,11 +27,13 @@ def test_calibration_benchmark_writes_side_by_side_table(tmp_path):
         assert row in text
     assert "evagraph vs PEFT" in text and "per-layer ranks equal" in text
     # five similarities: to the seen and the held-out PCA at own and shared ranks, and the
-    # exact PCA of the rows seen against the held-out one
+    # exact PCA of the rows seen against the held-out one; then the held-out variance the
+    # components capture at own and shared ranks
     for method in ("evagraph", "peft"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
         sims = [float(v) for v in re.findall(r"\| (0\.\d{4}|1\.0000) ", row)]
-        assert len(sims) == 5, row
+        assert len(sims) == 7, row
+        assert 0 < sims[5] <= 1 and 0 < sims[6] <= 1, row
 
 
 @pytest.mark.slow
