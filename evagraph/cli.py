@@ -24,11 +24,12 @@ from . import distributed
 from .api import adapt, transform
 from .config import AdapterSettings, CalibrationSettings, cli_fields, parse_size, settings_from
 from .data import check_options
+from .data.text import is_gguf
 from .errors import ConfigError, ConvergenceWarning, EvagraphError, EvagraphWarning
 from .formats import WRITERS, default_format, write_outputs
 from .formats.outdir import atomic_directory, check_apart, default_output
 from .formats.pt2 import calibration_batches, input_shapes
-from .loading import check_checkpoint, is_gguf, load_model
+from .loading import check_checkpoint, load_model
 from .pipelines import blockwise, choose, read_lazily
 from .render import render_report, report_table
 from .report import Report

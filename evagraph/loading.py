@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.text import is_gguf
 from .errors import EvagraphWarning, ModelLoadError, first_line
 from .formats.pt2 import load_exported_program, zip_kind
 
@@ -191,15 +192,6 @@ def _load_hf(
             + ("" if allow_pickle else " (safetensors weights are required without --allow-pickle)")
         ) from err
     return model.eval()
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF file (its first four bytes are ``GGUF``), whatever its name."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _load_gguf(path: Path) -> nn.Module:

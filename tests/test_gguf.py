@@ -11,8 +11,9 @@ import torch
 from conftest import evagraph_cmd
 from safetensors.torch import save_file
 
+from evagraph.data.text import is_gguf
 from evagraph.errors import ModelLoadError
-from evagraph.loading import is_gguf, load_model
+from evagraph.loading import load_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

@@ -37,6 +37,16 @@ def is_text_source(path: str | Path) -> bool:
     return path.is_dir() or path.suffix.lower() in READERS
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` is a GGUF file (its first four bytes are ``GGUF``), whatever its name:
+    llama.cpp's format, holding a model and its tokenizer (``loading`` reads the model)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """``AutoTokenizer.from_pretrained(path)`` from a local directory (or the tokenizer stored
     in a GGUF model file), as a one-line error.
@@ -45,8 +55,6 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     ``config.json``) runs only with ``trust_remote_code``; without it transformers is told so
     explicitly, as otherwise it would ask on stdin whether to run the code.
     """
-    from ..loading import is_gguf
-
     path = Path(path)
     gguf = path.is_file() and is_gguf(path)
     if not path.is_dir() and not gguf:
