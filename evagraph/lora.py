@@ -340,8 +340,9 @@ def refuse_adapted(model: nn.Module) -> None:
     skips hooks added after compilation, so probes would see nothing, and adapters spliced
     into the eager module would not be in the compiled code.
     """
-    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
-    compiled = getattr(compiled, "OptimizedModule", None)
+    # Only if Dynamo is loaded (a compiled model implies it): importing it costs ~150 MB.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(dynamo, "OptimizedModule", None)
     peft_types: tuple[type, ...] = ()
     if "peft" in sys.modules:  # PEFT objects can only exist if peft was imported
         from peft import PeftModel
