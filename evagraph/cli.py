@@ -553,7 +553,7 @@ def _load(job: _Job) -> tuple[torch.nn.Module, str, Any]:
         batches = calibration_batches(
             job.model, job.data, job.batch_size, model=module, tokenizer=job.tokenizer,
             seed=job.seed, processor=_image_processor(job.model) if kind == "hf" else None,
-            default_tokenizer=job.model if kind == "gguf" or kind == "hf" else None,
+            default_tokenizer=job.model if kind in ("hf", "gguf") else None,
             trust_remote_code=job.trust_remote_code,
             world=int(os.environ.get("WORLD_SIZE", "1")),  # --batch-size is the global batch
             tell=(lambda text: click.echo(text, err=True)) if tell else None,
@@ -594,7 +594,7 @@ def _data_example(model: str) -> str:
     """The shortest working ``compile`` of ``model`` with data, as far as its files tell."""
     path = Path(model)
     run = f"evagraph compile {shlex.quote(model)}"
-    if path.is_file() and is_gguf(path):
+    if is_gguf(path):
         return f"{run} --data corpus.txt (text documents, tokenized by the file's tokenizer)"
     if (path / "config.json").is_file():
         if (path / "preprocessor_config.json").is_file():

@@ -56,7 +56,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     explicitly, as otherwise it would ask on stdin whether to run the code.
     """
     path = Path(path)
-    gguf = path.is_file() and is_gguf(path)
+    gguf = is_gguf(path)  # False for a directory
     if not path.is_dir() and not gguf:
         raise ConfigError(
             f"tokenizer {path}: not a directory (save_pretrained writes one) nor a GGUF file"
