@@ -142,3 +142,45 @@ def test_data_dependent_guard_is_a_capture_error():
     loop = r"data-dependent.*test_capture_fallbacks.py:\d+ in forward: `for i in"
     with pytest.raises(evagraph.CaptureError, match=loop):
         evagraph.transform(WithRouted(same_shape=False).eval(), batches(), budget=2, progress=False)
+
+
+class BranchOnValues(nn.Module):
+    """Branches on tensor values in its own forward, outside any submodule (FSMT's
+    ``make_padding_mask``: ``if not padding_mask.any(): padding_mask = None``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        mask = x[:, :1].eq(0)
+        if not mask.any():
+            mask = None
+        h = torch.tanh(self.a(x))
+        if mask is not None:
+            h = h.masked_fill(mask, 0.0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_branch_on_values_in_the_models_own_forward(sequential):
+    """Captured taking the first batch's branch (with a warning naming it); a batch that takes
+    the other branch fails with a DataError naming the branch, in either pipeline, rather than
+    being calibrated through the wrong one."""
+    model, data = BranchOnValues().eval(), batches()
+    where = r"test_capture_fallbacks.py:\d+ in forward: `if not mask.any\(\):`"
+    with pytest.warns(evagraph.EvagraphWarning, match=f"for all input values.*{where}"):
+        adapted, report = evagraph.transform(
+            model, data, budget=2, rho=1, progress=False, sequential=sequential
+        )
+    assert report.capture == "export" and {r.name for r in report.layers} == {"a"}
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(data[0]), model(data[0]))
+
+    padded = data[1].clone()
+    padded[2, 0] = 0.0  # this batch takes the other branch
+    decided = f"calibration batch 1: .*first such decision at {where}"
+    with pytest.raises(evagraph.DataError, match=decided):
+        evagraph.transform(
+            model, [data[0], padded], budget=2, rho=1, progress=False, sequential=sequential
+        )

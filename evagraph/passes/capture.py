@@ -18,6 +18,8 @@ A guard on tensor values (DBRX loops over the experts its tokens were routed to)
 shape. When it is raised inside a submodule whose output is shaped like one of its inputs, 2
 and 3 are retried with every module of that class kept opaque: export sees a placeholder op
 shaped like that input, which becomes a ``call_module`` node of the module itself, run eagerly.
+Where no module can be kept opaque (the branch is in the model's own forward), export decides
+it by the example's values and the graph asserts at run time that each batch decides alike.
 We keep fx first rather than exporting everything (as pt2e does) because it is an order of
 magnitude faster on the models it can trace and keeps the model's own leaf modules.
 """
@@ -267,10 +269,16 @@ def _opaque_forward(module: nn.Module, like: int, calls: list[_Call]) -> Callabl
 
 
 def _export_graph(
-    model: nn.Module, example: Any, opaque: Mapping[nn.Module, int], dynamic: bool = True
+    model: nn.Module,
+    example: Any,
+    opaque: Mapping[nn.Module, int],
+    dynamic: bool = True,
+    on_values: bool = False,
 ) -> fx.GraphModule:
     """``export_program(model, example, dynamic).module()``, with each module in ``opaque``
-    (module -> the tensor input its output is shaped like) one ``call_module`` node."""
+    (module -> the tensor input its output is shaped like) one ``call_module`` node.
+    ``on_values``: a branch on tensor values takes the way ``example``'s values take, and the
+    graph asserts at run time that every later input takes it too (as ``draft_export`` does)."""
     calls: list[_Call] = []
     # An instance attribute shadows the class's forward; one already there (a hook some
     # library installed) is put back.
@@ -278,7 +286,10 @@ def _export_graph(
     for m, like in opaque.items():
         m.forward = _opaque_forward(m, like, calls)
     try:
-        gm = export_program(model, example, dynamic).module()
+        import torch._functorch.config as functorch_config  # export has loaded it already
+
+        with functorch_config.patch(fake_tensor_propagate_real_tensors=on_values):
+            gm = export_program(model, example, dynamic).module()
     finally:
         for m, forward in saved.items():
             if forward is None:
@@ -348,24 +359,11 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         if like is None or culprit not in like:
             break
         opaque.update(like)
-    # Shape logic export cannot decide for every size (timm's CPUBone pads to a multiple of
-    # its stride) is decided for the example's sizes.
     dynamic = f"{first_line(dynamic_error, typed=True)}{_user_frame(dynamic_error)}"
-    err = dynamic_error
-    if not isinstance(dynamic_error, GuardOnDataDependentSymNode):
-        try:
-            gm = _export_graph(model, example, opaque, dynamic=False)
-        except Exception as static_error:
-            err = static_error
-        else:
-            warnings.warn(
-                f"torch.export could not capture {type(model).__name__} for inputs of any "
-                f"shape ({dynamic}); it is captured for the first calibration batch's shapes, "
-                "which every batch must then have",
-                EvagraphWarning,
-                stacklevel=2,
-            )
-            return Captured(gm, "export", static=dynamic)
+    captured = _retry_export(model, example, opaque, dynamic_error)
+    if isinstance(captured, Captured):
+        return captured
+    err = captured
     static = f"{first_line(err, typed=True)}{_user_frame(err)}"
     raise CaptureError(
         f"cannot capture {type(model).__name__} as a graph. torch.fx: "
@@ -374,3 +372,53 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         + ". Check that the model runs on the calibration batch as given (a dict is "
         "passed as keyword arguments), or exclude the construct named above from the model."
     ) from err
+
+
+def _retry_export(
+    model: nn.Module, example: Any, opaque: Mapping[nn.Module, int], dynamic_error: Exception
+) -> Captured | Exception:
+    """The last tries after export with dynamic shapes failed with ``dynamic_error``: the
+    graph, or the error the last try raised."""
+    name, where = type(model).__name__, _user_frame(dynamic_error)
+    data_dependent = isinstance(dynamic_error, GuardOnDataDependentSymNode)
+    try:
+        # A branch on tensor values that no opaque module could hide (FSMT's `if not
+        # padding_mask.any()` in the model's own forward) is decided by the first batch; torch
+        # asserts it in the graph, so a batch that would branch otherwise fails, never silently.
+        # Shape logic export cannot decide for every size (timm's CPUBone pads to a multiple
+        # of its stride) is decided for the example's sizes.
+        gm = _export_graph(model, example, opaque, data_dependent, on_values=data_dependent)
+    except Exception as err:
+        return err
+    if data_dependent:
+        _explain_assertions(gm, name, where)
+        warnings.warn(
+            f"torch.export could not capture {name} for all input values (a branch on them"
+            f"{where}); it is captured taking the first calibration batch's way there, which "
+            "every batch must then take",
+            EvagraphWarning,
+            stacklevel=3,
+        )
+        return Captured(gm, "export")
+    warnings.warn(
+        f"torch.export could not capture {name} for inputs of any shape "
+        f"({first_line(dynamic_error, typed=True)}{where}); it is captured for the first "
+        "calibration batch's shapes, which every batch must then have",
+        EvagraphWarning,
+        stacklevel=3,
+    )
+    return Captured(gm, "export", static=f"{first_line(dynamic_error, typed=True)}{where}")
+
+
+def _explain_assertions(gm: fx.GraphModule, name: str, where: str) -> None:
+    """Says in each run-time assertion of ``gm`` why it is there, so that a batch that fails
+    one learns where the model decides on its values."""
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.aten._assert_scalar.default and len(node.args) == 2:
+            node.args = (
+                node.args[0],
+                f"{node.args[1]}: {name} was captured deciding on input values as the first "
+                f"calibration batch's decide (the first such decision{where}) and this batch "
+                "decides otherwise; give batches that decide alike (e.g. all padded or none)",
+            )
+    gm.recompile()

@@ -234,6 +234,9 @@ def insert_probes(
     return ProbedGraph(gm, probes, groups, group_probes, dims, experts)
 
 
+_ASSERTIONS = (torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.msg)
+
+
 def with_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     """``nodes`` and every node they depend on."""
     keep: set[fx.Node] = set()
@@ -249,10 +252,13 @@ def with_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
 def cut_graph(
     graph: fx.Graph, keep: Callable[[fx.Node], bool], return_inputs: bool = False
 ) -> fx.Graph:
-    """A copy of ``graph`` with only the nodes ``keep`` selects, what they depend on and the
-    inputs; it returns nothing, or its inputs as a tuple (``return_inputs``)."""
+    """A copy of ``graph`` with only the nodes ``keep`` selects, its run-time assertions, what
+    they depend on and the inputs; it returns nothing, or its inputs as a tuple
+    (``return_inputs``)."""
     graph = copy.deepcopy(graph)
-    kept = with_inputs(n for n in graph.nodes if keep(n))
+    # An assertion is how a graph captured on the first batch's values refuses a batch that
+    # would take another branch; cutting it away would calibrate on the wrong branch silently.
+    kept = with_inputs(n for n in graph.nodes if keep(n) or n.target in _ASSERTIONS)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(placeholders) if return_inputs else (),)
