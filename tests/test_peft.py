@@ -318,3 +318,40 @@ def test_peft_export_refuses_a_model_peft_wrappers_cannot_run(tmp_path):
     with pytest.raises(evagraph.ConfigError, match=r"wrapper of conv has no 'kernel_size'"):
         evagraph.save_peft(adapted, tmp_path / "peft", example=x)
     assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+class StandardisedConv(nn.Conv2d):
+    """Standardises its weight in forward, as timm's ScaledStdConv2d (NFNet) does."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class WithStandardisedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.std, self.plain = StandardisedConv(3, 8, 3), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.plain(torch.tanh(self.std(x))).mean((2, 3)))
+
+
+def test_peft_export_refuses_layers_whose_peft_factors_would_transform_their_weights():
+    """PEFT builds a conv's LoRA A and B as the base layer's own class: a subclass that
+    transforms its weight would transform the factors too, another adapter than evagraph's.
+    The export refuses naming the layer; excluding it exports the rest, equal to evagraph's."""
+    x = torch.randn(4, 3, 9, 9)
+    model = WithStandardisedConv().eval()
+    adapted, _ = quiet(evagraph.transform, model, [x] * 3, progress=False, exclude=["head"])
+    with pytest.raises(evagraph.ConfigError, match=r"of 1 layer.*: std \(StandardisedConv\)"):
+        evagraph.to_peft(adapted)
+
+    adapted, _ = quiet(evagraph.transform, model, [x] * 3, progress=False, exclude=["head", "std"])
+    for m in adapted.modules():
+        if isinstance(m, evagraph.LoraAdapter):
+            torch.nn.init.normal_(m.lora_B.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(evagraph.to_peft(adapted)(x), adapted(x))

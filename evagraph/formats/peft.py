@@ -209,6 +209,7 @@ def to_peft(adapted: nn.Module) -> nn.Module:
         except ValueError as err:  # PEFT's own rules (e.g. layers it refuses in Mamba models)
             raise ConfigError(f"PEFT refused these adapters: {first_line(err)}") from err
     inner = peft_model.base_model.model
+    _refuse_transformed_factors(adapted, inner)
     params = _by_parameter(adapted)
     for weight, group in params.items():
         _copy_parameter_lora(_param_wrapper(inner, weight), group)
@@ -236,6 +237,32 @@ def to_peft(adapted: nn.Module) -> nn.Module:
             if abs(target.scaling["default"] - module.scaling) > 1e-6 * abs(module.scaling):
                 raise ConfigError(f"layer {module.layer_name}: PEFT scaling does not match")
     return peft_model
+
+
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _refuse_transformed_factors(adapted: nn.Module, inner: nn.Module) -> None:
+    """A ``ConfigError`` naming the layers whose LoRA A PEFT built as their base layer's own
+    class (it does for convolutions) where that class's forward is not the plain op: timm's
+    ``ScaledStdConv2d`` standardises A's weight, so PEFT would compute another adapter."""
+    modules = dict(inner.named_modules())
+    odd = {}
+    for m in adapted.modules():
+        if not isinstance(m, LoraAdapter) or m.layer_name not in modules:
+            continue
+        factors = getattr(modules[m.layer_name], "lora_A", None)
+        factor = factors["default"] if factors is not None and "default" in factors else None
+        if factor is not None and not any(type(factor).forward is c.forward for c in _PLAIN):
+            odd[m.layer_name] = type(factor).__name__
+    if odd:
+        shown = ", ".join(f"{n} ({c})" for n, c in list(odd.items())[:4])
+        raise ConfigError(
+            f"PEFT builds the LoRA factors of {len(odd)} layer(s) as their base layer's class, "
+            f"whose forward transforms the factors' weights: {shown}"
+            f"{' ...' if len(odd) > 4 else ''}; PEFT would compute another adapter than "
+            "evagraph's, so exclude those layers to export to PEFT"
+        )
 
 
 def save_peft(adapted: nn.Module, directory: str | Path, example: Any = None) -> None:
