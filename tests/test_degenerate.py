@@ -328,3 +328,31 @@ def test_badly_scaled_data_gives_the_same_adapters(factor, statistic):
     for name, lora in loras(scaled).items():
         cos = (lora.lora_A.weight * loras(plain)[name].lora_A.weight).sum(1).abs()
         assert torch.all(cos > 0.999), name
+
+
+class RoutesNothingToOneLayer(nn.Module):
+    """Sends only the rows its gate picks to ``rare`` (HiggsAudio's audio MLP sees audio tokens
+    only): on data without such rows that layer receives no row at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.rare, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        picked = x[:, 0] > 100.0  # never, on this data
+        h = h.index_put((picked,), self.rare(h[picked]))
+        return self.head(h)
+
+
+def test_a_layer_the_model_sends_no_row_gets_rank_0_with_the_reason():
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 8, generator=g) for _ in range(4)]
+    model = RoutesNothingToOneLayer().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted, report = evagraph.transform(model, data, budget=2, rho=2, progress=False)
+    assert report.ranks["rare"] == 0 and report.ranks["a"] > 0
+    assert "saw 0 row(s) of calibration data" in report.skipped["rare"]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(data[0]), model(data[0]))

@@ -376,13 +376,16 @@ class Calibrator:
         # the average rank, which is a data problem, not a degenerate statistic. Groups that
         # converged had what they needed (e.g. no variance: rank 0 after one minibatch).
         # An expert the router sent few rows to is the model's routing, not the data's fault:
-        # it gets rank 0 (the allocation and the report say why).
+        # it gets rank 0 (the allocation and the report say why). So does a layer the model
+        # sent no row at all while others had enough (HiggsAudio's audio MLP on text).
+        enough = any(grp.n_rows > settings.budget for grp in self.groups.values())
         few = {
             g: n
             for g, grp in self.groups.items()
             if (n := grp.n_rows) <= settings.budget
             and not all(ok[m] for m in grp.layers)
             and g not in self.probed.experts
+            and not (n == 0 and enough)
         }
         if few:
             g, n = min(few.items(), key=lambda item: item[1])
