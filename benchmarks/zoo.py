@@ -17,8 +17,10 @@ images 32-64 where the family allows), run once as a user would, then
 - ``lora_only``: exactly the LoRA parameters require grad, and some layer was adapted;
 - ``merge``: ``evagraph.merge(adapted)`` computes what ``adapted`` does once B is non-zero;
 - ``class_kept``: ``type(adapted) is type(model)``;
-- ``peft``: ``evagraph.to_peft(adapted)`` computes the same (``n/a`` where evagraph refuses
-  the export with a ``ConfigError``: adapters spliced into a graph, dilated convolutions);
+- ``peft``: the PEFT round trip, ``evagraph.save_peft(adapted, dir, example=batch)`` then
+  ``PeftModel.from_pretrained(copy of model, dir)``, computes the same (``n/a`` where evagraph
+  refuses the export with a ``ConfigError``: adapters spliced into a graph, dilated
+  convolutions, layers PEFT's wrappers cannot run or would compute otherwise);
 - ``skipped``: every linear/conv module is an adapted layer or in ``report.skipped`` with a
   reason.
 
@@ -464,13 +466,21 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
             )
 
     def peft() -> None:
-        try:
-            peft_model = evagraph.to_peft(adapted)
-        except evagraph.ConfigError as err:
-            record("peft", None, one_line(err))
-            return
+        # the user's round trip: save_peft (which runs the batch through PEFT's wrappers
+        # first), then PEFT's own loader onto an untouched copy of the model
+        import copy
+
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                evagraph.save_peft(adapted, directory, example=batch)
+            except evagraph.ConfigError as err:
+                record("peft", None, one_line(err))
+                return
+            loaded = PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
         with torch.no_grad():
-            record("peft", *compare(call(peft_model.eval(), batch), moved, tol=1e-3))
+            record("peft", *compare(call(loaded, batch), moved, tol=1e-3))
 
     guarded("merge", merge)
     guarded("peft", peft)
