@@ -15,7 +15,9 @@ images 32-64 where the family allows), run once as a user would, then
 
 - ``init_equal``: the adapted model's output equals the model's (B = 0 at init);
 - ``lora_only``: exactly the LoRA parameters require grad, and some layer was adapted;
-- ``merge``: ``evagraph.merge(adapted)`` computes what ``adapted`` does once B is non-zero;
+- ``merge``: ``evagraph.merge(adapted)`` computes what ``adapted`` does once B is non-zero
+  (``n/a`` where merge refuses with a ``ConfigError``: a layer whose forward transforms its
+  weight);
 - ``class_kept``: ``type(adapted) is type(model)``;
 - ``peft``: the PEFT round trip, ``evagraph.save_peft(adapted, dir, example=batch)`` then
   ``PeftModel.from_pretrained(copy of model, dir)``, computes the same (``n/a`` where evagraph
@@ -452,7 +454,11 @@ def run_checks(model: torch.nn.Module, batches: list) -> dict:
         moved = call(adapted, batch)
 
     def merge() -> None:
-        merged = evagraph.merge(adapted)
+        try:
+            merged = evagraph.merge(adapted)
+        except evagraph.ConfigError as err:  # a refusal with its reason, as for peft
+            record("merge", None, one_line(err))
+            return
         with torch.no_grad():
             ok, message = compare(call(merged, batch), moved, tol=1e-3)
             unchanged, _ = compare(moved, call(model, batch), tol=1e-6)
