@@ -206,8 +206,10 @@ def _load_gguf(path: Path) -> nn.Module:
             f"{path} is a GGUF file: reading it needs the gguf package (pip install gguf)"
         ) from err
     try:
+        # The folder as an absolute path: it becomes the model's name_or_path, which the PEFT
+        # export writes as base_model_name_or_path ("." from a relative MODEL says nothing).
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
+            path.resolve().parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
         )
     except Exception as err:
         raise ModelLoadError(f"cannot load GGUF model {path}: {first_line(err)}") from err

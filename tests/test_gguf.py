@@ -113,6 +113,8 @@ def test_cli_compiles_a_gguf_file_and_peft_loads_onto_it(tiny):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((path.parent / "out" / "report.json").read_text())
     assert report["run"]["model_format"].startswith("GGUF, de-quantized")
+    config = json.loads((path.parent / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(path.resolve().parent)  # not "."
     base = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, local_files_only=True
     ).eval()
