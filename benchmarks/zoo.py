@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 CHECKS = ("init_equal", "lora_only", "merge", "class_kept", "peft", "skipped")
-SECTION = "## Model zoo sweep (issue 17)"
+SECTION = "## Model zoo sweep (issue 17)"  # the heading stays: tests and links find it
 CELLS = {"pass": "ok", "n/a": "n/a", "fail": "FAIL", "error": "ERR"}  # a check's table cell
 LABELS = {"timm": "timm families", "hf": "transformers model types"}
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -706,9 +706,11 @@ def section(runs: list[dict]) -> list[str]:
         "`benchmarks/zoo.py`: each model built tiny from its config (random weights), run once,",
         "then `evagraph.transform(model, batches, budget=2, rho=2)` and six checks: output equal",
         "at init, only LoRA parameters trainable, `merge` equal to the adapted model with B",
-        "perturbed, class kept, `to_peft` equal (n/a where evagraph refuses the PEFT format),",
-        "every linear/conv layer adapted or listed in `report.skipped` with a reason. A model",
-        "passes when every check passes or is n/a.",
+        "perturbed (n/a where merge refuses with the reason), class kept, the PEFT round trip",
+        "(`save_peft` with the batch, then `PeftModel.from_pretrained` on an untouched copy)",
+        "equal (n/a where evagraph refuses the PEFT format with the reason), every linear/conv",
+        "layer adapted or listed in `report.skipped` with a reason. A model passes when every",
+        "check passes or is n/a.",
         "",
     ]
     for run in runs:
