@@ -154,13 +154,17 @@ def test_calibrate_in_float_apply_to_quantized(llama, batches, calibrated, schem
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_peft_export_on_a_quantized_base(batches, calibrated, scheme):
-    pytest.importorskip("peft")
+def test_peft_export_on_a_quantized_base(llama, batches, calibrated, scheme, tmp_path):
+    """to_peft, and save_peft loaded by PEFT onto the quantized base (PEFT's bnb layers)."""
+    peft = pytest.importorskip("peft")
     adapted, _ = evagraph.adapt(*calibrated(scheme))
     train_b(adapted)
-    peft_model = evagraph.to_peft(adapted)
-    expected, got = logits(adapted, batches[0]), logits(peft_model, batches[0])
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    evagraph.save_peft(adapted, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(quantize(llama, scheme), tmp_path)
+    expected = logits(adapted, batches[0])
+    tol = {"rtol": 1e-4, "atol": 1e-4 * float(expected.abs().max())}
+    for peft_model in (evagraph.to_peft(adapted), loaded):
+        torch.testing.assert_close(logits(peft_model, batches[0]), expected, **tol)
 
 
 @pytest.mark.parametrize("scheme", BNB)
