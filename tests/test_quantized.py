@@ -197,6 +197,12 @@ def test_merge_refuses_torchao(calibrated):
         evagraph.merge(adapted)
 
 
+def test_pt2_export_is_refused(calibrated, batches, tmp_path):
+    adapted, _ = evagraph.adapt(*calibrated("nf4"))
+    with pytest.raises(ConfigError, match=r"self_attn.q_proj is nf4\): save the adapter"):
+        evagraph.export(adapted, batches[0], tmp_path / "model.pt2")
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "torchao-int8"])
 def test_dora_is_refused_on_quantized_weights(calibrated, scheme):
     with pytest.raises(ConfigError, match=r"use_dora.*\(quantized\)"):
