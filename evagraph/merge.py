@@ -12,11 +12,11 @@ go on. ``merge`` marks its result with the adapters it folded in (attribute ``ME
 that ``unmerge`` can refuse a model that never held them: subtracting deltas from a base model
 would silently corrupt it.
 
-A quantized base layer (bitsandbytes 4-bit / 8-bit) folds in as PEFT's merge into bnb layers
-does: its weight dequantized, the delta added, re-quantized as it was. That rounds: ``merge``
+A quantized base layer (bitsandbytes 4-bit / 8-bit, torchao int8 weight-only) folds in as
+PEFT's merge into such layers does: its weight dequantized, the delta added, re-quantized as
+it was (``quantized.requantize``; other torchao configs are refused). That rounds: ``merge``
 measures the largest change re-quantizing made per layer (attribute ``ROUNDING``) and warns,
-and ``unmerge`` refuses such layers (subtracting the delta leaves the rounding in). torchao
-weights are refused, their quantization config not being recorded on them.
+and ``unmerge`` refuses such layers (subtracting the delta leaves the rounding in).
 
 A DoRA adapter folds in as ``m * (W + delta) / ||W + delta||`` (per output, PEFT's merge).
 Every output of the result has norm ``m`` whatever ``||W + delta||`` was, so that norm cannot

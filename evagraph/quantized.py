@@ -9,7 +9,8 @@ theirs can only exist once its library is loaded, so ``sys.modules`` is asked.
 or gives None; ``is_quantized_weight(t)`` tells a packed weight, which evagraph shares but
 never rebuilds; ``dequantize(m)`` gives the weight the layer computes with, float32; and
 ``requantize(m, w)`` a new weight Parameter quantizing ``w`` as ``m``'s is (what ``merge``
-folds with), or a ``ConfigError`` naming the scheme where that is not implemented.
+folds with: bitsandbytes' schemes and torchao's int8 weight-only per-row), or a
+``ConfigError`` naming the scheme where that is not implemented.
 """
 
 from __future__ import annotations
@@ -130,7 +131,22 @@ def requantize(m: nn.Module, weight: torch.Tensor) -> nn.Parameter:
     if kind == "int8":
         new = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
         return new.to(device)
+    if _is_int8_per_row(w):  # what Int8WeightOnlyConfig() makes
+        from torchao.quantization.granularity import PerRow
+
+        return nn.Parameter(type(w).from_hp(weight.to(w.dtype), PerRow()), requires_grad=False)
     raise ConfigError(
-        f"re-quantizing a {kind} weight is not implemented (its quantization config is not "
-        "recorded on the weight)"
+        f"re-quantizing a {kind} weight is not implemented: its quantization config is not "
+        "recorded on the weight (torchao's int8 weight-only per-row weights are re-quantized)"
+    )
+
+
+def _is_int8_per_row(w: Any) -> bool:
+    """A torchao ``Int8Tensor`` quantized weight-only, symmetric, one scale per output row."""
+    zero = getattr(w, "zero_point", None)
+    return (
+        type(w).__name__ == "Int8Tensor"
+        and list(getattr(w, "block_size", ())) == [1, w.shape[-1]]
+        and getattr(w, "act_quant_kwargs", None) is None
+        and (zero is None or not bool(zero.any()))
     )

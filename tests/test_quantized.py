@@ -2,7 +2,8 @@
 linears, and torchao int8 weight-only ones, on a tiny random Llama. Adapting such a model
 gives exactly its output at init, trains only the LoRA weights (float32) and lets gradients
 reach A and B; an adapter calibrated on the float model applies to the quantized one and
-exports to PEFT; merge re-quantizes (within the rounding it measures), unmerge refuses."""
+exports to PEFT; merge re-quantizes (within the rounding it measures), unmerge refuses;
+DoRA and .pt2 export are refused."""
 
 import copy
 import warnings
@@ -153,9 +154,10 @@ def test_calibrate_in_float_apply_to_quantized(llama, batches, calibrated, schem
     assert torch.equal(logits(again, batches[0]), logits(on_q, batches[0]))
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "torchao-int8"])
 def test_peft_export_on_a_quantized_base(llama, batches, calibrated, scheme, tmp_path):
-    """to_peft, and save_peft loaded by PEFT onto the quantized base (PEFT's bnb layers)."""
+    """to_peft, and save_peft loaded by PEFT onto the quantized base (PEFT's own bnb and
+    torchao LoRA layers)."""
     peft = pytest.importorskip("peft")
     adapted, _ = evagraph.adapt(*calibrated(scheme))
     train_b(adapted)
@@ -167,7 +169,7 @@ def test_peft_export_on_a_quantized_base(llama, batches, calibrated, scheme, tmp
         torch.testing.assert_close(logits(peft_model, batches[0]), expected, **tol)
 
 
-@pytest.mark.parametrize("scheme", BNB)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_merge_requantizes_within_its_rounding(calibrated, scheme):
     adapted, _ = evagraph.adapt(*calibrated(scheme))
     train_b(adapted)
@@ -191,9 +193,17 @@ def test_merge_requantizes_within_its_rounding(calibrated, scheme):
         evagraph.unmerge(merged, adapted)
 
 
-def test_merge_refuses_torchao(calibrated):
-    adapted, _ = evagraph.adapt(*calibrated("torchao-int8"))
-    with pytest.raises(ConfigError, match="re-quantizing a torchao"):
+def test_merge_refuses_a_torchao_config_it_cannot_redo(calibrated):
+    ao = pytest.importorskip("torchao.quantization")
+    from torchao.quantization.granularity import PerTensor
+
+    adapted, _ = evagraph.adapt(*calibrated("float"))
+    q_proj = adapted.model.layers[0].self_attn.q_proj.base_layer
+    per_tensor = nn.Linear(q_proj.in_features, q_proj.out_features, bias=False)
+    per_tensor.weight = nn.Parameter(q_proj.weight.detach().clone(), requires_grad=False)
+    ao.quantize_(per_tensor, ao.Int8WeightOnlyConfig(granularity=PerTensor()))
+    adapted.model.layers[0].self_attn.q_proj.base_layer = per_tensor
+    with pytest.raises(ConfigError, match="re-quantizing a torchao Int8Tensor weight"):
         evagraph.merge(adapted)
 
 
