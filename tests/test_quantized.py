@@ -154,6 +154,20 @@ def test_calibrate_in_float_apply_to_quantized(llama, batches, calibrated, schem
     assert torch.equal(logits(again, batches[0]), logits(on_q, batches[0]))
 
 
+@pytest.mark.parametrize("load", ["load_in_4bit", "load_in_8bit"])
+def test_a_model_transformers_loaded_quantized(llama, batches, calibrated, load, tmp_path):
+    """Loaded from a save_pretrained directory with a BitsAndBytesConfig (bnb's own module
+    replacement), then given the float model's adapters."""
+    llama.save_pretrained(tmp_path)
+    config = transformers.BitsAndBytesConfig(**{load: True})
+    q = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    adapted, report = evagraph.adapt(q, calibrated("float")[1])
+    assert type(adapted.model.layers[0].self_attn.q_proj.base_layer).__module__.startswith(
+        "bitsandbytes"
+    )
+    assert torch.equal(logits(adapted, batches[0]), logits(q, batches[0]))
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "int8", "torchao-int8"])
 def test_peft_export_on_a_quantized_base(llama, batches, calibrated, scheme, tmp_path):
     """to_peft, and save_peft loaded by PEFT onto the quantized base (PEFT's own bnb and
