@@ -10,13 +10,15 @@ or gives None; ``is_quantized_weight(t)`` tells a packed weight, which evagraph 
 never rebuilds; ``dequantize(m)`` gives the weight the layer computes with, float32; and
 ``requantize(m, w)`` a new weight Parameter quantizing ``w`` as ``m``'s is (what ``merge``
 folds with: bitsandbytes' schemes and torchao's int8 weight-only per-row), or a
-``ConfigError`` naming the scheme where that is not implemented.
+``ConfigError`` naming the scheme where that is not implemented. ``load_config(name)``: the
+``BitsAndBytesConfig`` a name of ``LOAD_CONFIGS`` ("nf4", "int8") stands for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +27,23 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+
+# What ``evagraph compile --quantize`` names: the bitsandbytes config transformers loads with.
+LOAD_CONFIGS = {"nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+                "int8": {"load_in_8bit": True}}  # fmt: skip
+
+
+def load_config(name: str) -> Any:
+    """The ``transformers.BitsAndBytesConfig`` that ``name`` (a key of ``LOAD_CONFIGS``)
+    stands for; a ``ConfigError`` without bitsandbytes."""
+    import transformers
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"--quantize {name} loads the model with bitsandbytes, which is not installed: "
+            "pip install 'evagraph[quant]'"
+        )
+    return transformers.BitsAndBytesConfig(**LOAD_CONFIGS[name])
 
 
 def _bnb() -> Any | None:

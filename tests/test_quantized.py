@@ -6,6 +6,7 @@ exports to PEFT; merge re-quantizes (within the rounding it measures), unmerge r
 DoRA and .pt2 export are refused."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -242,3 +243,39 @@ def test_nf4_on_cuda(llama, batches):
     train_b(adapted)
     adapted(**cuda_batches[1]).logits.square().mean().backward()
     assert all(a.lora_A.weight.grad.abs().sum() > 0 for a in adapters(adapted))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_cli_quantize_writes_adapters_for_the_quantized_base(llama, quantize, tmp_path):
+    """compile --quantize: calibrated in float, written from MODEL loaded quantized; PEFT
+    loads the directory onto that base, which computes what it did at init."""
+    peft = pytest.importorskip("peft")
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from evagraph.cli import main
+    from evagraph.quantized import load_config
+
+    # hidden 64: bitsandbytes' CPU 4-bit kernel fails on 32-wide inputs
+    llama.save_pretrained(tmp_path / "llama")
+    tokens = {"input_ids": torch.randint(0, 128, (8, 16))}
+    save_file(tokens, str(tmp_path / "tokens.safetensors"))
+    args = ["compile", str(tmp_path / "llama"), "--data", str(tmp_path / "tokens.safetensors"),
+            "--budget", "2", "--quantize", quantize, "-q"]  # fmt: skip
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [*args, "--format", "peft", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["run"]["quantize"] == quantize
+    config = load_config(quantize)
+    base = transformers.LlamaForCausalLM.from_pretrained(out.parent / "llama",
+                                                         quantization_config=config)  # fmt: skip
+    loaded = peft.PeftModel.from_pretrained(base, out)
+    ours = load_file(str(out / "adapter.safetensors"))["model.layers.0.mlp.up_proj.lora_A.weight"]
+    peft_layer = loaded.base_model.model.model.layers[0].mlp.up_proj
+    assert torch.equal(peft_layer.lora_A["default"].weight.detach(), ours)  # the EVA A
+    batch = {"input_ids": tokens["input_ids"][:2]}
+    with_lora = logits(loaded, batch)
+    with loaded.disable_adapter():
+        assert torch.equal(with_lora, logits(loaded, batch))
+    result = CliRunner().invoke(main, [*args, "--format", "pt2", "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--format peft or safetensors" in result.output
