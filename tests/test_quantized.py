@@ -229,9 +229,12 @@ def test_pt2_export_is_refused(calibrated, batches, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "torchao-int8"])
-def test_dora_is_refused_on_quantized_weights(calibrated, scheme):
+def test_dora_is_refused_on_quantized_weights(calibrated, batches, scheme):
     with pytest.raises(ConfigError, match=r"use_dora.*\(quantized\)"):
         evagraph.adapt(*calibrated(scheme), use_dora=True)
+    q, _ = calibrated(scheme)
+    with pytest.raises(ConfigError, match=r"use_dora.*q_proj.weight is .*\(quantized\)"):
+        evagraph.transform(q, batches, use_dora=True)  # before calibrating
 
 
 @pytest.mark.gpu
