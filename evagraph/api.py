@@ -25,6 +25,7 @@ from .onload import execution_device
 from .passes.layer_graph import LayerGraph
 from .passes.rewrite import init_adapters
 from .pipelines import PIPELINES, Pipeline, choose
+from .quantized import is_quantized_weight
 from .report import Report
 from .runtime import resolve_device, samples_and_tokens, set_training
 from .state import EvaState
@@ -184,6 +185,24 @@ def adapt(
     return adapted, report
 
 
+def _refuse_dora(model: nn.Module) -> None:
+    """Raise ``ConfigError`` now, not after calibration (``init_magnitude`` would refuse every
+    layer), where DoRA cannot take the norms of the base weights: on the meta device, or
+    quantized."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError(
+            "use_dora: DoRA's magnitudes are the norms of the base weights, and this model's "
+            "are not resident (on the meta device: offloaded, or read from weights= block by "
+            "block); load them, or adapt without use_dora"
+        )
+    name = next((n for n, p in model.named_parameters() if is_quantized_weight(p)), None)
+    if name is not None:
+        raise ConfigError(
+            f"use_dora: DoRA's magnitudes are the norms of the base weights, and {name} is "
+            f"{type(model.get_parameter(name)).__name__} (quantized): adapt without use_dora"
+        )
+
+
 def transform(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -222,13 +241,8 @@ def transform(
     start = time.monotonic()
     refuse_adapted(model)
     calibration, adapter = settings_from(settings, CalibrationSettings, AdapterSettings)
-    if adapter.use_dora and any(p.is_meta for p in model.parameters()):
-        # refused now, not after calibration: init_magnitude would refuse every layer
-        raise ConfigError(
-            "use_dora: DoRA's magnitudes are the norms of the base weights, and this model's "
-            "are not resident (on the meta device: offloaded, or read from weights= block by "
-            "block); load them, or adapt without use_dora"
-        )
+    if adapter.use_dora:
+        _refuse_dora(model)
     device = resolve_device(device) if device is not None else None
     # device=None: a pipeline that runs the model where it is gets the copy moved there.
     pipeline = _pipeline(

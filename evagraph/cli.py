@@ -246,6 +246,15 @@ def main() -> None:
     "pickle, safetensors otherwise]",
 )
 @click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "int8"]),
+    default=None,
+    help="The adapters are for MODEL (a Hugging Face directory) loaded with this bitsandbytes "
+    "quantization (nf4: 4-bit NormalFloat; int8: LLM.int8): calibrated in full precision, "
+    "they are put on MODEL loaded quantized (on the CPU), which --format peft's check runs "
+    "through PEFT's own bnb layers. Needs evagraph[quant].",
+)
+@click.option(
     "--state",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
@@ -354,6 +363,7 @@ class _Job:
     state: str | None
     output: str
     fmt: str | None
+    quantize: str | None
     checkpoint: str | None
     batch_size: int
     device: Any
@@ -448,6 +458,10 @@ def _compile(job: _Job) -> None:
         adapted, report, eva_state = _adapt(job, module, batches, first, device)
         if not job.main:
             return
+        if job.quantize:
+            del module, adapted  # the float model, freed before the quantized one loads
+            adapted = _on_quantized(job, eva_state, report)
+            device = torch.device("cpu")  # where it was loaded
         report.run.update(model=job.model, data=job.data)
         if kind == "gguf":  # the adapters are for the de-quantized weights, not the file's
             report.run["model_format"] = "GGUF, de-quantized to float32 by transformers"
@@ -513,6 +527,11 @@ def _check_flags(job: _Job) -> None:
             f"--format {job.fmt} writes the whole model, which block-by-block calibration of a "
             "model directory never loads: use --format safetensors or peft (adapter files), "
             "then apply them to the model where it fits"
+        )
+    if job.quantize and not (Path(job.model).is_dir() and job.fmt in (None, "peft", "safetensors")):
+        raise ConfigError(
+            f"--quantize {job.quantize}: for a Hugging Face MODEL directory, with --format peft "
+            "or safetensors (adapter files; a quantized model is not exported whole)"
         )
     if job.state is None and job.main:  # another run calibrating into OUTDIR: refused now
         blockwise.check_unused(job.work_dir)
@@ -588,6 +607,22 @@ def _adapt(
             module, batches, device=device, progress=not job.quiet, inplace=True,
             return_state=True, pipeline=pipeline, **job.settings,
         )  # fmt: skip
+
+
+def _on_quantized(job: _Job, state: EvaState | None, report: Report) -> torch.nn.Module:
+    """--quantize: MODEL loaded quantized, on the CPU, with the adapters that ``state`` (the
+    float model's statistics; --state's without it) gives: the float model's own A, B and
+    ranks, since an adapter fits a quantized base as it does the float one."""
+    base, _ = load_model(
+        job.model, allow_pickle=job.allow_pickle, trust_remote_code=job.trust_remote_code,
+        quantize=job.quantize,
+    )  # fmt: skip
+    state = state if state is not None else EvaState.load(job.state)
+    names = {f.name for f in fields(AdapterSettings)}
+    settings = {k: v for k, v in job.settings.items() if k in names}
+    adapted, _ = adapt(base, state, inplace=True, **settings)
+    report.run["quantize"] = job.quantize
+    return adapted
 
 
 def _data_example(model: str) -> str:

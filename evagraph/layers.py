@@ -16,6 +16,10 @@ and whether PEFT can express its adapter (``check_peft``). ``kind_of`` reads the
 Layer, an adapter or a manifest entry from their existing fields (``kind_from``); the saved
 ``Layer.kind`` stays "linear" or "conv" (``LayerKind.serial``), so files keep their format.
 
+A quantized linear module (bitsandbytes, torchao) is ``QUANTIZED``: a linear layer whose
+widths come from the module, not its packed weight; the layers and adapters it gives are
+plain "linear" ones (``kind_from`` never answers it).
+
 To add a kind: subclass ``LayerKind`` (or the kind it refines), override what differs, add
 the instance to ``KINDS`` and teach ``kind_from`` the saved fields that tell it apart.
 """
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .quantized import quantization
 from .validate import expect, is_int
 
 
@@ -447,8 +452,29 @@ class ExpertKind(LayerKind):
         return bool(getattr(owner, "is_transposed", False))
 
 
+class QuantizedKind(LayerKind):
+    """A quantized linear module (``evagraph.quantized``: bitsandbytes 4-bit and 8-bit, torchao
+    weight subclasses): a linear layer as far as LoRA goes, whose packed weight says nothing of
+    its widths (4-bit packs two values a byte): they are the module's ``in_features`` and
+    ``out_features``. Captured as an opaque leaf (its input is what calibration needs), adapted
+    by a ``LoraLayer`` on its output. Saved as "linear": an adapter fits the layer whether the
+    base is quantized or not, so it can be calibrated on one and applied to the other."""
+
+    name = "quantized_linear"
+
+    def matches(self, m: Any) -> bool:
+        return quantization(m) is not None
+
+    def layer_of_module(self, name: str, m: nn.Module) -> Layer:
+        return Layer(name, self.serial, type(m).__name__, m.in_features, m.out_features,
+                     f"{name}.weight", module=name)  # fmt: skip
+
+
 LINEAR, HF_CONV1D, CONV, EXPERT = LayerKind(), HFConv1DKind(), ConvKind(), ExpertKind()
-KINDS: tuple[LayerKind, ...] = (LINEAR, HF_CONV1D, CONV, EXPERT)
+QUANTIZED = QuantizedKind()
+# Most specific first: kind_of_module takes the first that matches (bnb's layers are
+# nn.Linear subclasses).
+KINDS: tuple[LayerKind, ...] = (QUANTIZED, LINEAR, HF_CONV1D, CONV, EXPERT)
 
 
 def kind_from(serial: str, weight_transposed: bool = False, expert: int | None = None) -> LayerKind:

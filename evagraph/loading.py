@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from .data.text import is_gguf
-from .errors import EvagraphWarning, ModelLoadError, first_line
+from .errors import ConfigError, EvagraphWarning, ModelLoadError, first_line
 from .formats.pt2 import load_exported_program, zip_kind
+from .quantized import load_config
 
 
 def load_model(
@@ -24,6 +25,7 @@ def load_model(
     checkpoint: str | Path | None = None,
     trust_remote_code: bool = False,
     lazy: bool = False,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, str]:
     """Load MODEL; return (module, kind) with kind "pt2", "pickle", "hf", "gguf" or "timm".
 
@@ -41,11 +43,13 @@ def load_model(
     ``trust_remote_code``, and ``.bin`` (pickle) weights need ``allow_pickle``. With ``lazy``,
     a Hugging Face directory gives its model with every weight on the meta device (nothing
     read): block-by-block calibration reads them from the directory one block at a time.
+    ``quantize`` ("nf4", "int8"): a Hugging Face directory is loaded with that bitsandbytes
+    config (``quantized.load_config``).
     """
     check_checkpoint(spec, checkpoint)
     path = Path(spec)
     if path.is_dir():
-        return _load_hf(path, allow_pickle, trust_remote_code, lazy), "hf"
+        return _load_hf(path, allow_pickle, trust_remote_code, lazy, quantize), "hf"
     if not path.exists():
         import timm
 
@@ -139,7 +143,11 @@ def _unpickle_hint(err: Exception) -> str:
 
 
 def _load_hf(
-    path: Path, allow_pickle: bool, trust_remote_code: bool, lazy: bool = False
+    path: Path,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    lazy: bool = False,
+    quantize: str | None = None,
 ) -> nn.Module:
     import transformers
 
@@ -183,8 +191,9 @@ def _load_hf(
             local_files_only=True,
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            quantization_config=load_config(quantize) if quantize else None,
         )
-    except ModelLoadError:
+    except (ModelLoadError, ConfigError):
         raise
     except Exception as err:
         raise ModelLoadError(

@@ -20,11 +20,15 @@ from torch import nn
 from .config import scale_divisor
 from .errors import ConfigError
 from .layers import ConvSpec, kind_from, kind_of
+from .quantized import is_quantized_weight, shared_state
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the adapter of a base ``weight``: half-precision bases train their adapters
-    in float32, as PEFT's ``autocast_adapter_dtype``; others in the weight's own dtype."""
+    """The dtype of the adapter of a base ``weight``: half-precision and quantized bases
+    (packed uint8/int8, torchao subclasses) train their adapters in float32, as PEFT's
+    ``autocast_adapter_dtype``; others in the weight's own dtype."""
+    if is_quantized_weight(weight) or not weight.is_floating_point():
+        return torch.float32
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
@@ -113,9 +117,10 @@ class LoraAdapter(nn.Module):
                 f"{self.base_weight} is not resident (on the meta device: offloaded, or loaded "
                 "block by block); load the model's weights, or adapt without use_dora"
             )
-        if not weight.is_floating_point():
+        if not weight.is_floating_point() or is_quantized_weight(weight):
+            what = type(weight).__name__ if is_quantized_weight(weight) else weight.dtype
             raise ConfigError(
-                f"{where}: the base weight {self.base_weight} is {weight.dtype} (quantized?), "
+                f"{where}: the base weight {self.base_weight} is {what} (quantized), "
                 "and DoRA needs its values to normalise it; adapt without use_dora"
             )
         norms = self.dora_norms(weight)
@@ -272,6 +277,11 @@ def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 def _alias(p: nn.Parameter) -> nn.Parameter:
     # A Parameter object of its own over p's storage (as Parameter.__deepcopy__ builds one,
     # minus the clone): requires_grad, .grad and Module.to (which sets .data) stay per model.
+    # A quantized weight is shared itself: its class's constructor cannot rebuild it from
+    # its data (torchao's need their block size, bnb's their quantization state); it is
+    # frozen, so no gradient or requires_grad of it differs between the models.
+    if is_quantized_weight(p):
+        return p
     alias = type(p)(p.detach(), p.requires_grad)
     alias.__dict__.update(vars(p))
     return alias
@@ -289,7 +299,9 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
     attention biases after a forward with grad, which are no graph leaves, so deepcopy
     refuses them) are the input's own objects, except
     normalisation running statistics: a forward in train mode updates those in place, which
-    would change the input's, so they are copied (they are small).
+    would change the input's, so they are copied (they are small). Quantized weights are
+    shared as they are (``_alias``), with the state their layers keep beside them
+    (``quantized.shared_state``).
     """
     memo: dict[int, Any] = {}  # deepcopy returns what the memo holds instead of copying
     for module in model.modules():
@@ -298,11 +310,20 @@ def share_weights_copy(model: nn.Module) -> nn.Module:
                 memo[id(p)] = _alias(p)
         if not isinstance(module, nn.modules.batchnorm._NormBase):
             memo.update((id(b), b) for b in module._buffers.values() if b is not None)
+        memo.update((id(t), t) for t in shared_state(module))
     for module in model.modules():
         for key, value in vars(module).items():
             if key not in ("_parameters", "_buffers", "_modules"):
                 memo.update((id(t), t) for t in _held_tensors(value) if id(t) not in memo)
     return copy.deepcopy(model, memo)
+
+
+def unfreeze(model: nn.Module) -> None:
+    """Make every parameter of ``model`` require grad (a plain model again), except quantized
+    weights: integer ones cannot, and they are shared with the model they came from."""
+    for p in model.parameters():
+        if not is_quantized_weight(p):
+            p.requires_grad_(True)
 
 
 def _held_tensors(value: Any, depth: int = 4) -> list[torch.Tensor]:

@@ -12,6 +12,12 @@ go on. ``merge`` marks its result with the adapters it folded in (attribute ``ME
 that ``unmerge`` can refuse a model that never held them: subtracting deltas from a base model
 would silently corrupt it.
 
+A quantized base layer (bitsandbytes 4-bit / 8-bit, torchao int8 weight-only) folds in as
+PEFT's merge into such layers does: its weight dequantized, the delta added, re-quantized as
+it was (``quantized.requantize``; other torchao configs are refused). That rounds: ``merge``
+measures the largest change re-quantizing made per layer (attribute ``ROUNDING``) and warns,
+and ``unmerge`` refuses such layers (subtracting the delta leaves the rounding in).
+
 A DoRA adapter folds in as ``m * (W + delta) / ||W + delta||`` (per output, PEFT's merge).
 Every output of the result has norm ``m`` whatever ``||W + delta||`` was, so that norm cannot
 be read back from the merged weight: ``merge`` records it (attribute ``DORA_NORMS``, as PEFT
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,16 +42,27 @@ import torch.fx as fx
 from torch import nn
 
 from .attach import attach_adapters, check_adapters
-from .errors import ConfigError
+from .errors import ConfigError, EvagraphWarning
 from .formats.adapter import load_adapters
 from .layers import kind_of
-from .lora import LoraAdapter, LoraLayer, ParamLoraLayer, refuse_adapted, share_weights_copy
+from .lora import (
+    LoraAdapter,
+    LoraLayer,
+    ParamLoraLayer,
+    refuse_adapted,
+    share_weights_copy,
+    unfreeze,
+)
 from .passes.layer_graph import forward_mismatch
+from .quantized import dequantize, quantization, requantize
 
 # Attribute of a merged model: the names of the layers whose adapters were folded into it.
 MERGED = "evagraph_merged"
 # Attribute of a merged model with DoRA adapters: {layer: ||W + delta|| per output} at merge.
 DORA_NORMS = "evagraph_dora_norms"
+# Attribute of a model merged into quantized layers: {layer: the largest change that
+# re-quantizing W + delta made to one weight}.
+ROUNDING = "evagraph_rounding_error"
 
 
 def _refuse_unfoldable(pairs: list[tuple[LoraAdapter, nn.Module]]) -> None:
@@ -62,6 +80,20 @@ def _refuse_unfoldable(pairs: list[tuple[LoraAdapter, nn.Module]]) -> None:
             "reproduces the layer plus its adapter. Keep the model adapted, or adapt it "
             "without these layers (exclude)"
         )
+
+
+def _refuse_quantized(model: nn.Module, adapters: Iterable[LoraAdapter]) -> None:
+    """Raise ``ConfigError`` naming the first adapter whose base layer is quantized: its merge
+    re-quantized W + delta, and that rounding is not undone by subtracting the delta."""
+    for a in adapters:
+        scheme = quantization(_owner(model, a)) if a.host is None else None
+        if scheme is not None:
+            raise ConfigError(
+                f"layer {a.layer_name}: its base weight is quantized ({scheme}), and merge "
+                "re-quantized W + scale B A: subtracting the delta does not give W back "
+                "exactly (the rounding stays). Re-apply the adapter to the quantized base "
+                "model instead (evagraph.apply_adapter)"
+            )
 
 
 def _owner(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
@@ -84,17 +116,8 @@ def _fold(
     weight = getattr(owner, attr)
     new = weight.to(torch.float32, copy=True)
     for adapter in adapters:
-        # Layers with tied weights (one Parameter) have one adapter each; one weight cannot
-        # hold both deltas, and folding both would change every such layer by their sum.
-        # The experts of a fused weight each own their slice of it.
-        if adapter.expert is None:
-            if id(weight) in folded:
-                raise ConfigError(
-                    f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base "
-                    f"weight ({adapter.base_weight}): it cannot hold both deltas, so they "
-                    "cannot be merged"
-                )
-            folded[id(weight)] = adapter.layer_name
+        if adapter.expert is None:  # the experts of a fused weight each own their slice
+            _claim(weight, adapter, folded)
         delta = adapter.delta_weight().to(weight.device)
         if adapter.expert is None:
             target = new
@@ -112,6 +135,46 @@ def _fold(
         else:
             target += sign * delta
     setattr(owner, attr, nn.Parameter(new.to(weight.dtype), requires_grad=weight.requires_grad))
+
+
+def _claim(weight: torch.Tensor, adapter: LoraAdapter, folded: dict[int, str]) -> None:
+    """Record that ``adapter`` folds into ``weight``, refusing a weight another adapter took:
+    layers with tied weights (one Parameter) have one adapter each, and one weight cannot
+    hold both deltas (folding both would change every such layer by their sum)."""
+    if id(weight) in folded:
+        raise ConfigError(
+            f"adapters {folded[id(weight)]} and {adapter.layer_name} share one base weight "
+            f"({adapter.base_weight}): it cannot hold both deltas, so they cannot be merged"
+        )
+    folded[id(weight)] = adapter.layer_name
+
+
+@torch.no_grad()
+def _fold_quantized(layer: LoraLayer, folded: dict[int, str]) -> tuple[float, float]:
+    """Fold ``layer``'s adapter into its quantized base: the base weight dequantized, the delta
+    added, re-quantized as it was, as a new weight (``evagraph.quantized``). Returns (the
+    rounding error: the largest change re-quantizing made to an entry of W + delta, the
+    largest entry of the delta)."""
+    owner, adapter = layer.base_layer, layer.lora
+    _claim(owner.weight, adapter, folded)
+    delta = adapter.delta_weight().to(owner.weight.device)
+    target = dequantize(owner) + delta
+    owner.weight = requantize(owner, target)
+    return float((dequantize(owner) - target).abs().max()), float(delta.abs().max())
+
+
+def _warn_rounding(rounding: dict[str, tuple[float, float]]) -> None:
+    """Warn that merging into quantized layers rounded (PEFT warns too), with the worst case."""
+    worst = max(rounding, key=lambda name: rounding[name][0])
+    error, delta = rounding[worst]
+    warnings.warn(
+        f"merging into {len(rounding)} quantized layer(s) re-quantized W + scale B A, so the "
+        "merged model computes slightly other outputs than the adapted one: the largest "
+        f"rounding error is {error:.3g} in a weight of {worst}, whose delta's largest entry is "
+        f"{delta:.3g} (attribute {ROUNDING} of the result has every layer's)",
+        EvagraphWarning,
+        stacklevel=3,
+    )
 
 
 def _dora_fold(
@@ -195,6 +258,7 @@ def merge(model: nn.Module) -> nn.Module:
     )
     found, folded = False, {}
     norms: dict[str, torch.Tensor] = {}
+    rounding: dict[str, tuple[float, float]] = {}
     names: set[str] = set()
     # Every name of a module registered twice (self.b = self.a) is unwrapped; folded once.
     unwrapped: set[int] = set()
@@ -203,7 +267,10 @@ def merge(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             found = True
             if id(module) not in unwrapped:
-                _fold(module.base_layer, "weight", [module.lora], +1.0, folded, norms)
+                if quantization(module.base_layer) is not None:
+                    rounding[module.lora.layer_name] = _fold_quantized(module, folded)
+                else:
+                    _fold(module.base_layer, "weight", [module.lora], +1.0, folded, norms)
                 unwrapped.add(id(module))
                 names.add(module.lora.layer_name)
             parent_name, _, child = name.rpartition(".")
@@ -236,10 +303,13 @@ def merge(model: nn.Module) -> nn.Module:
         merged.recompile()
     if not found:
         raise ConfigError("the model has no evagraph LoRA adapters to merge")
-    merged.requires_grad_(True)
+    unfreeze(merged)
     setattr(merged, MERGED, sorted(names))
     if norms:
         setattr(merged, DORA_NORMS, norms)
+    if rounding:
+        setattr(merged, ROUNDING, {name: error for name, (error, _) in rounding.items()})
+        _warn_rounding(rounding)
     return merged
 
 
@@ -294,6 +364,7 @@ def unmerge(
                 f"layer(s) {', '.join(diff)})"
             )
     check_adapters(merged, found, source)  # before any weight is changed
+    _refuse_quantized(merged, found.values())
     _refuse_unfoldable([(a, _owner(merged, a)) for a in found.values() if a.host is None])
     norms = getattr(merged, DORA_NORMS, {})
     _check_dora_unmerge(found.values(), norms)

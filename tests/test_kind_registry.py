@@ -55,5 +55,5 @@ def test_fused_expert_kind(transposed):
 
 
 def test_every_kind_is_registered_once():
-    assert len({k.name for k in KINDS}) == len(KINDS) == 4
+    assert len({k.name for k in KINDS}) == len(KINDS) == 5
     assert {k.serial for k in KINDS} == {"linear", "conv"}  # the saved Layer.kind values

@@ -10,12 +10,14 @@ and formats, class sub-folders), ``images.pt``, ``resnet18.safetensors``, ``rn50
 
 Commands that cannot run inside the test suite are named in ``NOT_HERE`` with the reason
 (installing, the suite itself, hardware this machine lacks, a 20-minute experiment); each is
-still checked to be well formed (its script exists, its ``evagraph`` options parse). Any other
+still checked to be well formed (its script exists, its ``evagraph`` options parse). A python
+block is skipped likewise where it needs a package not installed (bitsandbytes). Any other
 command or block that fails fails the test, naming the README line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -90,6 +92,14 @@ NOT_HERE = [
     (r"--nnodes 2", lambda: "needs two machines"),
     (r"--nproc_per_node 8", lambda: "needs 8 GPUs" if _gpus() < 8 else None),
     (r"--device cuda", lambda: "needs a CUDA device" if _gpus() < 1 else None),
+    (
+        r"BitsAndBytesConfig",  # a python block
+        lambda: (
+            None
+            if importlib.util.find_spec("bitsandbytes")
+            else "needs the quant extra (bitsandbytes): tests/test_quantized.py runs it"
+        ),
+    ),
 ]
 
 
@@ -201,6 +211,10 @@ def test_every_readme_block_runs_as_written(scratch):
     for block in readme_blocks(README.read_text()):
         where = f"README.md, block at line {block.line}"
         if block.lang == "python":
+            reason = not_here(block.code)
+            if reason:
+                skipped.append(f"{where}: {reason}")
+                continue
             try:
                 exec(compile(block.code, where, "exec"), namespace)
             except Exception:

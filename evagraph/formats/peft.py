@@ -30,6 +30,7 @@ from ..lora import (
     adapter_dtype,
     refuse_adapted,
     share_weights_copy,
+    unfreeze,
 )
 from ..passes.layer_graph import forward_mismatch
 from ..passes.rewrite import rewrite
@@ -56,7 +57,7 @@ def unwrap(adapted: nn.Module) -> nn.Module:
         if isinstance(module, (LoraLayer, ParamLoraLayer)):
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, module.base_layer)
-    base.requires_grad_(True)
+    unfreeze(base)
     return base
 
 

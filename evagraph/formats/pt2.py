@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from ..data import open_data
-from ..errors import DataError, ModelLoadError, first_line
+from ..errors import ConfigError, DataError, ModelLoadError, first_line
 from ..passes.capture import export_program
+from ..quantized import quantization
 from ..runtime import check_shapes
 from .outdir import disk_errors, zip_target
 
@@ -60,6 +61,7 @@ def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
     sequence and image dimensions stay dynamic where the model allows.
     """
     path = Path(path)
+    _refuse_quantized(adapted)
     program = export_program(adapted, example_inputs)  # traced first: errors below are the disk's
     with disk_errors(str(path)), zip_target(path) as f:
         torch.export.save(program, f)
@@ -68,10 +70,25 @@ def export(adapted: nn.Module, example_inputs: Any, path: str | Path) -> Path:
 
 def write(adapted: nn.Module, outdir: Path, example: Any) -> list[str]:
     """``--format pt2``: the adapted model as ``outdir/model.pt2``, traced on ``example``."""
+    _refuse_quantized(adapted)
     program = export_program(adapted, example)
     with zip_target(outdir / "model.pt2") as f:
         torch.export.save(program, f)
     return ["model.pt2"]
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """Raise ``ConfigError`` naming a quantized layer of ``model``: torch.export cannot trace
+    bitsandbytes' packed weights (nor write torchao's without its own serialization)."""
+    for name, m in model.named_modules():
+        scheme = quantization(m)
+        if scheme is not None:
+            name = name.removesuffix(".base_layer")  # the layer an adapter wraps
+            raise ConfigError(
+                f"cannot export a model with quantized layers as a .pt2 ({name} is {scheme}): "
+                "save the adapter (save_adapter, save_peft) and apply it to the quantized base "
+                "model where it is loaded"
+            )
 
 
 # Strings the deserializer pastes into generated Python source must not be able to leave

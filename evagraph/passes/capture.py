@@ -20,6 +20,9 @@ and 3 are retried with every module of that class kept opaque: export sees a pla
 shaped like that input, which becomes a ``call_module`` node of the module itself, run eagerly.
 Where no module can be kept opaque (the branch is in the model's own forward), export decides
 it by the example's values and the graph asserts at run time that each batch decides alike.
+Quantized linear modules (bitsandbytes, torchao: ``evagraph.quantized``) are kept opaque in
+2 and 3 from the start, a placeholder shaped ``(..., out_features)`` standing for each: export
+cannot trace bitsandbytes' packed weights, and calibration needs only their input.
 We keep fx first rather than exporting everything (as pt2e does) because it is an order of
 magnitude faster on the models it can trace and keeps the model's own leaf modules.
 """
@@ -46,7 +49,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ..errors import CaptureError, EvagraphWarning, first_line
-from ..layers import is_hf_conv1d
+from ..layers import QUANTIZED, is_hf_conv1d
 
 
 class _LeafTracer(fx.Tracer):
@@ -188,15 +191,29 @@ OPAQUE = "evagraph_opaque"
 
 
 @torch.library.custom_op("evagraph::opaque_module", mutates_args=())
-def _opaque_module(inputs: list[torch.Tensor], like: int, call: int) -> torch.Tensor:
+def _opaque_module(inputs: list[torch.Tensor], like: int, call: int, width: int) -> torch.Tensor:
     """Placeholder, during export only, for call ``call`` of a module kept opaque, shaped like
-    ``inputs[like]``; ``_export_graph`` replaces it by a call of the module before any run."""
+    ``inputs[like]`` (with last dimension ``width`` unless it is -1); ``_export_graph``
+    replaces it by a call of the module before any run."""
     raise RuntimeError("evagraph::opaque_module is a capture placeholder and never runs")
 
 
 @_opaque_module.register_fake
-def _(inputs: list[torch.Tensor], like: int, call: int) -> torch.Tensor:
-    return torch.empty_like(inputs[like])
+def _(inputs: list[torch.Tensor], like: int, call: int, width: int) -> torch.Tensor:
+    x = inputs[like]
+    return torch.empty_like(x) if width < 0 else x.new_empty((*x.shape[:-1], width))
+
+
+# How a module kept opaque is shaped: (which tensor input its output is shaped like, the
+# output's last dimension or -1 for that input's own).
+Like = tuple[int, int]
+
+
+def _quantized_leaves(model: nn.Module) -> dict[nn.Module, Like]:
+    """The quantized linear modules of ``model``, kept opaque: export cannot trace their packed
+    weights (bitsandbytes rebuilds its tensor subclasses in forward), and calibration needs
+    only their input. Each is ``x -> (..., out_features)``."""
+    return {m: (0, m.out_features) for m in model.modules() if QUANTIZED.matches(m)}
 
 
 # One call of an opaque module seen by export: the module, its (args, kwargs) spec, and the
@@ -252,7 +269,7 @@ def _output_like_input(
     return {m: i for m, i in like.items() if i is not None}
 
 
-def _opaque_forward(module: nn.Module, like: int, calls: list[_Call]) -> Callable[..., Any]:
+def _opaque_forward(module: nn.Module, like: Like, calls: list[_Call]) -> Callable[..., Any]:
     """A ``forward`` for ``module`` during export: records the call in ``calls`` and returns
     the placeholder op on its tensor inputs."""
 
@@ -263,7 +280,7 @@ def _opaque_forward(module: nn.Module, like: int, calls: list[_Call]) -> Callabl
             # a size passed in would be frozen into the call_module node
             raise NotImplementedError(f"{type(module).__name__} takes a symbolic size")
         calls.append((module, spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]))
-        return torch.ops.evagraph.opaque_module(tensors, like, len(calls) - 1)
+        return torch.ops.evagraph.opaque_module(tensors, like[0], len(calls) - 1, like[1])
 
     return forward
 
@@ -271,12 +288,12 @@ def _opaque_forward(module: nn.Module, like: int, calls: list[_Call]) -> Callabl
 def _export_graph(
     model: nn.Module,
     example: Any,
-    opaque: Mapping[nn.Module, int],
+    opaque: Mapping[nn.Module, Like],
     dynamic: bool = True,
     on_values: bool = False,
 ) -> fx.GraphModule:
     """``export_program(model, example, dynamic).module()``, with each module in ``opaque``
-    (module -> the tensor input its output is shaped like) one ``call_module`` node.
+    (module -> how its output is shaped, ``Like``) one ``call_module`` node.
     ``on_values``: a branch on tensor values takes the way ``example``'s values take, and the
     graph asserts at run time that every later input takes it too (as ``draft_export`` does)."""
     calls: list[_Call] = []
@@ -303,7 +320,7 @@ def _export_graph(
     for node in list(graph.nodes):
         if node.target is not torch.ops.evagraph.opaque_module.default:
             continue
-        inputs, _, call = node.args
+        inputs, _, call, _ = node.args
         module, spec, leaves = calls[call]
         tensors = iter(inputs)
         args, kwargs = pytree.tree_unflatten(
@@ -341,7 +358,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
             f"{_user_frame(fx_error)}) and "
             "torch.export needs an example batch"
         ) from fx_error
-    opaque: dict[nn.Module, int] = {}
+    opaque = _quantized_leaves(model)
     while True:
         try:
             return Captured(_export_graph(model, example, opaque), "export")
@@ -358,7 +375,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
         like = _output_like_input(model, example, [m for m in model.modules() if type(m) is cls])
         if like is None or culprit not in like:
             break
-        opaque.update(like)
+        opaque.update((m, (i, -1)) for m, i in like.items())
     dynamic = f"{first_line(dynamic_error, typed=True)}{_user_frame(dynamic_error)}"
     captured = _retry_export(model, example, opaque, dynamic_error)
     if isinstance(captured, Captured):
@@ -375,7 +392,7 @@ def capture(model: nn.Module, example: Any = None) -> Captured:
 
 
 def _retry_export(
-    model: nn.Module, example: Any, opaque: Mapping[nn.Module, int], dynamic_error: Exception
+    model: nn.Module, example: Any, opaque: Mapping[nn.Module, Like], dynamic_error: Exception
 ) -> Captured | Exception:
     """The last tries after export with dynamic shapes failed with ``dynamic_error``: the
     graph, or the error the last try raised."""

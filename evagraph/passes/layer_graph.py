@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvSpec, Layer, layer_of_module, module_kind
+from ..quantized import quantization
 from .capture import OPAQUE
 
 _aten = torch.ops.aten
@@ -406,7 +407,8 @@ def _reference(m: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -
 def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
     """Why the linear/conv module ``m`` is not plainly ``F.linear``/``F.conv`` of its weight.
 
-    None for a module whose class keeps the nn class's ``forward`` (and HF ``Conv1D``). A
+    None for a module whose class keeps the nn class's ``forward`` (and HF ``Conv1D``, and
+    quantized linears, whose packed weight no plain op takes). A
     subclass that overrides it is run on a small random input, beside the nn class's op: with
     ``values`` False on the meta device (shapes only, as weights may not be resident): a
     non-tensor result (MoE routers that return scores and indices) or another output shape
@@ -417,6 +419,8 @@ def forward_mismatch(m: nn.Module, values: bool = False) -> str | None:
     base = _nn_class(m)
     if base is None or type(m).forward is base.forward:
         return None  # HF Conv1D included: it is its own class
+    if quantization(m) is not None:
+        return None  # F.linear of its dequantized weight (which merge folds into)
     what = f"nn.{base.__name__} subclass {type(m).__name__} overrides forward"
     w = m.weight
     if isinstance(m, nn.Linear):

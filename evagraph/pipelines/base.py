@@ -27,6 +27,7 @@ from ..passes.capture import capture
 from ..passes.layer_graph import LayerGraph, build_layer_graph
 from ..passes.probe import ProbedGraph, insert_probes
 from ..passes.select import Selection, select_targets
+from ..quantized import no_cpu_repacking
 from ..runtime import (
     call_model,
     check_batch_fits,
@@ -145,7 +146,7 @@ class Pipeline:
         # Eval mode before capture: torch.export bakes the mode (dropout) into its graph.
         was_training = model.training
         set_training(model, False)
-        with self.placed(model, device) as onloader:
+        with self.placed(model, device) as onloader, no_cpu_repacking(model):
             try:
                 traced = trace(model, first, settings, forward_fn, self.resident)
                 stream = self._stream(model, traced, first, drawn, device, sync)
