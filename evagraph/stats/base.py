@@ -83,21 +83,32 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
-    """The largest magnitude in ``x`` (0 for no rows), without a temporary of its size."""
+    """The largest magnitude in ``x`` (0 for no rows), without a temporary of its size.
+
+    ``aminmax``, not ``vector_norm(x, inf)``: on the CPU the latter is 10-16x slower (1.6 ms
+    against 0.1 ms for 512 x 576 float32 rows, one thread), which was a fifth of the
+    low-rank statistic's time per batch on SmolLM2.
+    """
     if x.numel() == 0:  # a shape, known on the host: no sync
         return x.new_zeros(())
-    return torch.linalg.vector_norm(x, float("inf"))
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo)
 
 
 def masked_rows(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Rows as float32 with excluded rows (weight 0) set to 0; a copy whenever masked.
 
-    ``where``, not a product: padding rows may hold NaN/Inf (a softmax over a fully masked
-    row), and 0 * NaN would poison the sums.
+    Set, not multiplied: padding rows may hold NaN/Inf (a softmax over a fully masked row),
+    and 0 * NaN would poison the sums.
     """
     x = rows.to(torch.float32)
     if weights is not None:
-        x = torch.where(weights[:, None] > 0, x, 0.0)
+        x = x.clone() if x is rows else x
+        drop = ~(weights > 0)
+        if x.device.type == "cpu":  # broadcast masked_fill is 8x slower there; no sync cost
+            x.index_fill_(0, drop.nonzero().squeeze(1), 0.0)
+        else:  # no host sync on an accelerator
+            x.masked_fill_(drop[:, None], 0.0)
     return x
 
 

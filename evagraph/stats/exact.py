@@ -61,7 +61,7 @@ class ExactCovariance:
             self.shift = total / n.clamp_min(1).float()
         elif sync is not None:
             (n,) = sync.sum(n)
-        x = x - self.shift  # x may be the activation itself: never modify it
+        x = x - self.shift if x is rows else x.sub_(self.shift)  # never modify the activation
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         amax = abs_max(x)
