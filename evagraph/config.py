@@ -113,6 +113,12 @@ class CalibrationSettings(_Ranks):
         "for rows up to 8k wide, lowrank beyond.",
         choices=KINDS,
     )
+    conv_stride: int | None = _setting(
+        None,
+        "A convolution's statistic takes the rows of every n-th output position along each "
+        "spatial dimension; 1: every row. [default: per layer, the smallest n (at most 4) at "
+        "which the statistic costs at most a quarter of the layer]",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,12 +126,14 @@ class CalibrationSettings(_Ranks):
         object.__setattr__(self, "exclude", patterns(self.exclude, "exclude") or ())
         if not 0 < _finite("tau", self.tau) <= 1:
             raise ConfigError(f"tau must be in (0, 1], got {self.tau!r}")
-        for name in ("max_steps", "min_batches", "label_mask_value"):
+        for name in ("max_steps", "min_batches", "label_mask_value", "conv_stride"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
+        if self.conv_stride is not None and self.conv_stride < 1:
+            raise ConfigError(f"conv_stride must be >= 1, got {self.conv_stride!r}")
         if self.min_batches < 1:
             raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
         if not isinstance(self.statistic, str) or self.statistic not in KINDS:

@@ -14,6 +14,7 @@ that value (-100: ignored by the loss) get weight 0 too. Probes can be switched 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,10 @@ from ..layers import ConvSpec, kind_from
 from ..layers import conv_rows as conv_rows  # re-exported: it lived here
 from .layer_graph import LayerGraph
 from .select import Selection
+
+# Subsampled conv rows keep at least this many output positions along each spatial
+# dimension (64 of a 2d map): small late-stage maps give all their rows.
+_MIN_POSITIONS = 8
 
 RowSink = Callable[[torch.Tensor, "torch.Tensor | None"], None]
 
@@ -61,12 +66,34 @@ class Probe(nn.Module):
     ) -> None:
         super().__init__()
         self.kind, self.conv, self.dim = kind, conv, dim
+        self.every = 1  # conv rows: of every n-th output position (see ``keep_every``)
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
         self.experts = experts
         self.expert_sinks: dict[int, list[RowSink]] = {e: [] for e in range(experts or 0)}
         self.fired = False  # sinks called since the flag was last cleared (see ``replay``)
+
+    def keep_every(self, stride: int) -> None:
+        """Hand the sinks a convolution's rows at every ``stride``-th output position along
+        each spatial dimension only (1: all), keeping at least ``_MIN_POSITIONS`` positions
+        along each: the input is unfolded with the conv's stride times that, so the rows left
+        out are never built."""
+        self.every = stride
+
+    def _row_conv(self, x: torch.Tensor) -> ConvSpec | None:
+        """The geometry this input's rows are unfolded with (``keep_every``)."""
+        conv = self.conv
+        if conv is None or self.every == 1:
+            return conv
+        spatial = x.shape[-conv.ndim :]
+        pads = conv.pad_amounts()[::-1]  # F.pad order reversed: (right, left) first dim first
+        steps = []
+        for i, size in enumerate(spatial):
+            reach = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+            positions = (size + pads[2 * i] + pads[2 * i + 1] - reach) // conv.stride[i] + 1
+            steps.append(conv.stride[i] * max(1, min(self.every, positions // _MIN_POSITIONS)))
+        return dataclasses.replace(conv, stride=tuple(steps))
 
     def sinks_for(self, expert: int | None) -> list[RowSink]:
         """The sink list a statistic of all rows (None) or of one expert's rows joins."""
@@ -93,7 +120,8 @@ class Probe(nn.Module):
             try:
                 with torch.no_grad():
                     if self.experts is None:
-                        rows, weights = activation_rows(x.detach(), self.kind, self.conv, mask)
+                        conv = self._row_conv(x)
+                        rows, weights = activation_rows(x.detach(), self.kind, conv, mask)
                     else:
                         rows, weights = self._expert_rows(x.detach(), mask, source, index)
                     # Rows of another width: the layer after the probe raises the model's own

@@ -30,7 +30,7 @@ from ..passes.allocate import allocate
 from ..passes.probe import ProbeFailure, slice_to_probes
 from ..runtime import batch_failed
 from ..state import EvaState
-from ..stats import Components, Statistic, Sync, flush_all, make_statistic
+from ..stats import Components, Statistic, Sync, conv_stride, flush_all, make_statistic
 from .base import Traced
 
 
@@ -110,7 +110,19 @@ class Calibrator:
         )
         expert = self.probed.experts.get(g)
         for p in self.probed.group_probes[g]:
-            self.probed.probes[p].sinks_for(expert).append(grp.stat.update)
+            probe = self.probed.probes[p]
+            probe.sinks_for(expert).append(grp.stat.update)
+            if probe.conv is not None:
+                probe.keep_every(self._conv_stride(g, probe.conv.groups, probe.conv.ndim))
+
+    def _conv_stride(self, g: str, conv_groups: int, spatial: int) -> int:
+        """The output-position spacing of group ``g``'s conv rows (``conv_stride``)."""
+        settings = self.settings
+        if settings.conv_stride is not None:
+            return settings.conv_stride
+        dim, layers = self.probed.dims[g], self.traced.layer_graph.layers
+        macs = sum(layers[m].out_features for m in self.groups[g].layers) * dim // conv_groups
+        return conv_stride(settings.statistic, dim, settings.max_components, macs, spatial)
 
     def open_new(self, groups: list[str]) -> None:
         """Open those of ``groups`` that were neither opened nor closed yet."""

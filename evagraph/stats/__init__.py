@@ -23,6 +23,35 @@ KINDS = ("auto", "exact", "lowrank")
 _EXACT_MAX_PER_COMPONENT = 8
 
 
+# A convolution's statistic may cost this share of the layer's own multiply-adds: its input
+# rows (one per output position, C_in * prod(kernel) wide) are many and their neighbours
+# nearly alike, so rows at a coarser grid of positions keep the components (see
+# ``conv_stride``) at a fraction of the cost.
+_CONV_SHARE = 0.25
+
+
+def uses_exact(kind: str, dim: int, k: int) -> bool:
+    """Whether ``make_statistic(kind, dim, k, ...)`` gives the exact statistic."""
+    return kind == "exact" or (kind == "auto" and dim <= _EXACT_MAX_PER_COMPONENT * k)
+
+
+def row_cost(kind: str, dim: int, k: int) -> int:
+    """Multiply-adds per row of the statistic ``make_statistic`` gives: ``d^2`` for the
+    exact one, about ``6 q d`` for the low-rank one (three passes of ``2q`` columns)."""
+    return dim * dim if uses_exact(kind, dim, k) else 6 * sketch_rank(k) * dim
+
+
+def conv_stride(kind: str, dim: int, k: int, layer_macs: int, spatial: int) -> int:
+    """The spacing of the output positions whose rows a convolution's statistic takes along
+    each of its ``spatial`` dimensions: the smallest that brings the statistic's cost under
+    ``_CONV_SHARE`` of the layers' ``layer_macs`` multiply-adds per position, at most 4 (one
+    position in 16 of a 2d map)."""
+    stride = 1
+    while stride < 4 and row_cost(kind, dim, k) > _CONV_SHARE * layer_macs * stride**spatial:
+        stride += 1
+    return stride
+
+
 def make_statistic(
     kind: str, dim: int, k: int, device: torch.device | str, sync: Sync | None = None
 ) -> Statistic:
@@ -30,7 +59,7 @@ def make_statistic(
     ``sync``: reduce each update over the processes of a data-parallel run."""
     if kind not in KINDS:
         raise ValueError(f"statistic must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "exact" or (kind == "auto" and dim <= _EXACT_MAX_PER_COMPONENT * k):
+    if uses_exact(kind, dim, k):
         return ExactCovariance(dim, k, device, sync=sync)
     return IncrementalSVD(dim, k, device, sync=sync)
 
@@ -42,7 +71,10 @@ __all__ = [
     "IncrementalSVD",
     "Statistic",
     "Sync",
+    "conv_stride",
     "flush_all",
     "make_statistic",
+    "row_cost",
     "sketch_rank",
+    "uses_exact",
 ]
