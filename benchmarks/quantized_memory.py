@@ -36,6 +36,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -51,7 +55,7 @@ def _status_kb(key: str) -> int:
     return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":")))
 
 
-def load(scheme: str):
+def load(scheme: str) -> nn.Module:
     """SmolLM2 as ``scheme`` ("float", "nf4", "int8"), float32 outside the quantized linears
     (bitsandbytes' compute dtype is float32 too: only the storage differs)."""
     import real
@@ -68,7 +72,7 @@ def load(scheme: str):
     return model
 
 
-def weight_bytes(model) -> int:
+def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (each tensor once: SmolLM2 ties its
     embeddings), plus the scales bitsandbytes keeps beside its packed weights."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -91,7 +95,7 @@ def batches(path: Path) -> list[dict]:
     return [{k: v[i] for k, v in data.items()} for i in range(n)]
 
 
-def calibrate_case(case: str, work: Path, args) -> dict:
+def calibrate_case(case: str, work: Path, args: argparse.Namespace) -> dict:
     import evagraph
 
     settings = {"budget": args.r, "rho": args.rho, "targets": TARGETS, "progress": False}
@@ -118,7 +122,7 @@ def calibrate_case(case: str, work: Path, args) -> dict:
     return out
 
 
-def train_case(case: str, work: Path, args) -> dict:
+def train_case(case: str, work: Path, args: argparse.Namespace) -> dict:
     import torch
 
     import evagraph
@@ -167,7 +171,7 @@ class AnonPeak:
         return max(self.peak, _status_kb("RssAnon"))
 
 
-def child(case: str, work: Path, args) -> None:
+def child(case: str, work: Path, args: argparse.Namespace) -> None:
     """One case in this process; prints a JSON line of its figures (MB above the RSS after
     the imports, which are the same in every case)."""
     import bitsandbytes  # noqa: F401
@@ -192,7 +196,7 @@ def child(case: str, work: Path, args) -> None:
     print(json.dumps({"case": case, **out}))
 
 
-def prepare(work: Path, args) -> None:
+def prepare(work: Path, args: argparse.Namespace) -> None:
     """The token batches (calibration and fine-tuning splits), saved for the children."""
     import real
     import torch
@@ -204,7 +208,7 @@ def prepare(work: Path, args) -> None:
         save_file(stacked, str(work / f"{name}.safetensors"))
 
 
-def table(results: list[dict], args) -> list[str]:
+def table(results: list[dict], args: argparse.Namespace) -> list[str]:
     from calibration import header
 
     lines = [
