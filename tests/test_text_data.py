@@ -52,13 +52,14 @@ def make_tokenizer(chat: bool = True):
     return fast
 
 
-def save_tiny_llama(path: Path) -> Path:
-    """Save ``make_tokenizer()`` and a tiny random Llama (seed 0) into one Hugging Face
-    directory, as ``compile MODEL_DIR`` reads it (also the README tests' ``./my-llama``)."""
+def save_tiny_llama(path: Path, hidden: int = 32) -> Path:
+    """Save ``make_tokenizer()`` and a tiny random Llama (seed 0, ``hidden`` wide) into one
+    Hugging Face directory, as ``compile MODEL_DIR`` reads it (also the README tests'
+    ``./my-llama``)."""
     tok = make_tokenizer()
     tok.save_pretrained(path)
     config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
