@@ -6,9 +6,11 @@ activation rows (with optional 0/1 weights that exclude padding), ``estimate`` g
 current top-k components and explained-variance ratios cheaply (on the device, no host
 sync), ``finalize`` the final ``Components``, and ``merge`` adds another statistic of the
 same kind, so that statistics computed on separate shards of the data combine into the one
-statistic of all of it. Under data parallelism a statistic made with a ``Sync`` reduces
-inside each ``update`` (sums of products of the rows, never the rows), so that every process
-holds the statistic of the global batch after it.
+statistic of all of it. Under data parallelism a statistic made with a ``Sync`` and an
+``owner`` process reduces inside each ``update`` (sums of products of the rows, never the
+rows) to its owner, which alone holds the statistic of the global batch and may be asked for
+``estimate``/``finalize``; every process keeps the row count, and what its next update's
+products need (the shift, the sketch's basis).
 """
 
 from __future__ import annotations
@@ -44,11 +46,17 @@ class Components:
 
 class Sync(Protocol):
     """The collectives a statistic needs under data parallelism (``evagraph.distributed``):
-    element-wise sums and maxima over all processes."""
+    element-wise sums and maxima over all processes, sums to one, a broadcast from one."""
+
+    rank: int
 
     def sum(self, *tensors: torch.Tensor) -> list[torch.Tensor]: ...
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce(self, dst: int, *tensors: torch.Tensor) -> list[torch.Tensor] | None: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor: ...
 
 
 class Statistic(Protocol):

@@ -7,6 +7,10 @@ follows the largest deviation seen, so data at 1e-30 or 1e30 neither underflows 
 overflows. Two statistics merge exactly (the other's sums are re-expressed around this
 shift). Cost per row is ``d^2`` and memory ``d^2``: the right choice only for narrow layers
 (``evagraph.stats.make_statistic`` decides); wide layers use ``IncrementalSVD``.
+
+Data parallel (``sync`` and ``owner``): every process all-reduces the count, the first
+batch's mean and the largest deviation (a few numbers and one ``d``-vector), and reduces its
+rows' sums to the owner, the one process that holds the ``d x d`` sums and solves them.
 """
 
 from __future__ import annotations
@@ -30,15 +34,24 @@ class ExactCovariance:
     """Exact streaming PCA of rows of width ``dim``; ``k`` components (see module doc)."""
 
     def __init__(
-        self, dim: int, k: int, device: torch.device | str, *, sync: Sync | None = None
+        self,
+        dim: int,
+        k: int,
+        device: torch.device | str,
+        *,
+        sync: Sync | None = None,
+        owner: int = 0,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
         self.sync = sync  # data parallel: each update adds the rows of every process
+        self.owner = owner  # data parallel: the process that holds the sums
+        self.owns = sync is None or sync.rank == owner
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.shift: torch.Tensor | None = None  # float32 (d,), true units
         self.scale = torch.full((), float("inf"), device=device)  # sums are scale * true
-        self.sum = torch.zeros(dim, device=device)
-        self.gram = torch.zeros(dim, dim, device=device)
+        held = dim if self.owns else 0  # another process's sums: nothing held here
+        self.sum = torch.zeros(held, device=device)
+        self.gram = torch.zeros(held, held, device=device)
         self._basis: torch.Tensor | None = None  # eigensolver warm start
 
     def _rescale(self, scale: torch.Tensor) -> None:
@@ -74,9 +87,10 @@ class ExactCovariance:
             self.sum += x.sum(0)
             self.gram.addmm_(x.T, x)
         else:
-            total, gram = sync.sum(x.sum(0), x.T @ x)
-            self.sum += total
-            self.gram += gram
+            sums = sync.reduce(self.owner, x.sum(0), x.T @ x)
+            if sums is not None:
+                self.sum += sums[0]
+                self.gram += sums[1]
 
     def merge(self, other: ExactCovariance) -> None:
         """Add ``other``'s rows: the sums are re-expressed around this shift (float64)."""

@@ -85,9 +85,13 @@ class IncrementalSVD:
         rank: int | None = None,
         defer: bool | None = None,
         sync: Sync | None = None,
+        owner: int = 0,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
         self.sync = sync  # data parallel: each update adds the rows of every process
+        self.owner = owner  # data parallel: the process that holds the factor and solves
+        self.owns = sync is None or sync.rank == owner
+        self._stale = False  # data parallel: V is the owner's to broadcast before next use
         self.rank = min(rank or sketch_rank(self.k), dim)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -149,10 +153,15 @@ class IncrementalSVD:
 
         With ``sync`` the rows are this process's part of a global batch (``n_new`` and
         ``mean_new`` are the global batch's): the two products that sum over rows, ``y`` and
-        the small Gram, are all-reduced (with ``total_new``), so every process absorbs the
-        global batch and draws the same random probe.
+        the small Gram (with ``total_new``), are reduced to the owner, which alone takes the
+        QR, solves and holds ``sigma``; it broadcasts the new directions (``basis``, which
+        every process's Gram needs) and, before the next update, ``V``. Every process draws
+        the same random probe.
         """
         self.flush()
+        if self._stale:  # the owner's last solve: this update's products need it
+            self.V = self.sync.broadcast(self.V, self.owner)
+            self._stale = False
         n_old, V = self.count, self.V
         n = n_old + n_new
         # The mean-correction row of the stacked matrix (sklearn's IncrementalPCA).
@@ -174,13 +183,10 @@ class IncrementalSVD:
             # directions. One pass over the rows for both.
             z = torch.cat([coef, both[:, q0:] - coef @ (V @ probe)], 1)  # [coef, R probe]
             rows_z, coef_z = rows.T @ z, coef.T @ z
-            if sync is not None:
-                rows_z, coef_z = sync.sum(rows_z, coef_z)
-            y = rows_z - V.T @ coef_z
-            unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
-            # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
-            # where y is rank-deficient (a batch of fewer rows than the sketch).
-            basis = torch.linalg.qr(torch.cat([V.T, y, unit[:, None]], 1)).Q[:, q0 : self.dim]
+            if sync is None:
+                basis = self._basis(rows_z, coef_z, corr)
+            else:
+                basis = self._shared_basis(sync, rows_z, coef_z, corr)
         else:
             coef, basis = rows @ V.T, torch.zeros(self.dim, 0, device=V.device)
 
@@ -189,7 +195,12 @@ class IncrementalSVD:
         corr_coords = torch.cat([V.double() @ corr, basis.T.double() @ corr])
         gram = coords.T @ coords
         if sync is not None:
-            gram, total_new = sync.sum(gram, total_new)
+            sums = sync.reduce(self.owner, gram, total_new)
+            self._stale = True
+            if sums is None:  # another process's factor: V's shape after its solve
+                self.V = torch.empty(min(self.rank, gram.shape[0]), self.dim, device=V.device)
+                return
+            gram, total_new = sums
         self.total = self.total + total_new + corr.pow(2).sum()
         gram += torch.outer(corr_coords, corr_coords)
         gram[:q0, :q0] += torch.diag(self.sigma.pow(2))
@@ -199,6 +210,30 @@ class IncrementalSVD:
         self._pending = _Pending(gram, basis.T.contiguous())
         if not self.defer:
             self.flush()
+
+    def _basis(
+        self, rows_z: torch.Tensor, coef_z: torch.Tensor, corr: torch.Tensor
+    ) -> torch.Tensor:
+        """The new orthonormal directions beside V (d x c) from the batch's products."""
+        V, q0 = self.V, self.V.shape[0]
+        y = rows_z - V.T @ coef_z
+        unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
+        # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
+        # where y is rank-deficient (a batch of fewer rows than the sketch).
+        return torch.linalg.qr(torch.cat([V.T, y, unit[:, None]], 1)).Q[:, q0 : self.dim]
+
+    def _shared_basis(
+        self, sync: Sync, rows_z: torch.Tensor, coef_z: torch.Tensor, corr: torch.Tensor
+    ) -> torch.Tensor:
+        """``_basis`` of every process's summed products: the owner's QR, broadcast."""
+        sums = sync.reduce(self.owner, rows_z, coef_z)
+        if sums is not None:
+            basis = self._basis(*sums, corr).contiguous()
+        else:  # the QR's shape: [V^T, y, unit] has 2 q0 + width + 1 columns
+            q0 = self.V.shape[0]
+            c = min(self.dim, q0 + rows_z.shape[1] + 1) - q0
+            basis = torch.empty(self.dim, c, device=rows_z.device)
+        return sync.broadcast(basis, self.owner)
 
     # -- solving ----------------------------------------------------------------------------
 
