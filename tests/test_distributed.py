@@ -187,15 +187,15 @@ def test_only_the_owner_holds_the_exact_sums_and_bytes_per_update_are_as_claimed
         got = two_processes[rank]["bytes"]
         held = d if rank == 1 else 0
         assert got["exact holds"] == (held * held, held)
-        # Exact: the count (f64) and the largest deviation (f32) all-reduced; the sums
-        # (f32 d + d^2) reduced to the owner. Today's all-reduce of the same: as many bytes.
-        assert got["exact"] == (8 + 4 + 4 * (d + d * d), 3)
-        # Low rank: the largest deviation, count and mean all-reduced (3 calls: 2 dtypes); V
-        # broadcast (q x d); the products [rows^T z, coef^T z] (d + q) x 2q reduced; the new
+        # Exact: one all-reduce (float64) of the largest deviation's exponent (a one-hot over
+        # 251) and the count; the sums (f32 d + d^2) reduced to the owner.
+        assert got["exact"] == (8 * (251 + 1) + 4 * (d + d * d), 2)
+        # Low rank: one all-reduce (float64) of the exponent, the count, the rows' sum and the
+        # owner's V (q x d); the products [rows^T z, coef^T z] (d + q) x 2q reduced; the new
         # directions (d x c) broadcast; the small Gram (q + c)^2 and the total (f64) reduced.
-        lowrank = 4 + 8 + 4 * d + 4 * q * d + 4 * (d + q) * 2 * q + 4 * d * c
+        lowrank = 8 * (251 + 1 + d + q * d) + 4 * (d + q) * 2 * q + 4 * d * c
         lowrank += 8 * ((q + c) ** 2 + 1)
-        assert got["lowrank"] == (lowrank, 7)
+        assert got["lowrank"] == (lowrank, 4)
 
 
 def test_owners_balance_the_cost_in_graph_order():
@@ -289,3 +289,25 @@ def test_torchrun_failure_on_one_process_stops_both_with_one_message(tmp_path):
     assert run.stderr.count("the model failed on calibration batch 1") == 1, run.stderr
     assert "process 1: the model failed" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shared_scale_is_the_scale_of_the_largest_magnitude():
+    from evagraph.stats.base import power_of_two_scale, shared_scale
+
+    class Peer:  # this process and another, whose largest magnitude is ``theirs``
+        def __init__(self, theirs: float) -> None:
+            self.theirs = theirs
+
+        def sum(self, flat):
+            e = int(torch.frexp(torch.tensor(self.theirs)).exponent.clamp(-125, 125))
+            peer = torch.zeros_like(flat)
+            peer[e + 125] = float(self.theirs != 0)  # its one-hot; it adds 0 to the sums
+            return [flat + peer]
+
+    values = [0.0, 8e-41, 1e-30, 0.3, 0.5, 1.0, 3.0, 1e30]
+    for a in values:
+        for b in values:
+            stand_in, (n,) = shared_scale(Peer(b), torch.tensor(a), torch.tensor(2.0))
+            want = power_of_two_scale(torch.tensor(max(a, b)))
+            assert torch.equal(power_of_two_scale(stand_in), want), (a, b)
+            assert float(n) == 2.0

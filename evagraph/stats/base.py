@@ -90,6 +90,32 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones((), device=amax.device), -exponent)
 
 
+_EXPONENTS = torch.arange(-125, 126)  # power_of_two_scale's clamped exponents
+
+
+def shared_scale(
+    sync: Sync, amax: torch.Tensor, *sums: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """In one all-reduce (a float64 sum, so one collective whatever it carries): a stand-in
+    for the largest ``amax`` over the processes, of the same ``power_of_two_scale``, and the
+    sums of ``sums`` over the processes (float64). The scale depends only on amax's
+    exponent, which travels as a one-hot over the exponents (none for 0): the highest bin
+    set anywhere is the largest's. Fewer collectives matter more than bytes: each costs a
+    fixed latency (NCCL) or CPU time (gloo's threads)."""
+    exponents = _EXPONENTS.to(amax.device)
+    e = torch.frexp(amax.float()).exponent.clamp(-125, 125)
+    one_hot = ((exponents == e) & (amax != 0)).double()
+    parts = [one_hot, *(t.double().reshape(-1) for t in sums)]
+    (flat,) = sync.sum(torch.cat(parts))
+    out = flat.split([t.numel() for t in parts])
+    top = torch.where(out[0] > 0, exponents, -1000).max()
+    # 2**(e - 1) has exponent e (frexp: mantissa in [0.5, 1)); 0 when no process had data.
+    stand_in = torch.where(
+        top > -1000, torch.ldexp(torch.ones((), device=amax.device), top - 1), 0.0
+    )
+    return stand_in, [o.view(t.shape) for o, t in zip(out[1:], sums)]
+
+
 def abs_max(x: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in ``x`` (0 for no rows), without a temporary of its size."""
     if x.numel() == 0:  # a shape, known on the host: no sync

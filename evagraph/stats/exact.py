@@ -8,9 +8,9 @@ overflows. Two statistics merge exactly (the other's sums are re-expressed aroun
 shift). Cost per row is ``d^2`` and memory ``d^2``: the right choice only for narrow layers
 (``evagraph.stats.make_statistic`` decides); wide layers use ``IncrementalSVD``.
 
-Data parallel (``sync`` and ``owner``): every process all-reduces the count, the first
-batch's mean and the largest deviation (a few numbers and one ``d``-vector), and reduces its
-rows' sums to the owner, the one process that holds the ``d x d`` sums and solves them.
+Data parallel (``sync`` and ``owner``): every process all-reduces the count and the largest
+deviation (one collective; the first batch's mean in one more), and reduces its rows' sums to
+the owner, the one process that holds the ``d x d`` sums and solves them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .base import (
     masked_rows,
     power_of_two_scale,
     row_count,
+    shared_scale,
 )
 from .eigen import top_eigenpairs
 
@@ -67,19 +68,19 @@ class ExactCovariance:
             return
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
-        if self.shift is None:  # mean of the kept rows: masked outliers must not move it
+        first = self.shift is None
+        if first:  # mean of the kept rows: masked outliers must not move it
             total = x.sum(0)
             if sync is not None:
                 n, total = sync.sum(n, total)
             self.shift = total / n.clamp_min(1).float()
-        elif sync is not None:
-            (n,) = sync.sum(n)
         x = x - self.shift  # x may be the activation itself: never modify it
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
-            amax = sync.max(amax)
+            amax, counts = shared_scale(sync, amax, *([] if first else [n]))
+            n = n if first else counts[0]
         self._rescale(torch.minimum(self.scale, power_of_two_scale(amax)))
         x.mul_(self.scale)
         self.count += n

@@ -55,6 +55,7 @@ from .base import (
     masked_rows,
     power_of_two_scale,
     row_count,
+    shared_scale,
 )
 
 _REORTHONORMALISE = 16  # solves between QRs of V: drift stays below 1e-6
@@ -117,12 +118,10 @@ class IncrementalSVD:
         # Reductions through vector_norm: no row-sized temporary besides our one copy.
         amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
-            amax = sync.max(amax)
+            amax, n, raw = self._shared(sync, amax, n, x)
         scale = power_of_two_scale(amax)
         x = x * scale if x is rows else x.mul_(scale)
-        total = x.sum(0)
-        if sync is not None:
-            n, total = sync.sum(n, total)
+        total = x.sum(0) if sync is None else (raw * scale.double()).float()
         centre = total / n.clamp_min(1).float()
         x.sub_(centre)
         if weights is not None:
@@ -155,13 +154,10 @@ class IncrementalSVD:
         ``mean_new`` are the global batch's): the two products that sum over rows, ``y`` and
         the small Gram (with ``total_new``), are reduced to the owner, which alone takes the
         QR, solves and holds ``sigma``; it broadcasts the new directions (``basis``, which
-        every process's Gram needs) and, before the next update, ``V``. Every process draws
-        the same random probe.
+        every process's Gram needs), and ``V`` travels with the next update's count
+        (``_shared``). Every process draws the same random probe.
         """
         self.flush()
-        if self._stale:  # the owner's last solve: this update's products need it
-            self.V = self.sync.broadcast(self.V, self.owner)
-            self._stale = False
         n_old, V = self.count, self.V
         n = n_old + n_new
         # The mean-correction row of the stacked matrix (sklearn's IncrementalPCA).
@@ -210,6 +206,21 @@ class IncrementalSVD:
         self._pending = _Pending(gram, basis.T.contiguous())
         if not self.defer:
             self.flush()
+
+    def _shared(
+        self, sync: Sync, amax: torch.Tensor, n: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The global batch's scale stand-in, count and (unscaled, float64) sum, in one
+        all-reduce that also carries the owner's V from its last solve (the others add 0)."""
+        self.flush()
+        carry = []
+        if self._stale:
+            carry = [self.V if self.owns else torch.zeros_like(self.V)]
+            self._stale = False
+        amax, sums = shared_scale(sync, amax, n, x.sum(0, dtype=torch.float64), *carry)
+        if carry:
+            self.V = sums[2].float()
+        return amax, sums[0], sums[1]
 
     def _basis(
         self, rows_z: torch.Tensor, coef_z: torch.Tensor, corr: torch.Tensor
