@@ -473,16 +473,30 @@ def marginal_runs(args: argparse.Namespace) -> dict:
             print(f"{code}, {w} process(es), {n} batches ...", file=sys.stderr, flush=True)
             res, comps = run("evagraph", w, argv, _code_env(path))
             assert all(p["minibatches"] == n for p in res), "a layer converged at tau=1"
-            per = sum(p["cpu_at"][-1] - p["cpu_at"][n0] for p in res) / args.extra
-            out.setdefault(code, {})[w] = {
-                "marginal": per,
-                "fixed": sum(p["process_cpu"] for p in res) / w - per * n / w,
-                "payload": max(p["payload_bytes"] for p in res) / n,
-                "sent": max(p["sent_bytes"] for p in res) / n,
-                "calls": max(p["calls"] for p in res) / n,
-                "components": comps[0],
-            }
+            out.setdefault(code, {})[w] = _marginal(res, comps, n0, n)
+    # The floor without communication: one process on a W-th of each batch, W times over.
+    for w in WORLDS[1:]:
+        argv = [*worker_argv(args), f"--batches={n}", "--tau=1.0", "--threads=1"]
+        argv.append(f"--batch={args.batch // w}")
+        print(f"no communication, 1 process, batch / {w} ...", file=sys.stderr, flush=True)
+        res, comps = run("evagraph", 1, argv, _code_env(codes["sharded"]))
+        row = _marginal(res, comps, n0, n)
+        row["marginal"] *= w
+        out.setdefault("1 process on batch/W, x W", {1: out["sharded"][1]})[w] = row
     return out
+
+
+def _marginal(res: list[dict], comps: list[dict], n0: int, n: int) -> dict:
+    per = sum(p["cpu_at"][-1] - p["cpu_at"][n0] for p in res) / (n - n0)
+    w = len(res)
+    return {
+        "marginal": per,
+        "fixed": sum(p["process_cpu"] for p in res) / w - per * n / w,
+        "payload": max(p["payload_bytes"] for p in res) / n,
+        "sent": max(p["sent_bytes"] for p in res) / n,
+        "calls": max(p["calls"] for p in res) / n,
+        "components": comps[0],
+    }
 
 
 def marginal_table(args: argparse.Namespace, runs: dict) -> list[str]:
@@ -507,19 +521,23 @@ def marginal_table(args: argparse.Namespace, runs: dict) -> list[str]:
         one = by_world[1]["marginal"]
         for w, r in by_world.items():
             cos = min_abs_cos(by_world[1]["components"], r["components"])
+            cos = "n/a" if code.startswith("1 process") else f"{cos:.6f}"
             lines.append(
                 f"| {code} | {w} | {r['marginal']:.3f} | {r['marginal'] / one:.2f}x "
                 f"| {r['fixed']:.1f} | {_bytes(r['payload'])} | {_bytes(r['sent'])} "
-                f"| {r['calls']:.1f} | {cos:.6f} |"
+                f"| {r['calls']:.1f} | {cos} |"
             )
     lines += [
         "",
         f"- marginal: CPU seconds from taking batch {n0} to the end of batch {n1 - 1}, over "
         f"{m}, summed over the processes (time.process_time in each, gloo's threads "
-        "included); fixed: a process's CPU less its share of the {n1} batches at the "
+        f"included); fixed: a process's CPU less its share of the {n1} batches at the "
         "marginal rate (imports, model, capture); bytes and collectives: per minibatch over "
         "the whole run, the largest process (reduce: a non-root sends its payload, the root "
         "nothing)",
+        "- '1 process on batch/W, x W': one process calibrating on a W-th of each global batch, "
+        "its marginal CPU times W: what W processes would cost with no communication and no "
+        "replicated work at all (its components are of other data: cos not comparable)",
         f"- load average (1 min) at the start and the end: {load} on {os.cpu_count()} cores",
     ]
     return lines
