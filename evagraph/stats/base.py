@@ -46,13 +46,11 @@ class Components:
 
 class Sync(Protocol):
     """The collectives a statistic needs under data parallelism (``evagraph.distributed``):
-    element-wise sums and maxima over all processes, sums to one, a broadcast from one."""
+    element-wise sums over all processes, sums to one, a broadcast from one."""
 
     rank: int
 
     def sum(self, *tensors: torch.Tensor) -> list[torch.Tensor]: ...
-
-    def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
     def reduce(self, dst: int, *tensors: torch.Tensor) -> list[torch.Tensor] | None: ...
 
@@ -90,9 +88,6 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones((), device=amax.device), -exponent)
 
 
-_EXPONENTS = torch.arange(-125, 126)  # power_of_two_scale's clamped exponents
-
-
 def shared_scale(
     sync: Sync, amax: torch.Tensor, *sums: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -102,7 +97,7 @@ def shared_scale(
     exponent, which travels as a one-hot over the exponents (none for 0): the highest bin
     set anywhere is the largest's. Fewer collectives matter more than bytes: each costs a
     fixed latency (NCCL) or CPU time (gloo's threads)."""
-    exponents = _EXPONENTS.to(amax.device)
+    exponents = torch.arange(-125, 126, device=amax.device)  # power_of_two_scale's clamp
     e = torch.frexp(amax.float()).exponent.clamp(-125, 125)
     one_hot = ((exponents == e) & (amax != 0)).double()
     parts = [one_hot, *(t.double().reshape(-1) for t in sums)]
