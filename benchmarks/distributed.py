@@ -33,6 +33,17 @@ Torch threads per process: cores / processes, so every run has the whole machine
 the cores, two threads per process lose far more than one (evagraph's many small operations
 most: 112 s against 21 s at hidden 512 on 2 busy cores, 13 s idle).
 
+``--marginal``: the scaling of the work itself (issue 34). For 1, 2 and 4 processes (one
+torch thread each), evagraph alone, with ``--batches`` and ``--batches + --extra`` global
+batches and tau = 1 (nothing converges, so every batch updates every statistic): the CPU
+seconds of all processes together (``time.process_time``, gloo's threads included) between
+taking batch ``--batches`` and the end, over the ``--extra`` batches, is the marginal CPU per
+minibatch (one run: the fixed cost, imports, model and capture, which varies by seconds
+with the machine's load, does not enter it), the rest of each worker's CPU the fixed cost.
+``--baseline DIR`` runs
+every case with the evagraph in DIR as well (e.g. ``git archive`` of the commit before),
+interleaved with this one, so both see the same load.
+
 Sanity: evagraph's multi-process components against its one-process ones (smallest |cos|
 over all components of all groups, ranks identical), and likewise PEFT's at common ranks.
 A table goes to stdout and is appended to ``--out`` (default benchmarks/results.md).
@@ -200,7 +211,7 @@ def worker(args: argparse.Namespace) -> tuple[dict, dict]:
                 with counter.counting():
                     t = time.perf_counter()
                     state = evagraph.calibrate(
-                        model, batches, budget=args.r, rho=args.rho, tau=args.tau,
+                        model, _clocked(batches, out), budget=args.r, rho=args.rho, tau=args.tau,
                         progress=False, targets=[f"*.{n}" for n in TARGETS],
                         statistic=args.statistic,
                     )  # fmt: skip
@@ -208,6 +219,7 @@ def worker(args: argparse.Namespace) -> tuple[dict, dict]:
             finally:
                 ed.current = current
             out["minibatches"] = state.steps
+            out["process_cpu"] = time.process_time()  # this whole process so far
             out["ranks"] = state.ranks(args.r, args.rho)
             out["converged"] = not state.unconverged
             mine = [s for s in syncs if s is not None]
@@ -245,17 +257,33 @@ def worker(args: argparse.Namespace) -> tuple[dict, dict]:
         dist.destroy_process_group()
 
 
+def _clocked(batches: list, out: dict) -> Iterator[Any]:
+    """``batches``, recording this process's CPU seconds as each is taken (and at the end) in
+    ``out["cpu_at"]``: the calibration takes batch i + 1 once batch i's work is done."""
+    out["cpu_at"] = []
+    for b in batches:
+        out["cpu_at"].append(time.process_time())
+        yield b
+    out["cpu_at"].append(time.process_time())
+
+
 # -- the runs ----------------------------------------------------------------------------------
 
 
-def run(method: str, world: int, argv: list[str]) -> tuple[list[dict], list[dict]]:
+def run(
+    method: str, world: int, argv: list[str], env: dict | None = None
+) -> tuple[list[dict], list[dict]]:
     """One run: ``world`` processes of this script in a fresh process group; per process its
-    measurements and its components. If one process fails, the others are stopped."""
+    measurements and its components. If one process fails, the others are stopped. ``env``:
+    the workers' environment (default: this one's)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, *argv, "--worker", method, f"--world={world}",
                f"--rdzv={tmp}/rdzv", f"--result={tmp}/out"]  # fmt: skip
         # stdout carries the table only
-        procs = [subprocess.Popen([*cmd, f"--rank={r}"], stdout=sys.stderr) for r in range(world)]
+        procs = [
+            subprocess.Popen([*cmd, f"--rank={r}"], stdout=sys.stderr, env=env)
+            for r in range(world)
+        ]
         failed = None
         while any(p.poll() is None for p in procs) and failed is None:
             failed = next((p for p in procs if p.returncode not in (None, 0)), None)
@@ -421,6 +449,100 @@ def table(args: argparse.Namespace, results: dict) -> list[str]:
     return lines
 
 
+# -- marginal cost (issue 34) -------------------------------------------------------------------
+
+WORLDS = (1, 2, 4)
+
+
+def _code_env(path: Path) -> dict:
+    """Workers that import evagraph from ``path`` (before any installed one)."""
+    return {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
+
+
+def marginal_runs(args: argparse.Namespace) -> dict:
+    """For each code and process count, a run of ``--batches + --extra`` global batches: its
+    marginal and fixed CPU, bytes and components (see the module docstring)."""
+    codes = {"sharded": Path(__file__).resolve().parents[1]}
+    if args.baseline:
+        codes["today"] = Path(args.baseline).resolve()
+    n0, n = args.batches, args.batches + args.extra
+    out: dict = {}
+    for w in WORLDS:
+        for code, path in codes.items():  # interleaved: both see the same load
+            argv = [*worker_argv(args), f"--batches={n}", "--tau=1.0", "--threads=1"]
+            print(f"{code}, {w} process(es), {n} batches ...", file=sys.stderr, flush=True)
+            res, comps = run("evagraph", w, argv, _code_env(path))
+            assert all(p["minibatches"] == n for p in res), "a layer converged at tau=1"
+            out.setdefault(code, {})[w] = _marginal(res, comps, n0, n)
+    # The floor without communication: one process on a W-th of each batch, W times over.
+    for w in WORLDS[1:]:
+        argv = [*worker_argv(args), f"--batches={n}", "--tau=1.0", "--threads=1"]
+        argv.append(f"--batch={args.batch // w}")
+        print(f"no communication, 1 process, batch / {w} ...", file=sys.stderr, flush=True)
+        res, comps = run("evagraph", 1, argv, _code_env(codes["sharded"]))
+        row = _marginal(res, comps, n0, n)
+        row["marginal"] *= w
+        out.setdefault("1 process on batch/W, x W", {1: out["sharded"][1]})[w] = row
+    return out
+
+
+def _marginal(res: list[dict], comps: list[dict], n0: int, n: int) -> dict:
+    per = sum(p["cpu_at"][-1] - p["cpu_at"][n0] for p in res) / (n - n0)
+    w = len(res)
+    return {
+        "marginal": per,
+        "fixed": sum(p["process_cpu"] for p in res) / w - per * n / w,
+        "payload": max(p["payload_bytes"] for p in res) / n,
+        "sent": max(p["sent_bytes"] for p in res) / n,
+        "calls": max(p["calls"] for p in res) / n,
+        "components": comps[0],
+    }
+
+
+def marginal_table(args: argparse.Namespace, runs: dict) -> list[str]:
+    n0, n1, m = args.batches, args.batches + args.extra, args.extra
+    model = (
+        f"- model: Llama-style, {args.layers} layers, hidden {args.hidden}, intermediate "
+        f"{args.intermediate}, {args.heads} heads; global batches {args.batch} x {args.seq} "
+        f"Zipf tokens, {n1} of them ({n0} before the clock starts), tau=1 (nothing "
+        f"converges); r={args.r}, "
+        f"rho={args.rho}, statistic {args.statistic}; gloo, one torch thread per process"
+    )
+    title = f"Marginal CPU per minibatch, 1/2/4 processes, hidden {args.hidden} (issue 34)"
+    lines = [*header(title, model)]
+    load = runs.pop("load", "?")
+    lines += [
+        "| code | processes | marginal CPU s/minibatch (all processes) | vs 1 process "
+        "| fixed CPU s/process | payload bytes/minibatch (max process) "
+        "| sent bytes/minibatch (max process) | collectives/minibatch | min abs cos vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for code, by_world in runs.items():
+        one = by_world[1]["marginal"]
+        for w, r in by_world.items():
+            cos = min_abs_cos(by_world[1]["components"], r["components"])
+            cos = "n/a" if code.startswith("1 process") else f"{cos:.6f}"
+            lines.append(
+                f"| {code} | {w} | {r['marginal']:.3f} | {r['marginal'] / one:.2f}x "
+                f"| {r['fixed']:.1f} | {_bytes(r['payload'])} | {_bytes(r['sent'])} "
+                f"| {r['calls']:.1f} | {cos} |"
+            )
+    lines += [
+        "",
+        f"- marginal: CPU seconds from taking batch {n0} to the end of batch {n1 - 1}, over "
+        f"{m}, summed over the processes (time.process_time in each, gloo's threads "
+        f"included); fixed: a process's CPU less its share of the {n1} batches at the "
+        "marginal rate (imports, model, capture); bytes and collectives: per minibatch over "
+        "the whole run, the largest process (reduce: a non-root sends its payload, the root "
+        "nothing)",
+        "- '1 process on batch/W, x W': one process calibrating on a W-th of each global batch, "
+        "its marginal CPU times W: what W processes would cost with no communication and no "
+        "replicated work at all (its components are of other data: cos not comparable)",
+        f"- load average (1 min) at the start and the end: {load} on {os.cpu_count()} cores",
+    ]
+    return lines
+
+
 def main() -> None:
     p = parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--budget", dest="r", type=int, default=argparse.SUPPRESS, help="= --r")
@@ -431,6 +553,9 @@ def main() -> None:
     # intermediate and heads follow hidden (as in scaling.py) unless given
     p.set_defaults(layers=2, vocab=32000, batch=8, seq=128, batches=40, r=8, rho=2.0,
                    tau=0.99, intermediate=0, heads=0)  # fmt: skip
+    p.add_argument("--marginal", action="store_true", help="the marginal-cost table (issue 34)")
+    p.add_argument("--extra", type=int, default=20, help="--marginal: the extra batches")
+    p.add_argument("--baseline", default=None, help="--marginal: also evagraph from this dir")
     args = p.parse_args()
     args.intermediate = args.intermediate or round(2.7 * args.hidden / 64) * 64
     args.heads = args.heads or max(1, args.hidden // 64)
@@ -442,6 +567,12 @@ def main() -> None:
     if args.batch % args.processes:
         p.error(f"--batch {args.batch} does not split evenly over {args.processes} processes")
 
+    if args.marginal:
+        load = os.getloadavg()[0]
+        runs = marginal_runs(args)
+        runs_load = f"{load:.1f}, {os.getloadavg()[0]:.1f}"
+        publish(marginal_table(args, {**runs, "load": runs_load}), args.out)
+        return
     argv = worker_argv(args)
     results: dict = {"sanity": {}, "load": [os.getloadavg()[0]]}
     for m in args.methods.split(","):

@@ -7,10 +7,14 @@ rest of evagraph asks of the other processes:
 - ``shards(batches)``: every process iterates the same global batches and keeps its slice of
   each (``torch.tensor_split`` along the first dimension), after checking that all processes
   have a batch and that it is the same one;
-- ``sum``/``max``: all-reduces the statistics call inside an update, so that every process
-  holds the statistic of the global batch (statistics are reduced, rows never travel);
-- ``broadcast``: process 0's convergence flags and ratios, so every process takes the same
-  decisions (stop, pause, resume, allocation) even where floating-point sums differ;
+- ``owners(costs)``: which process owns each decomposition (its statistic's update, eigen
+  work and convergence check), balancing the per-minibatch cost, the same on every process
+  without communication;
+- ``reduce(dst, ...)``: sums of the products of the rows to the owner only (rows never
+  travel); ``sum``/``max`` all-reduce what every process needs (row counts, means, scales,
+  the packed convergence flags, so that every process takes the same decisions);
+- ``broadcast(tensor, src)``/``share(obj, src)``: what an owner computed that the others need
+  (a sketch's basis, final components);
 - ``settle(error)``: after each forward, whether any process failed, so all stop together.
 
 A process whose forward failed half-way must still join the collectives its peers are waiting
@@ -74,13 +78,45 @@ class Sync:
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._reduce(tensor.clone(), dist.ReduceOp.MAX)
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Process 0's ``tensor`` on every process (in place, returned)."""
+    def reduce(self, dst: int, *tensors: torch.Tensor) -> list[torch.Tensor] | None:
+        """Element-wise sums over all processes on process ``dst`` (new tensors, one reduce
+        per dtype); None on the others. Half the traffic of ``sum`` (ring algorithms), and
+        only ``dst`` holds the result."""
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+            self.payload_bytes += flat.numel() * flat.element_size()
+            self.collectives += 1
+            dist.reduce(flat, self._global(dst), op=dist.ReduceOp.SUM, group=self.group)
+            for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                out[i] = part.view(tensors[i].shape)
+        return out if self.rank == dst else None  # type: ignore[return-value]
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Process ``src``'s ``tensor`` on every process (in place, returned)."""
         moved = tensor.to(self.device) if self.device is not None else tensor
         self.payload_bytes += moved.numel() * moved.element_size()
         self.collectives += 1
-        dist.broadcast(moved, src=0, group=self.group)
+        dist.broadcast(moved, src=self._global(src), group=self.group)
         return moved.to(tensor.device) if moved is not tensor else tensor
+
+    def share(self, obj: Any, src: int) -> Any:
+        """Process ``src``'s picklable ``obj`` on every process (final components: once per
+        decomposition, so pickling costs nothing that matters)."""
+        box = [obj if self.rank == src else None]
+        self.collectives += 1
+        dist.broadcast_object_list(box, src=self._global(src), group=self.group, device=self.device)
+        return box[0]
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def owners(self, costs: Mapping[str, float]) -> dict[str, int]:
+        """An owner process for each key of ``costs`` (see ``owners``)."""
+        return owners(costs, self.world)
 
     def _host(self, values: list[float]) -> torch.Tensor:
         """Max over processes of ``values`` and of their negatives (so min too), float64."""
@@ -144,6 +180,20 @@ class Sync:
             error.evagraph_own_failure = True  # the one process that shows it (CLI)
             raise error
         raise PeerFailed(f"process {first} failed (its error is shown by that process)")
+
+
+def owners(costs: Mapping[str, float], world: int) -> dict[str, int]:
+    """Each key (a decomposition, in graph order) to the process with the least cost so far
+    (ties: the lowest rank). Deterministic, so every process computes the same owners; in
+    graph order, so the groups of one block (block by block, only they work at once) spread
+    over the processes too."""
+    load = [0.0] * world
+    out = {}
+    for key, cost in costs.items():
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[key] = r
+        load[r] += cost
+    return out
 
 
 def current() -> Sync | None:

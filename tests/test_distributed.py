@@ -1,6 +1,8 @@
 """Data-parallel calibration: two processes (gloo, CPU) give the result of one process that
 saw the same global batches, whole-graph and block by block, through the Python API and
-under ``torchrun``; a failure on one process stops both with its error shown once."""
+under ``torchrun``; a failure on one process stops both with its error shown once. The work
+of the statistics is sharded: each decomposition's statistic is held and solved by one owner
+process, the others reduce their products to it."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch.multiprocessing as mp
 from conftest import evagraph_cmd
 
 import evagraph
-from evagraph.distributed import shard
+from evagraph.distributed import Sync, owners, shard
+from evagraph.stats import ExactCovariance, IncrementalSVD, sketch_rank
 
 WORLD = 2
 # Each case: the settings both runs use. Layers converge at different batches before the data
@@ -26,6 +29,7 @@ BASE = {"budget": 1, "rho": 2.0, "tau": 0.99}
 CASES = {
     "auto": BASE,
     "lowrank": {**BASE, "statistic": "lowrank"},
+    "exact": {**BASE, "statistic": "exact"},
     "sequential": {**BASE, "sequential": True},
 }
 
@@ -65,13 +69,57 @@ def _result(state) -> dict:
     }
 
 
+def _solves(results: dict, rank: int):
+    """Count, per statistic kind, the solves this process runs for statistics it owns and for
+    those it does not (which must be none): ``ExactCovariance.estimate``/``finalize`` and
+    ``IncrementalSVD._solved`` (the small eigenproblem) and ``_basis`` (the QR)."""
+    counts = results.setdefault("solves", {})
+    patched = []
+
+    def wrap(cls, name):
+        original = getattr(cls, name)
+
+        def counted(self, *args, **kwargs):
+            key = f"{cls.__name__}.{name}:{'own' if self.owner == rank else 'other'}"
+            counts[key] = counts.get(key, 0) + 1
+            return original(self, *args, **kwargs)
+
+        setattr(cls, name, counted)
+        patched.append((cls, name, original))
+
+    for cls, name in [(ExactCovariance, "estimate"), (ExactCovariance, "finalize"),
+                      (IncrementalSVD, "_solved"), (IncrementalSVD, "_basis")]:  # fmt: skip
+        wrap(cls, name)
+    return patched
+
+
+def _bytes_per_update(rank: int) -> dict:
+    """Payload bytes and collectives of one steady-state update of each statistic (owner 1)."""
+    sync, d, k, out = Sync(), 48, 4, {}
+    g = torch.Generator().manual_seed(rank)
+    for kind, cls in (("exact", ExactCovariance), ("lowrank", IncrementalSVD)):
+        stat = cls(d, k, "cpu", sync=sync, owner=1)
+        for _ in range(3):  # the sketch is full from the second update on
+            before = sync.payload_bytes, sync.collectives
+            stat.update(torch.randn(20 + rank, d, generator=g))
+        out[kind] = (sync.payload_bytes - before[0], sync.collectives - before[1])
+        out[f"{kind} holds"] = (stat.gram.numel(), stat.sum.numel()) if kind == "exact" else None
+    return out
+
+
 def _worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         results = {}
-        for name, settings in CASES.items():
-            state = evagraph.calibrate(_llama(), _batches(), progress=False, **settings)
-            results[name] = _result(state)
+        patched = _solves(results, rank)
+        try:
+            for name, settings in CASES.items():
+                state = evagraph.calibrate(_llama(), _batches(), progress=False, **settings)
+                results[name] = _result(state)
+        finally:
+            for cls, name, original in patched:
+                setattr(cls, name, original)
+        results["bytes"] = _bytes_per_update(rank)
         # Each process sharding the data itself (a DistributedSampler) is refused.
         own = _batches()[rank::WORLD]
         try:
@@ -120,6 +168,43 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_processe
 def test_some_layers_converge_early_so_the_processes_must_agree_when(two_processes):
     at = two_processes[0]["auto"]["converged_at"]
     assert len({v for v in at.values() if v is not None and v > 1}) >= 2, at
+
+
+def test_each_process_solves_only_the_statistics_it_owns_and_owns_some(two_processes):
+    for rank in range(WORLD):
+        solves = two_processes[rank]["solves"]
+        assert not {k: v for k, v in solves.items() if k.endswith(":other")}, solves
+        # Both kinds ran (exact and lowrank cases), and every process owns some of each.
+        for what in ("ExactCovariance.estimate", "IncrementalSVD._solved", "IncrementalSVD._basis"):
+            assert solves.get(f"{what}:own", 0) > 0, (rank, solves)
+
+
+def test_only_the_owner_holds_the_exact_sums_and_bytes_per_update_are_as_claimed(two_processes):
+    d, k = 48, 4
+    q = sketch_rank(k)
+    c = min(d, 3 * q + 1) - q  # new directions beside V: the QR of [V^T, y, unit]
+    for rank in range(WORLD):
+        got = two_processes[rank]["bytes"]
+        held = d if rank == 1 else 0
+        assert got["exact holds"] == (held * held, held)
+        # Exact: one all-reduce (float64) of the largest deviation's exponent (a one-hot over
+        # 251) and the count; the sums (f32 d + d^2) reduced to the owner.
+        assert got["exact"] == (8 * (251 + 1) + 4 * (d + d * d), 2)
+        # Low rank: one all-reduce (float64) of the exponent, the count, the rows' sum and the
+        # owner's V (q x d); the products [rows^T z, coef^T z] (d + q) x 2q reduced; the new
+        # directions (d x c) broadcast; the small Gram (q + c)^2 and the total (f64) reduced.
+        lowrank = 8 * (251 + 1 + d + q * d) + 4 * (d + q) * 2 * q + 4 * d * c
+        lowrank += 8 * ((q + c) ** 2 + 1)
+        assert got["lowrank"] == (lowrank, 4)
+
+
+def test_owners_balance_the_cost_in_graph_order():
+    costs = {"a": 4.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 2.0}
+    assert owners(costs, 1) == dict.fromkeys(costs, 0)
+    assert owners(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 1, "e": 1}
+    got = owners(costs, 4)
+    assert got == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 1}
+    assert owners(costs, 4) == got  # deterministic: every process computes the same
 
 
 def test_processes_passing_different_batches_are_refused(two_processes):
@@ -204,3 +289,25 @@ def test_torchrun_failure_on_one_process_stops_both_with_one_message(tmp_path):
     assert run.stderr.count("the model failed on calibration batch 1") == 1, run.stderr
     assert "process 1: the model failed" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shared_scale_is_the_scale_of_the_largest_magnitude():
+    from evagraph.stats.base import power_of_two_scale, shared_scale
+
+    class Peer:  # this process and another, whose largest magnitude is ``theirs``
+        def __init__(self, theirs: float) -> None:
+            self.theirs = theirs
+
+        def sum(self, flat):
+            e = int(torch.frexp(torch.tensor(self.theirs)).exponent.clamp(-125, 125))
+            peer = torch.zeros_like(flat)
+            peer[e + 125] = float(self.theirs != 0)  # its one-hot; it adds 0 to the sums
+            return [flat + peer]
+
+    values = [0.0, 8e-41, 1e-30, 0.3, 0.5, 1.0, 3.0, 1e30]
+    for a in values:
+        for b in values:
+            stand_in, (n,) = shared_scale(Peer(b), torch.tensor(a), torch.tensor(2.0))
+            want = power_of_two_scale(torch.tensor(max(a, b)))
+            assert torch.equal(power_of_two_scale(stand_in), want), (a, b)
+            assert float(n) == 2.0

@@ -12,6 +12,14 @@ current rank allotment (the allocation pass, re-run every batch) needs have; gro
 layers all converged stop being probed (and their statistics leave the GPU), and start again
 if an allotment grows (whole-graph; block by block a layer needs every component with
 variance: ``all_components``). Per batch there is one host-device sync for all groups.
+
+Data parallel (a ``Sync``), each group has one owner process (``Sync.owners``, balancing the
+statistics' per-minibatch cost): the other processes reduce their rows' products to it, and
+only it updates the statistic, solves it and compares consecutive estimates. After each
+batch every process packs the flags, cosines and ratios of the groups it owns (zeros for the
+others), and one all-reduce gives every process the same numbers, so all take the same
+decisions (graph slicing, allocation, stopping) in step; a closing group's final components
+travel from its owner to all, so every process finishes with the same ``EvaState``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ from ..passes.allocate import allocate
 from ..passes.probe import ProbeFailure, slice_to_probes
 from ..runtime import batch_failed
 from ..state import EvaState
-from ..stats import Components, Statistic, Sync, conv_stride, flush_all, make_statistic
+from ..stats import (
+    Components,
+    Statistic,
+    Sync,
+    conv_stride,
+    flush_all,
+    make_statistic,
+    update_cost,
+)
 from .base import Traced
 
 
@@ -74,8 +90,8 @@ class Calibrator:
         """``lazy``: statistics exist only between ``open`` and ``close`` (block by block).
         ``all_components``: a layer converges when every component with variance has
         (instead of those its current allotment needs), so no allocation is needed.
-        ``sync``: data parallel; statistics reduce over the processes, decisions follow
-        process 0."""
+        ``sync``: data parallel; each statistic reduces to its owner process, whose flags
+        and ratios every process then reads."""
         self.traced, self.probed = traced, traced.probed
         probed = traced.probed
         self.settings, self.device = settings, device
@@ -93,10 +109,12 @@ class Calibrator:
         for g, names in probed.group_probes.items():
             for p in names:
                 self.probe_groups[p].append(g)
+        k = settings.max_components
+        costs = {g: update_cost(settings.statistic, probed.dims[g], k) for g in self.groups}
+        self.owners = sync.owners(costs) if sync is not None else dict.fromkeys(costs, 0)
         if not lazy:
             for g in self.groups:
                 self.open(g)
-        k = settings.max_components
         self.ranks = {m: min(k, probed.dims[g]) for m, g in self.layer_group.items()}
         self.converged_at: dict[str, int | None] = dict.fromkeys(self.layer_group)
         self._sliced: dict[frozenset, torch.nn.Module] = {}
@@ -106,7 +124,7 @@ class Calibrator:
         k = self.settings.max_components
         grp = self.groups[g]
         grp.stat = make_statistic(
-            self.settings.statistic, self.probed.dims[g], k, self.device, self.sync
+            self.settings.statistic, self.probed.dims[g], k, self.device, self.sync, self.owners[g]
         )
         expert = self.probed.experts.get(g)
         for p in self.probed.group_probes[g]:
@@ -144,12 +162,29 @@ class Calibrator:
         for p in self.probed.group_probes[g]:
             sinks = self.probed.probes[p].sinks_for(self.probed.experts.get(g))
             sinks[:] = [s for s in sinks if getattr(s, "__self__", None) is not grp.stat]
-        grp.final = grp.stat.finalize()
+        grp.final = self._final(g)
         grp.n_rows = int(round(float(grp.stat.count)))
         if grp.final is None:  # fewer than 2 rows (one sample, a router): rank 0, reported
             grp.final = _no_components(self.probed.dims[g], self.settings.max_components)
             grp.final.n_rows = grp.n_rows
         grp.stat = None
+
+    def owns(self, g: str) -> bool:
+        """Whether this process holds group ``g``'s statistic (always, unless data parallel)."""
+        return self.sync is None or self.owners[g] == self.sync.rank
+
+    def _final(self, g: str) -> Components | None:
+        """Group ``g``'s final components: its owner's, on every process."""
+        stat = self.groups[g].stat
+        final = stat.finalize() if self.owns(g) else None
+        if self.sync is None:
+            return final
+        if final is not None:  # pickled: a CUDA tensor would unpickle on the owner's GPU
+            final = Components(**{k: _to(v, "cpu") for k, v in vars(final).items()})
+        final = self.sync.share(final, self.owners[g])
+        if final is None:
+            return None
+        return Components(**{k: _to(v, stat.count.device) for k, v in vars(final).items()})
 
     def active(self) -> list[str]:
         """Groups with an unconverged layer, in graph order."""
@@ -187,50 +222,62 @@ class Calibrator:
     def estimate(self, active: list[str], step: int) -> None:
         """New components of the active groups; per-component convergence against the last.
 
-        One host sync for all groups: NaN/Inf flags, cosines and ratios travel together.
+        One host sync for all groups: NaN/Inf flags, row counts, cosines and ratios travel
+        together, in one slot per group. Data parallel, a group's owner fills its slot and the
+        others leave it 0, so one all-reduce (a sum) gives every process the owners' numbers.
         """
         flush_all(self.groups[g].stat for g in active)
-        parts, sizes, now = [], [], {}
+        now: dict[str, torch.Tensor] = {}
+        parts = []
         for g in active:
-            grp = self.groups[g]
-            grp.consume(step)
-            est = grp.stat.estimate()
-            finite = grp.stat.finite().reshape(1).float()
-            if g in self.probed.experts:  # its row count decides whether it may have a rank
-                finite = torch.cat([finite, grp.stat.count.reshape(1).float()])
-            if est is None:
-                parts.append(finite)
-                sizes.append((g, 0))
-                continue
-            vecs, ratios = est
-            # Only a comparison with the previous minibatch's estimate can declare
-            # convergence (the spec's criterion, applied at this batch).
-            consecutive = grp.components is not None and grp.runs[-1][0] < step
-            cos = (vecs * grp.components).sum(1).abs() if consecutive else torch.zeros_like(ratios)
-            parts += [finite, cos.float(), ratios.float()]
-            sizes.append((g, len(ratios)))
-            now[g] = vecs
+            self.groups[g].consume(step)
+            parts.append(self._slot(g, step, now))
         host = torch.cat(parts)
-        if self.sync is not None:  # the same decisions everywhere, whatever the rounding
-            host = self.sync.broadcast(host)
+        if self.sync is not None:
+            (host,) = self.sync.sum(host)
         host = host.cpu()
         at = 0
-        for g, k in sizes:
-            if host[at] != 1:
+        for g in active:
+            grp = self.groups[g]
+            size = grp.stat.k
+            finite, rows, k = host[at : at + 3].tolist()
+            cos, ratios = host[at + 3 : at + 3 + size], host[at + 3 + size : at + 3 + 2 * size]
+            at += 3 + 2 * size
+            if finite != 1:
                 raise DataError(
                     f"NaN or Inf in the activations entering layer(s) "
-                    f"{', '.join(self.groups[g].layers)} at calibration batch {step}: check "
+                    f"{', '.join(grp.layers)} at calibration batch {step}: check "
                     "the data and the weights of the layers before them"
                 )
-            if g in self.probed.experts:
-                at += 1
-                self.groups[g].n_rows = int(host[at])
+            if g in self.probed.experts:  # its row count decides whether it may have a rank
+                grp.n_rows = int(rows)
             if k:
-                grp = self.groups[g]
-                cos, grp.ratios = host[at + 1 : at + 1 + k], host[at + 1 + k : at + 1 + 2 * k]
-                grp.component_ok = cos >= self.settings.tau
-                grp.components = now[g]
-            at += 1 + 2 * k
+                grp.ratios = ratios[: int(k)].clone()
+                grp.component_ok = cos[: int(k)] >= self.settings.tau
+                grp.components = now.get(g)  # the owner's only: it alone compares
+
+    def _slot(self, g: str, step: int, now: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Group ``g``'s numbers after ``step``: [finite, rows, k, cos (k_max), ratios
+        (k_max)]; zeros on a process that does not own it (see ``estimate``)."""
+        grp = self.groups[g]
+        size = grp.stat.k
+        slot = torch.zeros(3 + 2 * size, device=grp.stat.count.device)
+        if not self.owns(g):
+            return slot
+        slot[0] = grp.stat.finite()
+        slot[1] = grp.stat.count
+        est = grp.stat.estimate()
+        if est is not None:
+            vecs, ratios = est
+            k = len(ratios)
+            # Only a comparison with the previous minibatch's estimate can declare
+            # convergence (the spec's criterion, applied at this batch).
+            if grp.components is not None and grp.runs[-1][0] < step:
+                slot[3 : 3 + k] = (vecs * grp.components).sum(1).abs()
+            slot[2] = k
+            slot[3 + size : 3 + size + k] = ratios
+            now[g] = vecs
+        return slot
 
     def allocate(self) -> None:
         """The current allotment, once every group has ratios (an expert no row was routed
@@ -425,6 +472,10 @@ def _no_components(d: int, k: int) -> Components:
     k = min(k, d)
     zero = torch.zeros(k, dtype=torch.float64)
     return Components(torch.eye(k, d), zero, zero.float(), zero.clone(), torch.zeros(d), 0)
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _forward(module: torch.nn.Module, batch: Any, forward: Callable, step: int) -> None:

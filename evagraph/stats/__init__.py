@@ -4,7 +4,9 @@
 ``ExactCovariance`` (a ``d x d`` second moment: the exact PCA of every row seen) for narrow
 rows or when asked for, else ``IncrementalSVD`` (a rank-max(2k + 4, k + 12) streaming SVD: O(d k)
 memory and O(N d k) work per batch, for wide layers). Both follow the ``Statistic`` protocol
-(update, merge, estimate, finalize) and finalise to ``Components``.
+(update, merge, estimate, finalize) and finalise to ``Components``. ``update_cost(kind, dim,
+k)`` is a statistic's relative work per minibatch beside the rows' products (what a
+data-parallel run balances over the processes that own the statistics).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _CONV_SHARE = 0.25
 
 def uses_exact(kind: str, dim: int, k: int) -> bool:
     """Whether ``make_statistic(kind, dim, k, ...)`` gives the exact statistic."""
+    if kind not in KINDS:
+        raise ValueError(f"statistic must be one of {', '.join(KINDS)}, got {kind!r}")
     return kind == "exact" or (kind == "auto" and dim <= _EXACT_MAX_PER_COMPONENT * k)
 
 
@@ -53,15 +57,28 @@ def conv_stride(kind: str, dim: int, k: int, layer_macs: int, spatial: int) -> i
 
 
 def make_statistic(
-    kind: str, dim: int, k: int, device: torch.device | str, sync: Sync | None = None
+    kind: str,
+    dim: int,
+    k: int,
+    device: torch.device | str,
+    sync: Sync | None = None,
+    owner: int = 0,
 ) -> Statistic:
     """The statistic for rows of width ``dim`` with ``k`` components; ``kind`` in ``KINDS``.
-    ``sync``: reduce each update over the processes of a data-parallel run."""
-    if kind not in KINDS:
-        raise ValueError(f"statistic must be one of {', '.join(KINDS)}, got {kind!r}")
+    ``sync``: reduce each update over the processes of a data-parallel run to ``owner``."""
     if uses_exact(kind, dim, k):
-        return ExactCovariance(dim, k, device, sync=sync)
-    return IncrementalSVD(dim, k, device, sync=sync)
+        return ExactCovariance(dim, k, device, sync=sync, owner=owner)
+    return IncrementalSVD(dim, k, device, sync=sync, owner=owner)
+
+
+def update_cost(kind: str, dim: int, k: int) -> float:
+    """Relative multiply-adds per minibatch of the owner's work: the exact statistic adds
+    and solves a ``d x d`` matrix (``d^2`` per pass), the sketch takes a QR of ``d x 3q``
+    and forms ``q x d`` factors (``d q^2``-ish)."""
+    if uses_exact(kind, dim, k):
+        return float(dim * dim) * min(k, dim)
+    q = min(sketch_rank(min(k, dim)), dim)
+    return float(dim) * 9 * q * q
 
 
 __all__ = [
@@ -76,5 +93,6 @@ __all__ = [
     "make_statistic",
     "row_cost",
     "sketch_rank",
+    "update_cost",
     "uses_exact",
 ]

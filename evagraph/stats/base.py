@@ -6,9 +6,11 @@ activation rows (with optional 0/1 weights that exclude padding), ``estimate`` g
 current top-k components and explained-variance ratios cheaply (on the device, no host
 sync), ``finalize`` the final ``Components``, and ``merge`` adds another statistic of the
 same kind, so that statistics computed on separate shards of the data combine into the one
-statistic of all of it. Under data parallelism a statistic made with a ``Sync`` reduces
-inside each ``update`` (sums of products of the rows, never the rows), so that every process
-holds the statistic of the global batch after it.
+statistic of all of it. Under data parallelism a statistic made with a ``Sync`` and an
+``owner`` process reduces inside each ``update`` (sums of products of the rows, never the
+rows) to its owner, which alone holds the statistic of the global batch and may be asked for
+``estimate``/``finalize``; every process keeps the row count, and what its next update's
+products need (the shift, the sketch's basis).
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ class Components:
 
 class Sync(Protocol):
     """The collectives a statistic needs under data parallelism (``evagraph.distributed``):
-    element-wise sums and maxima over all processes."""
+    element-wise sums over all processes, sums to one, a broadcast from one."""
+
+    rank: int
 
     def sum(self, *tensors: torch.Tensor) -> list[torch.Tensor]: ...
 
-    def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def reduce(self, dst: int, *tensors: torch.Tensor) -> list[torch.Tensor] | None: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor: ...
 
 
 class Statistic(Protocol):
@@ -80,6 +86,29 @@ def power_of_two_scale(amax: torch.Tensor) -> torch.Tensor:
     """
     exponent = torch.frexp(amax.float()).exponent.clamp(-125, 125)
     return torch.ldexp(torch.ones((), device=amax.device), -exponent)
+
+
+def shared_scale(
+    sync: Sync, amax: torch.Tensor, *sums: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """In one all-reduce (a float64 sum, so one collective whatever it carries): a stand-in
+    for the largest ``amax`` over the processes, of the same ``power_of_two_scale``, and the
+    sums of ``sums`` over the processes (float64). The scale depends only on amax's
+    exponent, which travels as a one-hot over the exponents (none for 0): the highest bin
+    set anywhere is the largest's. Fewer collectives matter more than bytes: each costs a
+    fixed latency (NCCL) or CPU time (gloo's threads)."""
+    exponents = torch.arange(-125, 126, device=amax.device)  # power_of_two_scale's clamp
+    e = torch.frexp(amax.float()).exponent.clamp(-125, 125)
+    one_hot = ((exponents == e) & (amax != 0)).double()
+    parts = [one_hot, *(t.double().reshape(-1) for t in sums)]
+    (flat,) = sync.sum(torch.cat(parts))
+    out = flat.split([t.numel() for t in parts])
+    top = torch.where(out[0] > 0, exponents, -1000).max()
+    # 2**(e - 1) has exponent e (frexp: mantissa in [0.5, 1)); 0 when no process had data.
+    stand_in = torch.where(
+        top > -1000, torch.ldexp(torch.ones((), device=amax.device), top - 1), 0.0
+    )
+    return stand_in, [o.view(t.shape) for o, t in zip(out[1:], sums)]
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@ follows the largest deviation seen, so data at 1e-30 or 1e30 neither underflows 
 overflows. Two statistics merge exactly (the other's sums are re-expressed around this
 shift). Cost per row is ``d^2`` and memory ``d^2``: the right choice only for narrow layers
 (``evagraph.stats.make_statistic`` decides); wide layers use ``IncrementalSVD``.
+
+Data parallel (``sync`` and ``owner``): every process all-reduces the count and the largest
+deviation (one collective; the first batch's mean in one more), and reduces its rows' sums to
+the owner, the one process that holds the ``d x d`` sums and solves them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .base import (
     masked_rows,
     power_of_two_scale,
     row_count,
+    shared_scale,
 )
 from .eigen import top_eigenpairs
 
@@ -30,15 +35,24 @@ class ExactCovariance:
     """Exact streaming PCA of rows of width ``dim``; ``k`` components (see module doc)."""
 
     def __init__(
-        self, dim: int, k: int, device: torch.device | str, *, sync: Sync | None = None
+        self,
+        dim: int,
+        k: int,
+        device: torch.device | str,
+        *,
+        sync: Sync | None = None,
+        owner: int = 0,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
         self.sync = sync  # data parallel: each update adds the rows of every process
+        self.owner = owner  # data parallel: the process that holds the sums
+        self.owns = sync is None or sync.rank == owner
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.shift: torch.Tensor | None = None  # float32 (d,), true units
         self.scale = torch.full((), float("inf"), device=device)  # sums are scale * true
-        self.sum = torch.zeros(dim, device=device)
-        self.gram = torch.zeros(dim, dim, device=device)
+        held = dim if self.owns else 0  # another process's sums: nothing held here
+        self.sum = torch.zeros(held, device=device)
+        self.gram = torch.zeros(held, held, device=device)
         self._basis: torch.Tensor | None = None  # eigensolver warm start
 
     def _rescale(self, scale: torch.Tensor) -> None:
@@ -54,19 +68,19 @@ class ExactCovariance:
             return
         x = masked_rows(rows, weights)
         n = row_count(rows, weights)
-        if self.shift is None:  # mean of the kept rows: masked outliers must not move it
+        first = self.shift is None
+        if first:  # mean of the kept rows: masked outliers must not move it
             total = x.sum(0)
             if sync is not None:
                 n, total = sync.sum(n, total)
             self.shift = total / n.clamp_min(1).float()
-        elif sync is not None:
-            (n,) = sync.sum(n)
         x = x - self.shift if x is rows else x.sub_(self.shift)  # never modify the activation
         if weights is not None:
             x.mul_((weights > 0)[:, None])
         amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
-            amax = sync.max(amax)
+            amax, counts = shared_scale(sync, amax, *([] if first else [n]))
+            n = n if first else counts[0]
         self._rescale(torch.minimum(self.scale, power_of_two_scale(amax)))
         x.mul_(self.scale)
         self.count += n
@@ -74,9 +88,10 @@ class ExactCovariance:
             self.sum += x.sum(0)
             self.gram.addmm_(x.T, x)
         else:
-            total, gram = sync.sum(x.sum(0), x.T @ x)
-            self.sum += total
-            self.gram += gram
+            sums = sync.reduce(self.owner, x.sum(0), x.T @ x)
+            if sums is not None:
+                self.sum += sums[0]
+                self.gram += sums[1]
 
     def merge(self, other: ExactCovariance) -> None:
         """Add ``other``'s rows: the sums are re-expressed around this shift (float64)."""

@@ -55,6 +55,7 @@ from .base import (
     masked_rows,
     power_of_two_scale,
     row_count,
+    shared_scale,
 )
 
 _REORTHONORMALISE = 16  # solves between QRs of V: drift stays below 1e-6
@@ -85,9 +86,13 @@ class IncrementalSVD:
         rank: int | None = None,
         defer: bool | None = None,
         sync: Sync | None = None,
+        owner: int = 0,
     ) -> None:
         self.dim, self.k = dim, min(k, dim)
         self.sync = sync  # data parallel: each update adds the rows of every process
+        self.owner = owner  # data parallel: the process that holds the factor and solves
+        self.owns = sync is None or sync.rank == owner
+        self._stale = False  # data parallel: V is the owner's to broadcast before next use
         self.rank = min(rank or sketch_rank(self.k), dim)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -113,12 +118,10 @@ class IncrementalSVD:
         # Reductions through vector_norm: no row-sized temporary besides our one copy.
         amax = abs_max(x)
         if sync is not None:  # one scale for all processes: their sums add up exactly
-            amax = sync.max(amax)
+            amax, n, raw = self._shared(sync, amax, n, x)
         scale = power_of_two_scale(amax)
         x = x * scale if x is rows else x.mul_(scale)
-        total = x.sum(0)
-        if sync is not None:
-            n, total = sync.sum(n, total)
+        total = x.sum(0) if sync is None else (raw * scale.double()).float()
         centre = total / n.clamp_min(1).float()
         x.sub_(centre)
         if weights is not None:
@@ -149,8 +152,10 @@ class IncrementalSVD:
 
         With ``sync`` the rows are this process's part of a global batch (``n_new`` and
         ``mean_new`` are the global batch's): the two products that sum over rows, ``y`` and
-        the small Gram, are all-reduced (with ``total_new``), so every process absorbs the
-        global batch and draws the same random probe.
+        the small Gram (with ``total_new``), are reduced to the owner, which alone takes the
+        QR, solves and holds ``sigma``; it broadcasts the new directions (``basis``, which
+        every process's Gram needs), and ``V`` travels with the next update's count
+        (``_shared``). Every process draws the same random probe.
         """
         self.flush()
         n_old, V = self.count, self.V
@@ -174,13 +179,10 @@ class IncrementalSVD:
             # directions. One pass over the rows for both.
             z = torch.cat([coef, both[:, q0:] - coef @ (V @ probe)], 1)  # [coef, R probe]
             rows_z, coef_z = rows.T @ z, coef.T @ z
-            if sync is not None:
-                rows_z, coef_z = sync.sum(rows_z, coef_z)
-            y = rows_z - V.T @ coef_z
-            unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
-            # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
-            # where y is rank-deficient (a batch of fewer rows than the sketch).
-            basis = torch.linalg.qr(torch.cat([V.T, y, unit[:, None]], 1)).Q[:, q0 : self.dim]
+            if sync is None:
+                basis = self._basis(rows_z, coef_z, corr)
+            else:
+                basis = self._shared_basis(sync, rows_z, coef_z, corr)
         else:
             coef, basis = rows @ V.T, torch.zeros(self.dim, 0, device=V.device)
 
@@ -189,7 +191,12 @@ class IncrementalSVD:
         corr_coords = torch.cat([V.double() @ corr, basis.T.double() @ corr])
         gram = coords.T @ coords
         if sync is not None:
-            gram, total_new = sync.sum(gram, total_new)
+            sums = sync.reduce(self.owner, gram, total_new)
+            self._stale = True
+            if sums is None:  # another process's factor: V's shape after its solve
+                self.V = torch.empty(min(self.rank, gram.shape[0]), self.dim, device=V.device)
+                return
+            gram, total_new = sums
         self.total = self.total + total_new + corr.pow(2).sum()
         gram += torch.outer(corr_coords, corr_coords)
         gram[:q0, :q0] += torch.diag(self.sigma.pow(2))
@@ -199,6 +206,45 @@ class IncrementalSVD:
         self._pending = _Pending(gram, basis.T.contiguous())
         if not self.defer:
             self.flush()
+
+    def _shared(
+        self, sync: Sync, amax: torch.Tensor, n: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The global batch's scale stand-in, count and (unscaled, float64) sum, in one
+        all-reduce that also carries the owner's V from its last solve (the others add 0)."""
+        self.flush()
+        carry = []
+        if self._stale:
+            carry = [self.V if self.owns else torch.zeros_like(self.V)]
+            self._stale = False
+        amax, sums = shared_scale(sync, amax, n, x.sum(0, dtype=torch.float64), *carry)
+        if carry:
+            self.V = sums[2].float()
+        return amax, sums[0], sums[1]
+
+    def _basis(
+        self, rows_z: torch.Tensor, coef_z: torch.Tensor, corr: torch.Tensor
+    ) -> torch.Tensor:
+        """The new orthonormal directions beside V (d x c) from the batch's products."""
+        V, q0 = self.V, self.V.shape[0]
+        y = rows_z - V.T @ coef_z
+        unit = (corr / corr.norm().clamp_min(torch.finfo(torch.float64).tiny)).float()
+        # One QR of [V^T, y]: its later columns are orthonormal and orthogonal to V even
+        # where y is rank-deficient (a batch of fewer rows than the sketch).
+        return torch.linalg.qr(torch.cat([V.T, y, unit[:, None]], 1)).Q[:, q0 : self.dim]
+
+    def _shared_basis(
+        self, sync: Sync, rows_z: torch.Tensor, coef_z: torch.Tensor, corr: torch.Tensor
+    ) -> torch.Tensor:
+        """``_basis`` of every process's summed products: the owner's QR, broadcast."""
+        sums = sync.reduce(self.owner, rows_z, coef_z)
+        if sums is not None:
+            basis = self._basis(*sums, corr).contiguous()
+        else:  # the QR's shape: [V^T, y, unit] has 2 q0 + width + 1 columns
+            q0 = self.V.shape[0]
+            c = min(self.dim, q0 + rows_z.shape[1] + 1) - q0
+            basis = torch.empty(self.dim, c, device=rows_z.device)
+        return sync.broadcast(basis, self.owner)
 
     # -- solving ----------------------------------------------------------------------------
 
