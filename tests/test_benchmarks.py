@@ -133,3 +133,16 @@ def test_zoo_sweep_records_every_check_per_model(tmp_path):
     shown = " ".join(readme.read_text().split())  # the README bullet, from the same records
     assert "Last run: 1 of 1 timm families and 1 of 1 transformers model types" in shown
     assert "old" not in shown and shown.startswith("- a ") and shown.endswith(" - b")
+
+
+@pytest.mark.slow
+def test_limit_benchmark_splits_evagraph_and_times_peft_beside_the_forward(tmp_path):
+    out = tmp_path / "results.md"
+    run("limit.py", "--cases", "tiny_resnet", "tiny_llama", "--repeats=1", "--n0=1", "--n1=2",
+        f"--out={out}")  # fmt: skip
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines()
+            if line.startswith("| tiny_")}  # fmt: skip
+    assert set(rows) == {"tiny_resnet", "tiny_llama"}
+    assert "n/a (convs)" in rows["tiny_resnet"] and "faster" in rows["tiny_llama"]
+    for row in rows.values():
+        assert re.search(r"rows \d+\.\d\d products \d+\.\d\d qr \d+\.\d\d eigh", row), row
