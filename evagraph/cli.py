@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -108,6 +109,10 @@ def main() -> None:
     the most activation variance of your calibration data, and moves rank to the layers
     where that variance is.
     """
+    # torchao (which transformers imports whenever it is installed) registers enums with
+    # torch's pytree, which logs a deprecation per enum: noise the user can do nothing about,
+    # between evagraph's own messages.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 @main.command("compile")
@@ -671,14 +676,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def _quiet_libraries() -> None:
     """Progress bars and informational logs of the libraries evagraph calls, off (--quiet,
     and on every process but the first under torchrun)."""
-    import logging
-
     for name in ("torch._export", "torch.export"):  # e.g. "dimension ... specialized"
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(ImportError):
-        from transformers.utils import logging
+        from transformers.utils import logging as hf_logging
 
-        logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     else:  # read when datasets is imported (text data)
