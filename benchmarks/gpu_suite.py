@@ -11,6 +11,9 @@ time, forward passes, ``torch.cuda.max_memory_allocated`` per method and quality
 the exact PCA of the rows seen and of held-out minibatches), and appends its table to
 ``--out`` (default benchmarks/results.md). ``--smoke`` runs the same code at toy sizes and
 skips the tests, so the suite can be checked without a GPU (``tests/test_benchmarks.py``).
+Last, ``benchmarks/limit.py --device cuda``: every case of its matrix (vision models at 224,
+the 8B-width Llama, SmolLM2), calibration per minibatch against the plain forward on CUDA,
+PEFT beside it, appended to the same file.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def main() -> None:
         rows.append((label, compare(args, worker_argv(args))))
     lines += side_by_side("shape", rows)
     publish(lines, base.out)
+    # Then issue 32's matrix (``limit.py``): calibration per minibatch against the forward.
+    cases = ["tiny_llama"] if base.smoke else []  # the toy case only, on any device
+    limit = [sys.executable, str(ROOT / "benchmarks" / "limit.py"), "--device", base.device]
+    limit += ["--repeats", "1" if base.smoke else "2", f"--out={base.out}"]
+    subprocess.run(limit + (["--cases", *cases] if cases else []), check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":

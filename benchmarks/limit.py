@@ -25,6 +25,10 @@ second moment); ``qr``, ``eigh``: the decompositions (the exact statistic's solv
 pass. The rest of the minibatch is the probed graph itself. On the CPU there is no host sync
 to count.
 
+``--device cuda`` (``benchmarks/gpu_suite.py`` runs it): the models in bfloat16 (but
+llama8b_f32), wall seconds after ``torch.cuda.synchronize``, all of the GPU's host threads;
+the parts are not split there (their kernels run asynchronously).
+
 Cases: timm's resnet18, resnet50, convnext_tiny, vit_small and vit_base at 224 (random init,
 Gaussian images, batch 8: PEFT does convs not, so for the CNNs only evagraph runs); a
 2-layer Llama of Llama-3-8B widths (4096 / 14336, 32 / 8 heads, vocab 32000) in bfloat16
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -113,6 +118,21 @@ class _Enough(Exception):
     """Raised in PEFT's forward once it had its minibatches."""
 
 
+def _clock(device: str) -> float:
+    """CPU seconds on the CPU; on CUDA wall seconds after the queued kernels finished."""
+    if device == "cpu":
+        return time.process_time()
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _to(batch, device: str, dtype: torch.dtype | None):
+    """A batch on ``device``; images (float tensors) in the model's ``dtype``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device, dtype)
+
+
 def _call(model, batch):
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
@@ -155,31 +175,39 @@ def _timers() -> collections.Counter:
 
 
 def worker(args) -> dict:
-    torch.set_num_threads(1)
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(1)
     model, batches, kwargs = build(args.case, args.n1)
+    if device != "cpu":  # on CUDA in bfloat16, but a case that names float32
+        dtype = torch.float32 if args.case.endswith("f32") else torch.bfloat16
+        model = model.to(device, dtype)
+        batches = [_to(b, device, dtype) for b in batches]
+    clock = functools.partial(_clock, device)
     out: dict = {}
     with torch.no_grad():
         _call(model, batches[0])  # warm-up
     if args.worker == "forward":
-        start = time.process_time()
+        start = clock()
         with torch.no_grad():
             for batch in batches[: args.n1 - args.n0]:
                 _call(model, batch)
-        out["per_batch"] = (time.process_time() - start) / (args.n1 - args.n0)
+        out["per_batch"] = (clock() - start) / (args.n1 - args.n0)
         return out
     if args.worker == "evagraph":
         import evagraph
 
-        acc = _timers()
+        # On CUDA the parts' host times would not hold their (asynchronous) kernels.
+        acc = _timers() if device == "cpu" else collections.Counter()
 
         def run(n: int) -> tuple[float, int, dict]:
             acc.clear()
-            start = time.process_time()
+            start = clock()
             state = evagraph.calibrate(
                 model, batches[:n], tau=0.99999, progress=False,
                 conv_stride=args.conv_stride, **kwargs,
             )  # fmt: skip
-            return time.process_time() - start, state.steps, dict(acc)
+            return clock() - start, state.steps, dict(acc)
     else:
         import peft
         from peft.tuners.lora import eva
@@ -205,13 +233,13 @@ def worker(args) -> dict:
 
         def run(n: int) -> tuple[float, int, dict]:
             calls[0], limit[0] = 0, n + 1  # its first forward only hashes the inputs
-            start = time.process_time()
+            start = clock()
             with contextlib.suppress(_Enough):
                 eva.get_eva_state_dict(
                     model, batches[:n], config, forward_fn=forward_fn, show_progress_bar=False,
                     **vision,
                 )  # fmt: skip
-            return time.process_time() - start, calls[0], {}
+            return clock() - start, calls[0], {}
 
     t0, s0, p0 = run(args.n0)
     t1, s1, p1 = run(args.n1)
@@ -237,6 +265,8 @@ def run_worker(argv: list[str]) -> dict:
 
 def parts_row(parts: dict, forward: float) -> str:
     """The split of evagraph's minibatch, each part over the plain forward."""
+    if not parts:
+        return "n/a (CUDA: asynchronous)"
     names = ("rows", "products", "qr", "eigh", "estimate", "allocate")
     return " ".join(f"{k} {parts.get(k, 0.0) / forward:.2f}" for k in names)
 
@@ -250,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.md"))
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: bfloat16 (but llama8b_f32), wall seconds"
+    )
     parser.add_argument(
         "--conv-stride", type=int, help="evagraph's conv_stride (default: chosen per layer)"
     )
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             for m in methods:
                 common = ["--case", case, "--n0", str(args.n0), "--n1", str(args.n1)]
+                common += ["--device", args.device]
                 if args.conv_stride is not None:
                     common += ["--conv-stride", str(args.conv_stride)]
                 runs[m].append(run_worker([*common, "--worker", m]))
@@ -287,17 +321,20 @@ def _best(runs: list[dict]) -> dict:
 
 def render(raw: dict, args) -> str:
     cmd = "python benchmarks/limit.py " + shlex.join(sys.argv[1:])
+    where = "CPU, one thread per process, CPU seconds"
+    if args.device != "cpu":
+        where = f"{torch.cuda.get_device_name()}, bfloat16 (llama8b_f32: float32), wall seconds"
     lines = [
         "## Calibration against the forward pass (`benchmarks/limit.py`)",
         "",
         f"`{cmd}`; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, CPU, one thread per process, CPU seconds per minibatch "
+        f"torch {torch.__version__}, {where}, seconds per minibatch "
         f"(marginal: runs of {args.n0} and {args.n1} minibatches, tau 0.99999 so nothing "
         f"converges or is sliced away), best of {args.repeats} alternated rounds.",
         "",
-        "| case | forward s | evagraph s (x fwd) | PEFT s (x fwd) | evagraph vs PEFT | "
-        "evagraph's parts (x fwd) |",
-        "|---|---|---|---|---|---|",
+        "| case | forward s | evagraph s (x fwd) | statistics (x fwd) | PEFT s (x fwd) | "
+        "evagraph vs PEFT | evagraph's parts (x fwd) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for case, runs in raw.items():
         fwd = _best(runs["forward"])["per_batch"]
@@ -305,9 +342,10 @@ def render(raw: dict, args) -> str:
         peft = _best(runs["peft"])["per_batch"] if "peft" in runs else None
         peft_cell = f"{peft:.3f} ({peft / fwd:.2f}x)" if peft else "n/a (convs)"
         speed = f"{peft / eva['per_batch']:.2f}x faster" if peft else "n/a"
+        stats = f"{sum(eva['parts'].values()) / fwd:.2f}" if eva["parts"] else "n/a"
         lines.append(
             f"| {case} | {fwd:.3f} | {eva['per_batch']:.3f} ({eva['per_batch'] / fwd:.2f}x) "
-            f"| {peft_cell} | {speed} | {parts_row(eva['parts'], fwd)} |"
+            f"| {stats} | {peft_cell} | {speed} | {parts_row(eva['parts'], fwd)} |"
         )
     return "\n".join(lines) + "\n"
 

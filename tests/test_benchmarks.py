@@ -97,6 +97,7 @@ def test_gpu_suite_smoke_run_on_any_device(tmp_path):
     run("gpu_suite.py", "--smoke", "--batches=12", "--heldout=4", f"--out={out}")
     text = out.read_text()
     assert "GPU suite" in text and "| toy: 32 / 64 x 1 | evagraph |" in text
+    assert "| tiny_llama |" in text  # then the limit matrix
 
 
 def test_memory_projection_matches_the_real_statistics(tmp_path):
