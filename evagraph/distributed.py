@@ -24,6 +24,7 @@ in: the calibration loop feeds the probes it did not reach rows of weight 0 (``P
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -107,6 +108,7 @@ class Sync:
         """Process ``src``'s picklable ``obj`` on every process (final components: once per
         decomposition, so pickling costs nothing that matters)."""
         box = [obj if self.rank == src else None]
+        self.payload_bytes += len(pickle.dumps(box))  # what the collective is handed
         self.collectives += 1
         dist.broadcast_object_list(box, src=self._global(src), group=self.group, device=self.device)
         return box[0]
