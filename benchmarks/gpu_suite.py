@@ -11,9 +11,10 @@ time, forward passes, ``torch.cuda.max_memory_allocated`` per method and quality
 the exact PCA of the rows seen and of held-out minibatches), and appends its table to
 ``--out`` (default benchmarks/results.md). ``--smoke`` runs the same code at toy sizes and
 skips the tests, so the suite can be checked without a GPU (``tests/test_benchmarks.py``).
-Last, ``benchmarks/limit.py --device cuda``: every case of its matrix (vision models at 224,
-the 8B-width Llama, SmolLM2), calibration per minibatch against the plain forward on CUDA,
-PEFT beside it, appended to the same file.
+Then ``benchmarks/host_syncs.py`` (host syncs per minibatch, to stdout); last,
+``benchmarks/limit.py --device cuda``: every case of its matrix (vision models at 224, the
+8B-width Llama, SmolLM2), calibration per minibatch against the plain forward on CUDA, PEFT
+beside it, appended to the same file.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
         rows.append((label, compare(args, worker_argv(args))))
     lines += side_by_side("shape", rows)
     publish(lines, base.out)
+    if not base.smoke:  # host syncs per minibatch, by source line (stdout)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_syncs.py")], cwd=ROOT)
     # Then issue 32's matrix (``limit.py``): calibration per minibatch against the forward.
     cases = ["tiny_llama"] if base.smoke else []  # the toy case only, on any device
     limit = [sys.executable, str(ROOT / "benchmarks" / "limit.py"), "--device", base.device]

@@ -274,7 +274,7 @@ class Calibrator:
             # convergence (the spec's criterion, applied at this batch).
             if grp.components is not None and grp.runs[-1][0] < step:
                 slot[3 : 3 + k] = (vecs * grp.components).sum(1).abs()
-            slot[2] = k
+            slot[2:3].fill_(k)  # ``slot[2] = k`` copies k from the host: a sync on CUDA
             slot[3 + size : 3 + size + k] = ratios
             now[g] = vecs
         return slot

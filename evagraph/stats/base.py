@@ -142,9 +142,13 @@ def masked_rows(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
 
 
 def row_count(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Rows kept, as a float64 tensor on the rows' device (no host sync)."""
+    """Rows kept, as a float64 tensor on the rows' device (no host sync).
+
+    ``torch.full``, not ``torch.tensor``: the latter copies the number from host memory, which
+    on CUDA is a synchronizing copy (seen with ``benchmarks/host_syncs.py`` on an H100).
+    """
     if weights is None:
-        return torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)
+        return torch.full((), rows.shape[0], dtype=torch.float64, device=rows.device)
     return (weights > 0).sum().to(torch.float64)
 
 
