@@ -323,8 +323,9 @@ def _best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["per_batch"])  # the least disturbed by load
 
 
-def render(raw: dict, args) -> str:
-    cmd = "python benchmarks/limit.py " + shlex.join(sys.argv[1:])
+def render(raw: dict, args, cmd: str | None = None) -> str:
+    """The markdown table of ``raw`` (case -> method -> runs), headed by the command."""
+    cmd = cmd or "python benchmarks/limit.py " + shlex.join(sys.argv[1:])
     where = "CPU, one thread per process, CPU seconds"
     if args.device != "cpu":
         where = f"{torch.cuda.get_device_name()}, bfloat16 (llama8b_f32: float32), wall seconds"

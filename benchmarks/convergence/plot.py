@@ -276,6 +276,7 @@ def main() -> None:
         plot(data, out_dir / f"{name}.png")
         md += [f"## {title}", ""] + describe(data) + header(data) + section(data, f"{name}.png")
     md += smollm2_section(out_dir)
+    md += sweep_section(out_dir)
     md += CAVEATS
     (out_dir / "RESULTS.md").write_text("\n".join(md).rstrip() + "\n")
     print(f"wrote {out_dir / 'RESULTS.md'}")
@@ -406,6 +407,53 @@ def smollm2_section(out_dir: Path) -> list[str]:
             ],
             cost,
         ),  # fmt: skip
+        "",
+    ]
+
+
+def sweep_section(out_dir: Path) -> list[str]:
+    """The real model at other learning rates and lengths (``smollm2-lr*.json``: runs of
+    ``smollm2.py --lr LR --out ...``): held-out loss per (lr, steps, method), mean over the
+    seeds run, and the best held-out loss of each run, with a plot."""
+    paths = sorted(out_dir.glob("smollm2-lr*.json"))
+    if not paths:
+        return []
+    rows, fig = [], plt.figure(figsize=(7, 4.5))
+    ax = fig.gca()
+    for path in paths:
+        data = json.loads(path.read_text())
+        a = data["settings"]
+        steps = sorted({int(k) for r in data["runs"] for k in r["heldout"]})
+        for m in (m for m in REAL_LABEL if any(r["method"] == m for r in data["runs"])):
+            runs = [r for r in data["runs"] if r["method"] == m]
+            curves = np.array([[r["heldout"][str(k)] for k in steps] for r in runs])
+            label = f"{REAL_LABEL[m]}, lr {a['lr']:g}, {a['steps']} steps"
+            ax.plot(steps, curves.mean(0), marker="o", ms=3, label=label)
+            at = ", ".join(f"{k}: {v:.3f}" for k, v in zip(steps, curves.mean(0)))
+            best = curves.min(1)  # per seed, over the evaluated steps
+            rows.append([
+                f"{a['lr']:g}", str(a["steps"]), REAL_LABEL[m],
+                str(sorted(r["seed"] for r in runs)), at, pm(list(best)),
+            ])  # fmt: skip
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("SmolLM2-135M-Instruct: other learning rates")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "smollm2-lr.png", dpi=110)
+    plt.close(fig)
+    return [
+        "### Other learning rates and a longer run",
+        "",
+        "The same comparison at other learning rates (fewer seeds and methods: the main grid "
+        "above is lr 0.0003), from `smollm2-lr*.json` (`smollm2.py --lr LR --seeds S "
+        "--methods M --out benchmarks/convergence/smollm2-lrLR.json`). Held-out loss at each "
+        "evaluated step (mean over the seeds run), and the lowest held-out loss each run "
+        "reached (mean ± std over seeds).",
+        "",
+        "![smollm2 learning rates](smollm2-lr.png)",
+        "",
+        table(["lr", "steps", "method", "seeds", "held-out loss by step", "best held-out"], rows),
         "",
     ]
 
