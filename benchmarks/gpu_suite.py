@@ -10,7 +10,9 @@ appended to ``--out`` (default benchmarks/results.md) as soon as it ends, so tha
 short still returns what ran:
 
 1. ``pytest -m gpu`` on the CUDA test files (pass/fail summary);
-2. ``benchmarks/host_syncs.py``: host syncs per minibatch, by source line;
+2. ``benchmarks/host_syncs.py``: host syncs per minibatch, by source line; and
+   ``benchmarks/solver_latency.py``: the statistic's products against its QR and eigh
+   (per layer, batched, on the host) at ViT-S's shapes;
 3. ``benchmarks/limit.py --device cuda``, one case at a time (vision models at 224, the
    8B-width Llama in bf16 and float32; SmolLM2 where its cache exists): calibration per
    minibatch against the plain forward on CUDA, PEFT beside it, as one table;
@@ -124,6 +126,8 @@ def main() -> None:
         publish(
             ["## GPU suite: host syncs per minibatch", "", "```", syncs.strip(), "```"], base.out
         )
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "solver_latency.py")]
+        publish([_stage("solver latency", cmd, limit_s).strip()], base.out)
     publish(_matrix(base, limit_s), base.out)
 
     lines = [

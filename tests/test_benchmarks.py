@@ -1,11 +1,13 @@
 """The benchmark scripts run end to end on a tiny model and write their tables (not timed)."""
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 TINY = ["--hidden=32", "--intermediate=64", "--heads=2", "--layers=1", "--vocab=200", "--seq=16"]
@@ -98,6 +100,31 @@ def test_gpu_suite_smoke_run_on_any_device(tmp_path):
     text = out.read_text()
     assert "GPU suite" in text and "| toy: 32 / 64 x 1 | evagraph |" in text
     assert "| tiny_llama |" in text  # then the limit matrix
+
+
+def test_solver_latency_times_every_kind_of_work(tmp_path):
+    out = tmp_path / "results.md"
+    run("solver_latency.py", "--dims", "48", "64", "--blocks", "2", "--rows", "40", "--k", "4",
+        "--repeats", "1", f"--out={out}")  # fmt: skip
+    rows = dict(re.findall(r"^\| ([a-z0-9 ,()]+) \| ([\d.]+) \|$", out.read_text(), re.M))
+    assert set(rows) == {
+        "products", "gram of the coordinates (float64)", "qr, one per layer",
+        "qr, batched by shape", "cholesky qr2, one per layer", "eigh, batched",
+        "eigh, on the host",
+    }  # fmt: skip
+    assert all(float(ms) >= 0 for ms in rows.values())
+
+
+def test_cholesky_qr2_gives_an_orthonormal_basis_of_the_same_span():
+    spec = importlib.util.spec_from_file_location("sl", ROOT / "benchmarks" / "solver_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cholesky_qr2 = module.cholesky_qr2
+    a = torch.randn(300, 40)
+    q = cholesky_qr2(a)
+    torch.testing.assert_close(q.T @ q, torch.eye(40), atol=1e-5, rtol=0)
+    householder = torch.linalg.qr(a).Q
+    torch.testing.assert_close(torch.linalg.svdvals(q.T @ householder), torch.ones(40))
 
 
 def test_memory_projection_matches_the_real_statistics(tmp_path):
