@@ -115,6 +115,19 @@ def test_solver_latency_times_every_kind_of_work(tmp_path):
     assert all(float(ms) >= 0 for ms in rows.values())
 
 
+def test_sketch_width_compares_each_statistic_with_the_exact_pca(tmp_path):
+    out = tmp_path / "results.md"
+    run("sketch_width.py", "--model=toy", "--blocks", "0", "--batches=3", "--seq=16", "--k=4",
+        "--widths", "12", "64", "--ranks", "2", "4", f"--out={out}")  # fmt: skip
+    rows = re.findall(r"^\| (model\S+) \| (\d+) \| ([a-z =\d]+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \| [\d.]+ \|$", out.read_text(), re.M)  # fmt: skip
+    assert len(rows) == 4 * 3  # four groups, exact and two widths
+    for _, d, stat, top2, top4, span in rows:
+        if stat == "exact" or stat == f"sketch q = {d}":  # a full-width sketch keeps every row
+            assert float(top4) > 0.9999 and float(span) > 0.9999, (stat, d)
+        assert float(top2) >= float(top4)
+
+
 def test_cholesky_qr2_gives_an_orthonormal_basis_of_the_same_span():
     spec = importlib.util.spec_from_file_location("sl", ROOT / "benchmarks" / "solver_latency.py")
     module = importlib.util.module_from_spec(spec)
