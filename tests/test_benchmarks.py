@@ -187,3 +187,21 @@ def test_limit_benchmark_splits_evagraph_and_times_peft_beside_the_forward(tmp_p
     assert "n/a (convs)" in rows["tiny_resnet"] and "faster" in rows["tiny_llama"]
     for row in rows.values():
         assert re.search(r"rows \d+\.\d\d products \d+\.\d\d qr \d+\.\d\d eigh", row), row
+
+
+def test_the_real_models_gguf_file_can_be_given_by_path(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import real
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    given = tmp_path / real.GGUF_NAME
+    monkeypatch.setenv("EVAGRAPH_GGUF", str(given))
+    with pytest.raises(real.Unavailable, match="EVAGRAPH_GGUF"):
+        real.gguf_file(install=False)  # not there yet
+    given.write_bytes(b"GGUF")
+    assert real.gguf_file(install=False) == given
+    monkeypatch.setenv("EVAGRAPH_GGUF", str(tmp_path / "other.gguf"))
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(real.Unavailable, match="named"):
+        real.gguf_file(install=False)
