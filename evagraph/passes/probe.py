@@ -277,6 +277,12 @@ def with_inputs(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return keep
 
 
+def _kept(graph: fx.Graph, keep: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    # An assertion is how a graph captured on the first batch's values refuses a batch that
+    # would take another branch; cutting it away would calibrate on the wrong branch silently.
+    return with_inputs(n for n in graph.nodes if keep(n) or n.target in _ASSERTIONS)
+
+
 def cut_graph(
     graph: fx.Graph, keep: Callable[[fx.Node], bool], return_inputs: bool = False
 ) -> fx.Graph:
@@ -284,9 +290,7 @@ def cut_graph(
     they depend on and the inputs; it returns nothing, or its inputs as a tuple
     (``return_inputs``)."""
     graph = copy.deepcopy(graph)
-    # An assertion is how a graph captured on the first batch's values refuses a batch that
-    # would take another branch; cutting it away would calibrate on the wrong branch silently.
-    kept = with_inputs(n for n in graph.nodes if keep(n) or n.target in _ASSERTIONS)
+    kept = _kept(graph, keep)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(placeholders) if return_inputs else (),)
@@ -300,6 +304,13 @@ def cut_graph(
     return graph
 
 
+def needed_nodes(probed: ProbedGraph, names: set[str]) -> frozenset[str]:
+    """The nodes of ``probed.gm`` that ``slice_to_probes(probed, names)`` keeps, by name:
+    cheap (no copy, no code generation), to decide whether a new slice is worth making."""
+    keep = _kept(probed.gm.graph, lambda n: n.op == "call_module" and n.target in names)
+    return frozenset(n.name for n in keep)
+
+
 def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
     """The probed graph cut down to what the probes in ``names`` need.
 
@@ -310,6 +321,4 @@ def slice_to_probes(probed: ProbedGraph, names: set[str]) -> fx.GraphModule:
     Shares modules (and probes) with ``probed.gm``.
     """
     graph = cut_graph(probed.gm.graph, lambda n: n.op == "call_module" and n.target in names)
-    gm = fx.GraphModule(probed.gm, graph, "SlicedProbedGraph")
-    gm.recompile()
-    return gm
+    return fx.GraphModule(probed.gm, graph, "SlicedProbedGraph")  # compiles its code once

@@ -35,7 +35,7 @@ import torch
 from ..config import CalibrationSettings
 from ..errors import ConfigError, ConvergenceWarning, DataError, EvagraphError
 from ..passes.allocate import allocate
-from ..passes.probe import ProbeFailure, slice_to_probes
+from ..passes.probe import ProbeFailure, needed_nodes, slice_to_probes
 from ..runtime import batch_failed
 from ..state import EvaState
 from ..stats import (
@@ -48,6 +48,9 @@ from ..stats import (
     update_cost,
 )
 from .base import Traced
+
+# A new cut of the graph is made when it drops at least this share of the current one's nodes.
+_RESLICE = 0.1
 
 
 @dataclass
@@ -117,7 +120,7 @@ class Calibrator:
                 self.open(g)
         self.ranks = {m: min(k, probed.dims[g]) for m, g in self.layer_group.items()}
         self.converged_at: dict[str, int | None] = dict.fromkeys(self.layer_group)
-        self._sliced: dict[frozenset, torch.nn.Module] = {}
+        self._sliced: tuple[frozenset[str], torch.nn.Module | None] = (frozenset(), None)
 
     def open(self, g: str) -> None:
         """Create group ``g``'s statistic and feed it its probes' rows."""
@@ -212,12 +215,19 @@ class Calibrator:
         return live
 
     def module_for(self, active: list[str]) -> torch.nn.Module:
-        """Switch probes on for the active groups only; the graph cut to what they need."""
-        key = frozenset(self.switch_probes(active))
-        if key not in self._sliced:  # run only what the unconverged probes need
-            self._sliced.clear()
-            self._sliced[key] = slice_to_probes(self.probed, set(key))
-        return self._sliced[key]
+        """Switch probes on for the active groups only; the graph cut to what they need.
+
+        The last cut is kept while it holds every node the live probes need and a new one
+        would drop less than ``_RESLICE`` of its nodes (the probes it holds beyond them are
+        switched off): a cut copies the graph and generates its code, 0.1-0.4 s at
+        SmolLM2's 30 blocks, once each time a layer converged (38 of 57 minibatches there).
+        """
+        live = self.switch_probes(active)
+        needed = needed_nodes(self.probed, live)
+        nodes, module = self._sliced
+        if module is None or not needed <= nodes or len(needed) < (1 - _RESLICE) * len(nodes):
+            self._sliced = (needed, slice_to_probes(self.probed, live))
+        return self._sliced[1]
 
     def estimate(self, active: list[str], step: int) -> None:
         """New components of the active groups; per-component convergence against the last.

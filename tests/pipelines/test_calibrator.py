@@ -79,3 +79,35 @@ def test_a_failure_in_the_users_model_is_reported_as_the_datas():
     batches = [torch.randn(8, 16), torch.randn(8, 12), torch.randn(8, 16)]  # 1: too narrow
     with pytest.raises(DataError, match="failed on calibration batch 1: RuntimeError"):
         quiet(evagraph.transform, SharedMLP(), batches, budget=2, progress=False)
+
+
+def test_the_graph_is_cut_again_only_when_it_pays():
+    from evagraph.config import CalibrationSettings
+    from evagraph.pipelines.base import trace
+    from evagraph.pipelines.calibrator import Calibrator
+
+    d, n = 8, 20
+    model = torch.nn.Sequential(*[torch.nn.Linear(d, d) for _ in range(n)])
+    settings = CalibrationSettings(budget=2)
+    run = Calibrator(trace(model, torch.randn(4, d), settings, None), settings, "cpu")
+    groups = list(run.groups)  # all but the last layer, the model's output head
+    assert len(groups) == n - 1
+
+    def size(module):
+        return len(module.graph.nodes)
+
+    every = run.module_for(groups)
+    # the last layer done: a new cut would drop under a tenth of the graph, so none is made,
+    # and that layer's probe is off
+    assert run.module_for(groups[:-1]) is every
+    last = run.probed.probes[next(p for p, gs in run.probe_groups.items() if groups[-1] in gs)]
+    assert not last.active
+    half = run.module_for(groups[: n // 2])  # half the layers done: cut
+    assert half is not every and size(half) < 0.6 * size(every)
+    assert run.module_for(groups[: n // 2 - 1]) is half
+    # a layer beyond the cut needed again: cut anew, whatever the size
+    again = run.module_for(groups)
+    assert again is not half and size(again) == size(every)
+    x = torch.randn(4, d)
+    again(x)  # runs, returning nothing
+    assert all(p.active for p in run.probed.probes.values())
