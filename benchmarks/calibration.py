@@ -156,6 +156,7 @@ def worker(args) -> dict:
         state = evagraph.calibrate(
             model, batches, budget=args.r, rho=args.rho, tau=args.tau, progress=False,
             targets=[f"*.{n}" for n in TARGETS], statistic=args.statistic,
+            max_rows=args.max_rows,
         )  # fmt: skip
         _sync(args.device)
         out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
@@ -544,6 +545,7 @@ def parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=2.0)
     p.add_argument("--tau", type=float, default=0.99)
     p.add_argument("--statistic", default="auto", help="evagraph's statistic (auto/exact/lowrank)")
+    p.add_argument("--max-rows", type=int, help="evagraph's max_rows (default: every row)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -564,7 +566,8 @@ def worker_argv(args) -> list[str]:
     keep = ("model", "text", "hidden", "intermediate", "layers", "heads", "vocab", "batch",
             "seq", "batches", "r", "rho", "tau", "statistic", "device", "dtype", "seed",
             "threads")  # fmt: skip
-    return [f"--{k}={getattr(args, k)}" for k in keep]
+    extra = [f"--max-rows={args.max_rows}"] if args.max_rows is not None else []
+    return [f"--{k}={getattr(args, k)}" for k in keep] + extra
 
 
 def main() -> None:

@@ -207,7 +207,7 @@ def worker(args) -> dict:
             start = clock()
             state = evagraph.calibrate(
                 model, batches[:n], tau=0.99999, progress=False,
-                conv_stride=args.conv_stride, **kwargs,
+                conv_stride=args.conv_stride, max_rows=args.max_rows, **kwargs,
             )  # fmt: skip
             return clock() - start, state.steps, dict(acc)
     else:
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--conv-stride", type=int, help="evagraph's conv_stride (default: chosen per layer)"
     )
+    parser.add_argument("--max-rows", type=int, help="evagraph's max_rows (default: every row)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["forward", "evagraph", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
                 common += ["--device", args.device]
                 if args.conv_stride is not None:
                     common += ["--conv-stride", str(args.conv_stride)]
+                if args.max_rows is not None:
+                    common += ["--max-rows", str(args.max_rows)]
                 runs[m].append(run_worker([*common, "--worker", m]))
                 print(case, m, f"{runs[m][-1]['per_batch']:.3f} s", flush=True)
         raw[case] = runs

@@ -119,6 +119,13 @@ class CalibrationSettings(_Ranks):
         "spatial dimension; 1: every row. [default: per layer, the smallest n (at most 4) at "
         "which the statistic costs at most a quarter of the layer]",
     )
+    max_rows: int | None = _setting(
+        None,
+        "At most this many rows of each minibatch reach each statistic: every n-th row, n the "
+        "smallest that leaves at most this many (as the EVA authors' vision code fits on a "
+        "fixed number of tokens per step); fewer rows per minibatch, so usually more "
+        "minibatches to converge. Not applied to fused MoE experts' rows. [default: every row]",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,14 +133,15 @@ class CalibrationSettings(_Ranks):
         object.__setattr__(self, "exclude", patterns(self.exclude, "exclude") or ())
         if not 0 < _finite("tau", self.tau) <= 1:
             raise ConfigError(f"tau must be in (0, 1], got {self.tau!r}")
-        for name in ("max_steps", "min_batches", "label_mask_value", "conv_stride"):
+        for name in ("max_steps", "min_batches", "label_mask_value", "conv_stride", "max_rows"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps!r}")
-        if self.conv_stride is not None and self.conv_stride < 1:
-            raise ConfigError(f"conv_stride must be >= 1, got {self.conv_stride!r}")
+        for name in ("conv_stride", "max_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.min_batches < 1:
             raise ConfigError(f"min_batches must be >= 1, got {self.min_batches!r}")
         if not isinstance(self.statistic, str) or self.statistic not in KINDS:

@@ -63,6 +63,37 @@ def test_label_mask_rows_are_really_excluded_from_the_statistics():
     )
 
 
+def test_max_rows_takes_every_nth_row_of_each_minibatch_and_its_mask():
+    """With ``max_rows`` each minibatch hands every n-th row (n the smallest leaving at most
+    that many) and its mask to the statistic: the components are the exact PCA of those rows,
+    padding among them still left out."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g) * torch.logspace(0, -2, 8)[:, None]
+    xs = [torch.randn(3, 9, 8, generator=g) @ mix for _ in range(4)]  # 27 rows each
+    masks = [torch.ones(3, 9) for _ in xs]
+    for x, mask in zip(xs, masks):
+        mask[:, 7:] = 0
+        x[:, 7:] = 1e3  # padding that would dominate the variance if it were counted
+
+    def forward_fn(m, batch):
+        return m(batch["x"])
+
+    batches = [{"x": x, "attention_mask": m} for x, m in zip(xs, masks)]
+    state = quiet(
+        evagraph.calibrate, model, batches, budget=2, rho=2, statistic="exact", max_rows=10, tau=1,
+        forward_fn=forward_fn, progress=False,
+    )  # fmt: skip
+    assert state.settings["max_rows"] == 10
+    kept = [(x.reshape(-1, 8)[::3], m.reshape(-1)[::3]) for x, m in zip(xs, masks)]  # 27 -> 9
+    rows = torch.cat([x[m > 0] for x, m in kept])
+    got = state.components[state.layer_group["0"]]
+    assert got.n_rows == rows.shape[0] < 4 * 21
+    ref, _ = exact_pca(rows, 4)
+    cos = (got.components[:4].double() @ ref.double().T).diagonal().abs()
+    assert cos.min() > 0.999
+
+
 def test_tau_lower_converges_sooner():
     model = SharedMLP().eval()
     batches = list(correlated(400, 16, rank=6, noise=0.3).reshape(100, 4, 16))
@@ -169,6 +200,8 @@ def test_each_setting_reaches_the_report_from_where_it_was_set():
         ("transform", {"tau": float("nan")}, "tau must be a finite number"),
         ("transform", {"budget": 2.0}, "budget must be a positive integer"),
         ("transform", {"max_steps": 1.5}, "max_steps must be an integer"),
+        ("transform", {"max_rows": 0}, "max_rows must be >= 1"),
+        ("calibrate", {"max_rows": 2.5}, "max_rows must be an integer"),
         ("transform", {"bugdet": 2}, "unknown setting(s) bugdet"),
         ("calibrate", {"alpha": 2.0}, "unknown setting(s) alpha"),
         ("adapt", {"tau": 0.9}, "unknown setting(s) tau"),

@@ -67,6 +67,7 @@ class Probe(nn.Module):
         super().__init__()
         self.kind, self.conv, self.dim = kind, conv, dim
         self.every = 1  # conv rows: of every n-th output position (see ``keep_every``)
+        self.max_rows: int | None = None  # rows handed on per call, evenly spaced (``thin``)
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
@@ -80,6 +81,16 @@ class Probe(nn.Module):
         along each: the input is unfolded with the conv's stride times that, so the rows left
         out are never built."""
         self.every = stride
+
+    def thin(
+        self, rows: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every n-th row (and its weight), n the smallest that leaves at most ``max_rows``:
+        a view, so the rows left out are never copied."""
+        n = -(-rows.shape[0] // self.max_rows) if self.max_rows else 1
+        if n == 1:
+            return rows, weights
+        return rows[::n], None if weights is None else weights[::n]
 
     def _row_conv(self, x: torch.Tensor) -> ConvSpec | None:
         """The geometry this input's rows are unfolded with (``keep_every``)."""
@@ -122,6 +133,7 @@ class Probe(nn.Module):
                     if self.experts is None:
                         conv = self._row_conv(x)
                         rows, weights = activation_rows(x.detach(), self.kind, conv, mask)
+                        rows, weights = self.thin(rows, weights)
                     else:
                         rows, weights = self._expert_rows(x.detach(), mask, source, index)
                     # Rows of another width: the layer after the probe raises the model's own

@@ -133,6 +133,7 @@ class Calibrator:
         for p in self.probed.group_probes[g]:
             probe = self.probed.probes[p]
             probe.sinks_for(expert).append(grp.stat.update)
+            probe.max_rows = self.settings.max_rows
             if probe.conv is not None:
                 probe.keep_every(self._conv_stride(g, probe.conv.groups, probe.conv.ndim))
 
