@@ -67,7 +67,7 @@ class Probe(nn.Module):
         super().__init__()
         self.kind, self.conv, self.dim = kind, conv, dim
         self.every = 1  # conv rows: of every n-th output position (see ``keep_every``)
-        self.max_rows: int | None = None  # rows handed on per call, evenly spaced (``thin``)
+        self.max_rows: int | None = None  # rows handed on per call, evenly spaced (``_thin``)
         self.label_mask_value = label_mask_value
         self.active = True
         self.sinks: list[RowSink] = []
@@ -82,7 +82,7 @@ class Probe(nn.Module):
         out are never built."""
         self.every = stride
 
-    def thin(
+    def _thin(
         self, rows: torch.Tensor, weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every n-th row (and its weight), n the smallest that leaves at most ``max_rows``:
@@ -133,7 +133,7 @@ class Probe(nn.Module):
                     if self.experts is None:
                         conv = self._row_conv(x)
                         rows, weights = activation_rows(x.detach(), self.kind, conv, mask)
-                        rows, weights = self.thin(rows, weights)
+                        rows, weights = self._thin(rows, weights)
                     else:
                         rows, weights = self._expert_rows(x.detach(), mask, source, index)
                     # Rows of another width: the layer after the probe raises the model's own
