@@ -23,10 +23,16 @@ def run(script: str, *args: str) -> str:
 @pytest.mark.slow
 def test_calibration_benchmark_writes_side_by_side_table(tmp_path):
     out = tmp_path / "results.md"
-    run("calibration.py", *TINY, "--batches=20", "--heldout=5", f"--out={out}")
+    stderr = run("calibration.py", *TINY, "--batches=20", "--heldout=5", "--repeats=2",
+                 f"--out={out}")  # fmt: skip
     text = out.read_text()
     for row in ("| evagraph |", "| peft |", "| plain forward |"):
         assert row in text
+    # two alternated rounds: A B A B, and each round's time in the table's notes
+    order = re.findall(r"running (evagraph|peft) \(round (\d)", stderr)
+    assert order == [("evagraph", "1"), ("peft", "1"), ("evagraph", "2"), ("peft", "2")]
+    rounds = re.search(r"Wall s of each round: evagraph ([\d.]+), ([\d.]+); peft", text)
+    assert rounds, text
     assert "evagraph vs PEFT" in text and "per-layer ranks equal" in text
     # five similarities: to the seen and the held-out PCA at own and shared ranks, and the
     # exact PCA of the rows seen against the held-out one; then the held-out variance the
