@@ -211,3 +211,23 @@ def test_the_real_models_gguf_file_can_be_given_by_path(tmp_path, monkeypatch):
     (tmp_path / "other.gguf").write_bytes(b"GGUF")
     with pytest.raises(real.Unavailable, match="named"):
         real.gguf_file(install=False)
+
+
+@pytest.mark.slow
+def test_time_split_accounts_for_the_whole_calibration():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "time_split.py"), *TINY, "--batches=12", "--r=4",
+         "--statistic=lowrank"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    rows = {
+        k.strip(): float(v)
+        for k, v in re.findall(r"^\| ([^|]+?) \| ([\d.-]+) \|", proc.stdout, re.M)
+    }
+    # The parts do not overlap: what is left over ("rest") is not negative, and the QR and
+    # the eigendecompositions are inside the updates.
+    assert rows["rest"] >= -0.01, proc.stdout
+    inside = rows["of which QR (low-rank statistic)"] + rows["of which eigh (low-rank statistic)"]
+    assert 0 < inside <= rows["statistic updates"], proc.stdout
+    assert rows["statistic updates"] > 0 and rows["graph only (forward less updates)"] > 0
+    assert rows["trace (capture, layer graph, probes)"] > 0
