@@ -44,7 +44,10 @@ def _timed(owner: object, name: str, key: str, totals: Counter) -> None:
 
 
 def main() -> None:
-    args = parser(description=__doc__).parse_args()
+    p = parser(description=__doc__)
+    args = p.parse_args()
+    if args.device != "cpu":  # CPU seconds say nothing of work queued on an accelerator
+        p.error("time_split.py times CPU work: run it with --device cpu")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, batches = build(args)
 

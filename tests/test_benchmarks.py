@@ -13,18 +13,17 @@ from conftest import ROOT
 TINY = ["--hidden=32", "--intermediate=64", "--heads=2", "--layers=1", "--vocab=200", "--seq=16"]
 
 
-def run(script: str, *args: str) -> str:
-    """Run a benchmark script; its stderr (the progress lines)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a benchmark script; its output (stderr: the progress lines)."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           check=True, capture_output=True, text=True)  # fmt: skip
-    return proc.stderr
 
 
 @pytest.mark.slow
 def test_calibration_benchmark_writes_side_by_side_table(tmp_path):
     out = tmp_path / "results.md"
     stderr = run("calibration.py", *TINY, "--batches=20", "--heldout=5", "--repeats=2",
-                 f"--out={out}")  # fmt: skip
+                 f"--out={out}").stderr  # fmt: skip
     text = out.read_text()
     for row in ("| evagraph |", "| peft |", "| plain forward |"):
         assert row in text
@@ -61,19 +60,19 @@ def test_scaling_benchmark_writes_a_row_per_method(tmp_path):
     raw = tmp_path / "raw.json"
     args = ["--widths=32", "--vocab=200", "--seq=16", "--batches=12", "--heldout=4",
             f"--out={out}", f"--json={raw}"]  # fmt: skip
-    assert "running evagraph" in run("scaling.py", *args)
+    assert "running evagraph" in run("scaling.py", *args).stderr
     text = out.read_text()
     assert "| 32 / 64 | evagraph |" in text and "| 32 / 64 | peft |" in text
     # --resume reuses the measured width and computes only the quality it lacks
     rows = json.loads(raw.read_text())
     del rows[0][1]["peft"]["quality"]["heldout_common"]
     raw.write_text(json.dumps(rows))
-    log = run("scaling.py", *args, "--resume")
+    log = run("scaling.py", *args, "--resume").stderr
     assert "running" not in log and "quality ..." in log
     assert "heldout_common" in json.loads(raw.read_text())[0][1]["peft"]["quality"]
     assert out.read_text().count("| 32 / 64 | peft |") == 2
     # --seeds: seed 0 is reused, seed 1 runs, and a table averages the seeds
-    log = run("scaling.py", *args, "--resume", "--seeds=0,1")
+    log = run("scaling.py", *args, "--resume", "--seeds=0,1").stderr
     assert log.count("running evagraph") == 1 and "seed 1 ..." in log
     assert {a["seed"] for a, _ in json.loads(raw.read_text())} == {0, 1}
     assert "| 32 / 64, seed 1 | peft |" in out.read_text()
@@ -215,11 +214,7 @@ def test_the_real_models_gguf_file_can_be_given_by_path(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_time_split_accounts_for_the_whole_calibration():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "time_split.py"), *TINY, "--batches=12", "--r=4",
-         "--statistic=lowrank"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    proc = run("time_split.py", *TINY, "--batches=12", "--r=4", "--statistic=lowrank")
     rows = {
         k.strip(): float(v)
         for k, v in re.findall(r"^\| ([^|]+?) \| ([\d.-]+) \|", proc.stdout, re.M)
