@@ -119,14 +119,31 @@ def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     if any(pads):
         mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
         x = F.pad(x, pads, mode=mode)
+    # A row is C windows of the kernel's size; copied straight from (N, C, *spatial) it is
+    # gathered in runs of one kernel row (3 values for a 3x3 conv), which on the CPU is slow:
+    # for kernels of up to 9 positions, copying channels-last runs of C and then transposing
+    # each row's small (kernel, C) block took 0.4-0.8x the time on one thread (resnet18's
+    # 3x3 convs at 224; 7x7 kernels took 1.4-1.6x, so they keep the direct copy).
+    fast = x.device.type == "cpu" and math.prod(spec.kernel_size) <= 9
+    return _unfold(x, spec, channels_last=fast)
+
+
+def _unfold(x: torch.Tensor, spec: ConvSpec, channels_last: bool) -> torch.Tensor:
+    """``conv_rows`` of an already padded, batched input, by either copy (same result)."""
+    n, channels, size = spec.ndim, x.shape[1], math.prod(spec.kernel_size)
+    first = 2  # the first spatial dimension
+    if channels_last:
+        x, first = x.movedim(1, -1), 1
     for i in range(n):
         k, s, d = spec.kernel_size[i], spec.stride[i], spec.dilation[i]
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # window appended as the last dim
+        x = x.unfold(first + i, d * (k - 1) + 1, s)  # window appended as the last dim
         if d > 1:
             x = x[..., ::d]
-    channels = x.shape[1]
+    if channels_last:  # (B, *out, C, *kernel) -> rows of (kernel, C) blocks, transposed
+        x = x.permute(0, *range(1, n + 1), *range(n + 2, 2 * n + 2), n + 1)
+        return x.reshape(-1, size, channels).transpose(1, 2).reshape(-1, channels * size)
     x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-    return x.reshape(-1, channels * math.prod(spec.kernel_size))
+    return x.reshape(-1, channels * size)
 
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -6,7 +6,7 @@ from conftest import exact_pca, quiet
 from torch import nn
 
 import evagraph
-from evagraph.layers import module_kind
+from evagraph.layers import _unfold, module_kind
 from evagraph.passes.probe import Probe, conv_rows
 from evagraph.stats import conv_stride, row_cost
 
@@ -38,6 +38,28 @@ def test_conv2d_rows_reproduce_conv_output(kwargs):
 def test_conv1d_and_conv3d_rows():
     check(nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2), torch.randn(2, 4, 17))
     check(nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=1), torch.randn(2, 2, 5, 7, 6))
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((2, 3, 11, 14), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 6, 9, 8), dict(kernel_size=(3, 2), dilation=(2, 1))),
+        ((2, 4, 12, 12), dict(kernel_size=7, padding=3)),
+        ((3, 5, 17), dict(kernel_size=3, stride=2, dilation=2)),
+        ((2, 2, 5, 7, 6), dict(kernel_size=(2, 3, 3), stride=(1, 2, 1))),
+    ],
+)
+def test_both_copies_of_the_rows_are_identical(shape, kwargs):
+    """``conv_rows`` copies small kernels' windows channels-last on the CPU (faster there)
+    and others directly: the two give the same rows, value for value."""
+    x = torch.randn(*shape)
+    conv = getattr(nn, f"Conv{len(shape) - 2}d")(shape[1], 4, **kwargs)
+    _, spec = module_kind(conv)
+    padded = nn.functional.pad(x, spec.pad_amounts())  # zeros, as conv_rows pads
+    direct = _unfold(padded, spec, channels_last=False)
+    torch.testing.assert_close(_unfold(padded, spec, channels_last=True), direct, rtol=0, atol=0)
+    assert torch.equal(conv_rows(x, spec), direct)
 
 
 @pytest.mark.parametrize("every", [2, 3])
