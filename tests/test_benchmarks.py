@@ -226,3 +226,13 @@ def test_time_split_accounts_for_the_whole_calibration():
     assert 0 < inside <= rows["statistic updates"], proc.stdout
     assert rows["statistic updates"] > 0 and rows["graph only (forward less updates)"] > 0
     assert rows["trace (capture, layer graph, probes)"] > 0
+
+
+def test_conv_copy_times_both_copies_of_every_adapted_conv():
+    out = run("conv_copy.py", "--models", "resnet18", "--size=32", "--batch=1", "--repeats=1")
+    rows = re.findall(r"^\| resnet18 \| (\d+) \| ([\d.]+) \| ([\d.]+) \| .* \| ([\d.]+) \|$",
+                      out.stdout, re.M)  # fmt: skip
+    assert len(rows) == 1
+    convs, values, forward, ratio = rows[0]
+    assert int(convs) == 20  # resnet18's convs, downsampling 1x1 included: all groups == 1
+    assert float(values) > 0 and float(forward) > 0 and float(ratio) > 0
