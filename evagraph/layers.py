@@ -120,12 +120,17 @@ def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
         mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
         x = F.pad(x, pads, mode=mode)
     # A row is C windows of the kernel's size; copied straight from (N, C, *spatial) it is
-    # gathered in runs of one kernel row (3 values for a 3x3 conv), which on the CPU is slow:
-    # for kernels of up to 9 positions, copying channels-last runs of C and then transposing
-    # each row's small (kernel, C) block took 0.4-0.8x the time on one thread (resnet18's
-    # 3x3 convs at 224; 7x7 kernels took 1.4-1.6x, so they keep the direct copy).
-    fast = x.device.type == "cpu" and math.prod(spec.kernel_size) <= 9
+    # gathered in runs of one kernel row (3 values for a 3x3 conv), which on the CPU is slow.
+    # For kernels of 2 to 9 positions, runs of C copied channels-last and transposed block by
+    # block (``_BLOCK`` bytes at a time, so the blocks stay in cache and the extra memory is
+    # one block) took 0.25-0.85x the time on one thread (3x3 and 5x5 convs of 3-512 channels;
+    # resnet18 at 224: ``benchmarks/conv_copy.py``); 7x7 kernels took 1.0-3.7x, so they and 1x1
+    # kernels (no windows to gather) keep the direct copy.
+    fast = x.device.type == "cpu" and 1 < math.prod(spec.kernel_size) <= 9
     return _unfold(x, spec, channels_last=fast)
+
+
+_BLOCK = 2**21  # bytes of rows transposed at a time by the channels-last copy
 
 
 def _unfold(x: torch.Tensor, spec: ConvSpec, channels_last: bool) -> torch.Tensor:
@@ -139,11 +144,20 @@ def _unfold(x: torch.Tensor, spec: ConvSpec, channels_last: bool) -> torch.Tenso
         x = x.unfold(first + i, d * (k - 1) + 1, s)  # window appended as the last dim
         if d > 1:
             x = x[..., ::d]
-    if channels_last:  # (B, *out, C, *kernel) -> rows of (kernel, C) blocks, transposed
-        x = x.permute(0, *range(1, n + 1), *range(n + 2, 2 * n + 2), n + 1)
-        return x.reshape(-1, size, channels).transpose(1, 2).reshape(-1, channels * size)
-    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-    return x.reshape(-1, channels * size)
+    if not channels_last:
+        x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
+        return x.reshape(-1, channels * size)
+    # (B, *out, C, *kernel) -> (B, *out, *kernel, C): each block copied as (kernel, C) runs,
+    # then transposed into its rows (C, kernel)
+    x = x.permute(0, *range(1, n + 1), *range(n + 2, 2 * n + 2), n + 1)
+    out = x.new_empty(*x.shape[: n + 1], channels, size)
+    step = max(1, _BLOCK // (math.prod(x.shape[2 : n + 1]) * channels * size * x.element_size()))
+    for b in range(x.shape[0]):
+        for i in range(0, x.shape[1], step):
+            block = x[b, i : i + step]
+            block = block.reshape(*block.shape[:n], size, channels)
+            out[b, i : i + step].copy_(block.transpose(-1, -2))
+    return out.view(-1, channels * size)
 
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -48,6 +48,7 @@ def test_conv1d_and_conv3d_rows():
         ((2, 4, 12, 12), dict(kernel_size=7, padding=3)),
         ((3, 5, 17), dict(kernel_size=3, stride=2, dilation=2)),
         ((2, 2, 5, 7, 6), dict(kernel_size=(2, 3, 3), stride=(1, 2, 1))),
+        ((1, 64, 64, 64), dict(kernel_size=3, padding=1)),  # rows of several blocks
     ],
 )
 def test_both_copies_of_the_rows_are_identical(shape, kwargs):
