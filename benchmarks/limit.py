@@ -27,9 +27,10 @@ to count.
 
 ``--device cuda`` (``benchmarks/gpu_suite.py`` runs it): the models in bfloat16 (but
 llama8b_f32), wall seconds after ``torch.cuda.synchronize``, all of the GPU's host threads;
-the parts are not split there (their kernels run asynchronously); each method calibrates once
-before it is timed, since the first CUDA calls load libraries and kernels (without it the
-marginal came out negative on an H100). ``benchmarks/host_syncs.py`` counts the host syncs.
+the parts are not split there (their kernels run asynchronously). ``benchmarks/host_syncs.py``
+counts the host syncs. On every device each method calibrates once before it is timed: the
+first calls import and load what later calls reuse (without it the marginal came out negative
+on an H100, and on a loaded CPU for the tiny cases).
 
 Cases: timm's resnet18, resnet50, convnext_tiny, vit_small and vit_base at 224 (random init,
 Gaussian images, batch 8: PEFT does convs not, so for the CNNs only evagraph runs); a
@@ -243,8 +244,10 @@ def worker(args) -> dict:
                 )  # fmt: skip
             return clock() - start, calls[0], {}
 
-    if device != "cpu":  # first CUDA calls load cuSOLVER/cuBLAS and their kernels: not per batch
-        run(args.n0)
+    # Not per batch: the first calls import torch.export's machinery (and on CUDA load
+    # cuSOLVER/cuBLAS and their kernels); left in the first timed run, they made the marginal
+    # negative on an H100 and on a loaded CPU.
+    run(args.n0)
     t0, s0, p0 = run(args.n0)
     t1, s1, p1 = run(args.n1)
     steps = s1 - s0

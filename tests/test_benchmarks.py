@@ -190,8 +190,11 @@ def test_limit_benchmark_splits_evagraph_and_times_peft_beside_the_forward(tmp_p
             if line.startswith("| tiny_")}  # fmt: skip
     assert set(rows) == {"tiny_resnet", "tiny_llama"}
     assert "n/a (convs)" in rows["tiny_resnet"] and "faster" in rows["tiny_llama"]
+    # Every part is reported. Not their signs: a tiny case's marginal (a difference of two
+    # runs of about a second) is within the machine's noise, and came out negative under load.
+    number = r"-?\d+\.\d\d"
     for row in rows.values():
-        assert re.search(r"rows \d+\.\d\d products \d+\.\d\d qr \d+\.\d\d eigh", row), row
+        assert re.search(rf"rows {number} products {number} qr {number} eigh {number}", row), row
 
 
 def test_the_real_models_gguf_file_can_be_given_by_path(tmp_path, monkeypatch):
