@@ -197,6 +197,28 @@ def test_limit_benchmark_splits_evagraph_and_times_peft_beside_the_forward(tmp_p
         assert re.search(rf"rows {number} products {number} qr {number} eigh {number}", row), row
 
 
+def test_limit_benchmark_stops_peft_without_leaving_its_hooks_behind():
+    # Left behind, a stopped run's SVD hooks would run again in every later run of the
+    # process and inflate PEFT's marginal (they did until stop 43).
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import eva
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import limit
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model, batches, _ = limit.build("tiny_llama", 2)
+    config = peft.LoraConfig(
+        r=4, target_modules=limit.LLM_TARGETS, init_lora_weights="eva",
+        eva_config=peft.EvaConfig(rho=2, tau=0.99999),
+    )  # fmt: skip
+    for n in (1, 2):
+        assert limit.peft_minibatches(model, batches[:n], config, n) == n + 1  # + its hashing
+        left = [h for m in model.modules() for h in m._forward_hooks.values()]
+        assert not any(isinstance(h, eva._Hook) for h in left), left
+
+
 def test_the_real_models_gguf_file_can_be_given_by_path(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
