@@ -115,10 +115,6 @@ def conv_rows(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     n = spec.ndim
     if x.dim() == n + 1:  # unbatched input
         x = x.unsqueeze(0)
-    pads = spec.pad_amounts()
-    if any(pads):
-        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        x = F.pad(x, pads, mode=mode)
     # A row is C windows of the kernel's size; copied straight from (N, C, *spatial) it is
     # gathered in runs of one kernel row (3 values for a 3x3 conv), which on the CPU is slow.
     # For kernels of 2 to 9 positions, runs of C copied channels-last and transposed block by
@@ -134,7 +130,11 @@ _BLOCK = 2**21  # bytes of rows transposed at a time by the channels-last copy
 
 
 def _unfold(x: torch.Tensor, spec: ConvSpec, channels_last: bool) -> torch.Tensor:
-    """``conv_rows`` of an already padded, batched input, by either copy (same result)."""
+    """``conv_rows`` of a batched input (padded here), by either copy (same result)."""
+    pads = spec.pad_amounts()
+    if any(pads):
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        x = F.pad(x, pads, mode=mode)
     n, channels, size = spec.ndim, x.shape[1], math.prod(spec.kernel_size)
     first = 2  # the first spatial dimension
     if channels_last:
