@@ -324,6 +324,7 @@ REAL_LABEL = {
     "eva_peft": "EVA by PEFT",
     "pissa": "PiSSA (PEFT)",
     "olora": "OLoRA (PEFT)",
+    "corda": "CorDA, IPM (PEFT)",
 }
 
 

@@ -13,7 +13,11 @@ steps and batches in the same order for a seed; only the initialisation differs:
   the same calibration batches, rho = 2);
 - ``pissa``: PEFT's PiSSA (``pissa_niter_4``: the top singular directions of each weight,
   the rest left as the base);
-- ``olora``: PEFT's OLoRA (QR of each weight).
+- ``olora``: PEFT's OLoRA (QR of each weight);
+- ``corda``: PEFT's CorDA in its instruction-previewed mode (``corda_method="ipm"``: the top
+  singular directions of each weight times its inputs' covariance, from the same calibration
+  batches as EVA, fed one sequence at a time because PEFT's covariance hook takes batches of
+  one; PEFT imports ``attrs`` for it without declaring it: the ``bench`` extra installs it).
 
     python benchmarks/convergence/smollm2.py --measure      # one step of each, to size a run
     python benchmarks/convergence/smollm2.py                # the grid, resumable
@@ -39,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/real.py
 import real  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("lora", "eva", "eva_peft", "pissa", "olora")
+METHODS = ("lora", "eva", "eva_peft", "pissa", "olora", "corda")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,6 +99,22 @@ def initialise(method: str, args, calib: list[dict]):
         model = peft.get_peft_model(model, config, low_cpu_mem_usage=True)
         peft.initialize_lora_eva_weights(model, dataloader=calib, show_progress_bar=False)
         return model
+    if method == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config = peft.LoraConfig(
+            **common, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm")
+        )
+
+        @torch.no_grad()
+        def run_model():  # PEFT's hook squeezes a batch of one sequence to its rows
+            for b in calib:
+                for i in range(len(b["input_ids"])):
+                    model(**{k: v[i : i + 1] for k, v in b.items()})
+
+        preprocess_corda(model, config, run_model=run_model)
+        return peft.get_peft_model(model, config)
     init = {"lora": True, "pissa": "pissa_niter_4", "olora": "olora"}[method]
     return peft.get_peft_model(model, peft.LoraConfig(**common, init_lora_weights=init))
 
