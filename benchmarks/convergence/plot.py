@@ -478,16 +478,23 @@ def sweep_section(out_dir: Path) -> list[str]:
 CAVEATS = [
     "## Caveats",
     "",
-    "- Toy scale: models of about a million parameters or less, a few hundred steps, 3 seeds. "
-    "The lr of each main grid was chosen once for all methods, not tuned per method; the "
-    "SmolLM2 learning-rate runs (one or two seeds) are the only lr comparison, and there the "
-    "higher lr favoured random-init LoRA, the lower one EVA.",
-    "- The step-0 model is the same for every method (B = 0), as the identical step-0 held-out "
-    "values show; EVA's cost is the calibration (wall seconds above), not counted in steps.",
+    "- Small scale: the language and vision models have about a million parameters or less, "
+    "SmolLM2 135M; a few hundred steps, 3 seeds. The lr of each main grid was chosen once for "
+    "all methods, not tuned per method; the SmolLM2 learning-rate runs (fewer seeds and "
+    "methods) are the only lr comparison, and there the higher lr favoured random-init LoRA, "
+    "the lower one EVA.",
+    "- PiSSA, OLoRA and CorDA start the adapter on directions taken out of the base weight "
+    "(its top singular directions, a QR of it, or those of the weight times its inputs' "
+    "covariance), so at one lr for all they move the model more per step; at SmolLM2's lr "
+    "3e-4 they were the least stable (CorDA's held-out loss rose between steps 10 and 25 in "
+    "every seed). Their papers tune lr per method; this grid does not.",
+    "- The step-0 model is the same for every method (B = 0; for PiSSA, OLoRA and CorDA a "
+    "base with the adapter's product taken out), as the identical step-0 held-out values show; "
+    "EVA's cost is the calibration (wall seconds above), not counted in steps.",
     "- The language fine-tuning corpus is whatever the installed packages ship, so its size "
     "and the numbers move with the environment; the JSON records the corpus sizes.",
-    "- Timings were taken on a 2-core machine shared with other jobs, one torch thread per "
-    "run; treat wall seconds as rough.",
+    "- Timings were taken on a 2-core machine often shared with other jobs, one or two torch "
+    "threads per run (the JSON's settings); treat wall seconds as rough.",
     "",
     "## Reproduce",
     "",
