@@ -456,10 +456,11 @@ def sweep_section(out_dir: Path) -> list[str]:
     fig.savefig(out_dir / "smollm2-lr.png", dpi=110)
     plt.close(fig)
     return [
-        "### Other learning rates and a longer run",
+        "### Other learning rates and longer runs",
         "",
-        "The same comparison at other learning rates (fewer seeds and methods: the main grid "
-        "above is lr 0.0003), from `smollm2-lr*.json` (`smollm2.py --lr LR --seeds S "
+        "The same comparison at other learning rates and over 200 steps (fewer methods, and "
+        "fewer seeds at lr 0.001 and 0.0001: the main grid above is lr 0.0003 over 100 steps), "
+        "from `smollm2-lr*.json` (`smollm2.py --lr LR --seeds S "
         "--methods M --out benchmarks/convergence/smollm2-lrLR.json`). Held-out loss at each "
         "evaluated step (mean over the seeds run), and the lowest held-out loss each run "
         "reached (mean ± std over seeds).",
@@ -504,9 +505,13 @@ CAVEATS = [
     "python benchmarks/convergence/vision.py",
     "python benchmarks/convergence/smollm2.py --steps 100 --seq 64 --lr 3e-4 "
     "--calib-batches 16 --heldout-batches 8 --eval-at 0,10,25,50,75,100  # real model",
+    "python benchmarks/convergence/smollm2.py --steps 200 --seq 64 --lr 3e-4 --calib-batches 16 "
+    "--heldout-batches 8 --eval-at 0,10,25,50,75,100,150,200 --methods lora,eva,eva_peft "
+    "--out benchmarks/convergence/smollm2-lr3e-4-200steps.json  # the longer run",
     "python benchmarks/convergence/smollm2.py --steps 100 --seq 64 --lr 1e-4 --seeds 0,1 "
     "--calib-batches 16 --heldout-batches 8 --eval-at 0,10,25,50,75,100 --methods "
-    "lora,eva,eva_peft --out benchmarks/convergence/smollm2-lr1e-4.json  # and lr 1e-3, 200 steps",
+    "lora,eva,eva_peft,pissa,olora,corda --out benchmarks/convergence/smollm2-lr1e-4.json"
+    "  # and lr 1e-3, 200 steps at lr 1e-4 (fewer methods and seeds)",
     "python benchmarks/convergence/plot.py      # PNGs + this file",
     "```",
     "",
